@@ -1,0 +1,1 @@
+"""One module per `python -m harness` sub-command; each exposes `register(subparsers)`."""

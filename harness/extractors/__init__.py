@@ -1,0 +1,1 @@
+"""Model-family feature extractors sharing the protocol in `base.py`."""
