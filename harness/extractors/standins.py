@@ -1,0 +1,365 @@
+"""Tiny random-weight stand-ins for SpatialVLA and LeRobot Pi0.
+
+The real checkpoints (4 B and 3 B parameters, custom code, old transformers) cannot run
+in CI, so the extractors' real code paths are driven by these: same transformers classes
+(PaliGemma with Gemma2 / Gemma text), same call conventions (SpatialVLA processor kwargs,
+the old LeRobot `PI0Policy` API), a few hundred thousand parameters.
+Written for this project from the public descriptions of those APIs; no code copied.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+SEED = 0
+VOCAB = 1024
+HIDDEN = 64
+IMAGE = 32  # SigLIP input side; patch 8 -> 16 image tokens
+PATCH = 8
+N_IMAGE_TOKENS = (IMAGE // PATCH) ** 2
+IMAGE_TOKEN_ID = VOCAB - 1
+BRIDGE_UNNORM_KEY = "bridge_orig/1.0.0"
+PI0_IMAGE_KEY = "observation.images.image_0"
+
+
+# ---------------------------------------------------------------- tokenizer
+def char_tokenizer(padding_side: str = "right"):
+    """A byte-level tokenizer built locally (nothing can be downloaded): one token per
+    byte, `<bos>` prepended like Gemma's, so any task string (and "\\n") round-trips."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(alphabet))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+        unk_token="<unk>", padding_side=padding_side)
+
+
+# ---------------------------------------------------------------- configs
+def _text_kwargs() -> dict:
+    return dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                head_dim=16, max_position_embeddings=512, pad_token_id=0, bos_token_id=2,
+                eos_token_id=1)
+
+
+def _vision_config():
+    from transformers import SiglipVisionConfig
+    return SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2, image_size=IMAGE, patch_size=PATCH)
+
+
+def tiny_paligemma(text: str = "gemma", seed: int = SEED, attn: str = "eager"):
+    """PaliGemma (text "gemma") or PaliGemma2 (text "gemma2"), random weights, eval mode."""
+    from transformers import (Gemma2Config, GemmaConfig, PaliGemmaConfig,
+                              PaliGemmaForConditionalGeneration)
+    text_cfg = (Gemma2Config if text == "gemma2" else GemmaConfig)(**_text_kwargs())
+    cfg = PaliGemmaConfig(vision_config=_vision_config().to_dict(), text_config=text_cfg.to_dict(),
+                          image_token_id=IMAGE_TOKEN_ID, projection_dim=HIDDEN)
+    cfg._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = PaliGemmaForConditionalGeneration(cfg)
+    _set_attn(model, attn)
+    return model.eval()
+
+
+def _set_attn(model: nn.Module, attn: str) -> None:
+    """Pin the attention implementation on every sub-config (transformers 4.x and 5.x)."""
+    for module in model.modules():
+        cfg = getattr(module, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation"):
+            try:
+                cfg._attn_implementation = attn
+            except Exception:  # read-only in some releases
+                pass
+
+
+def language_model(paligemma: nn.Module) -> nn.Module:
+    """The bare Gemma decoder inside a PaliGemma, across the 4.47 / 4.52+ layouts."""
+    inner = getattr(paligemma, "model", None)
+    if inner is not None and hasattr(inner, "language_model"):
+        return inner.language_model
+    lm = paligemma.language_model
+    return getattr(lm, "model", lm)
+
+
+# ---------------------------------------------------------------- SpatialVLA
+class TinySpatialVLAProcessor:
+    """Mimics SpatialVLA's processor call: `(images, text, unnorm_key, do_normalize,
+    return_tensors)` -> input_ids, attention_mask, pixel_values, intrinsic; prompt is
+    image tokens + bos + task + "\\n"; pads left. Records every call's keyword arguments."""
+
+    def __init__(self, tokenizer=None):
+        from transformers import SiglipImageProcessor
+        self.tokenizer = tokenizer or char_tokenizer(padding_side="left")
+        self.tokenizer.padding_side = "left"
+        self.image_processor = SiglipImageProcessor(size={"height": IMAGE, "width": IMAGE})
+        self.statistics = {BRIDGE_UNNORM_KEY: {"intrinsic": [[40.0, 0, 16], [0, 40.0, 16], [0, 0, 1]]}}
+        self.calls: list[dict] = []
+
+    def __call__(self, images=None, text=None, unnorm_key=None, return_tensors="pt",
+                 padding="longest", do_normalize=True, **kwargs):
+        from transformers import BatchFeature
+        texts = [text] if isinstance(text, str) else list(text)
+        imgs = images if isinstance(images, (list, tuple)) else [images]
+        if len(imgs) != len(texts):
+            raise ValueError(f"{len(imgs)} images for {len(texts)} prompts")
+        self.calls.append(dict(unnorm_key=unnorm_key, do_normalize=do_normalize,
+                               padding=padding, return_tensors=return_tensors, **kwargs))
+        tok = self.tokenizer
+        rows = [[IMAGE_TOKEN_ID] * N_IMAGE_TOKENS + [tok.bos_token_id]
+                + tok.encode(t + "\n", add_special_tokens=False) for t in texts]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):  # left padding, as SpatialVLA's tokenizer does
+            ids[i, width - len(row):] = torch.tensor(row)
+            mask[i, width - len(row):] = 1
+        pixels = self.image_processor(list(imgs), do_normalize=do_normalize,
+                                      return_tensors="pt")["pixel_values"]
+        stats = self.statistics.get(unnorm_key)
+        intrinsic = torch.tensor(stats["intrinsic"] if stats else np.eye(3), dtype=torch.float32)
+        data = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                    intrinsic=intrinsic.expand(len(rows), 3, 3).clone())
+        return BatchFeature(data, tensor_type=return_tensors)
+
+
+class TinySpatialVLA(nn.Module):
+    """A PaliGemma2 standing in for SpatialVLAForConditionalGeneration: it normalises
+    pixels itself (so a processor that normalised too would double it), requires the
+    `intrinsic` tensor, and attends bidirectionally over the prompt like the real model
+    in eager mode."""
+
+    def __init__(self, seed: int = SEED, attn: str = "eager"):
+        super().__init__()
+        self.paligemma = tiny_paligemma("gemma2", seed=seed, attn=attn)
+        self.config = self.paligemma.config
+        self.last_intrinsic: torch.Tensor | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def forward(self, input_ids, attention_mask, pixel_values, intrinsic, position_ids=None,
+                output_hidden_states=None, use_cache=None, return_dict=True, **kwargs):
+        if intrinsic.shape != (input_ids.shape[0], 3, 3):
+            raise ValueError(f"intrinsic must be (B, 3, 3), got {tuple(intrinsic.shape)}")
+        self.last_intrinsic = intrinsic.detach().clone()
+        pixel_values = (pixel_values - 0.5) / 0.5  # the model normalises inside
+        return self.paligemma(
+            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+            token_type_ids=torch.zeros_like(input_ids), position_ids=position_ids,
+            output_hidden_states=output_hidden_states, use_cache=use_cache,
+            return_dict=return_dict, **kwargs)
+
+
+def tiny_spatialvla(seed: int = SEED, attn: str = "eager"):
+    """(model, processor) pair for the SpatialVLA extractor's stand-in path."""
+    return TinySpatialVLA(seed=seed, attn=attn).eval(), TinySpatialVLAProcessor()
+
+
+# ---------------------------------------------------------------- Pi0 (old LeRobot API)
+def make_att_2d_masks(pad_masks: torch.Tensor, att_masks: torch.Tensor) -> torch.Tensor:
+    """Block-causal 2-D mask: token i sees j when j's block starts no later than i's
+    (cumulative att flags) and both are real tokens."""
+    blocks = torch.cumsum(att_masks.long(), dim=1)
+    see = blocks[:, None, :] <= blocks[:, :, None]
+    return see & (pad_masks[:, None, :] & pad_masks[:, :, None])
+
+
+@dataclass
+class TinyPI0Config:
+    """The fields of LeRobot's PI0Config that prefill-only extraction reads."""
+    input_features: dict = field(default_factory=lambda: {
+        PI0_IMAGE_KEY: {"type": "VISUAL", "shape": [3, 48, 48]},
+        "observation.state": {"type": "STATE", "shape": [8]},
+    })
+    tokenizer_max_length: int = 24
+    resize_imgs_with_padding: tuple = (IMAGE, IMAGE)
+    empty_cameras: int = 0
+    n_action_steps: int = 4
+    chunk_size: int = 4
+    max_state_dim: int = 8
+    max_action_dim: int = 8
+
+    @property
+    def image_features(self) -> dict:
+        return {k: v for k, v in self.input_features.items() if v["type"] == "VISUAL"}
+
+    def to_dict(self) -> dict:
+        out = dict(self.__dict__)
+        out["resize_imgs_with_padding"] = list(self.resize_imgs_with_padding)
+        return out
+
+
+def resize_with_pad(img: torch.Tensor, height: int, width: int, pad_value: float = 0.0):
+    """Aspect-preserving bilinear resize, padded at the top/left like LeRobot's Pi0."""
+    h, w = img.shape[-2:]
+    ratio = max(w / width, h / height)
+    new_h, new_w = int(h / ratio), int(w / ratio)
+    out = nn.functional.interpolate(img, size=(new_h, new_w), mode="bilinear", align_corners=False)
+    return nn.functional.pad(out, (width - new_w, 0, height - new_h, 0), value=pad_value)
+
+
+class TinyPaliGemmaWithExpert(nn.Module):
+    """PaliGemma + Gemma action expert; prefix-only forward as the old API calls it."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        from transformers import GemmaConfig, GemmaForCausalLM
+        self.paligemma = tiny_paligemma("gemma", seed=seed)
+        torch.manual_seed(seed + 1)
+        expert_cfg = GemmaConfig(**{**_text_kwargs(), "hidden_size": 32, "intermediate_size": 64})
+        expert_cfg._attn_implementation = "eager"
+        self.gemma_expert = GemmaForCausalLM(expert_cfg)
+
+    def embed_image(self, image: torch.Tensor) -> torch.Tensor:
+        out = self.paligemma.get_image_features(image)
+        return getattr(out, "pooler_output", out)  # 5.x returns a model output
+
+    def embed_language_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return language_model(self.paligemma).embed_tokens(tokens)
+
+    def forward(self, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, fill_kv_cache=None):
+        prefix, suffix = inputs_embeds
+        if suffix is not None:
+            raise NotImplementedError("the stand-in runs the prefix (prefill) only")
+        lm = language_model(self.paligemma)
+        bias = torch.where(attention_mask[:, None], 0.0, torch.finfo(prefix.dtype).min)
+        out = lm(inputs_embeds=prefix, attention_mask=bias.to(prefix.dtype),
+                 position_ids=position_ids, use_cache=False)
+        return [out.last_hidden_state, None], None  # last_hidden_state = final-norm output
+
+
+class TinyPI0FlowMatching(nn.Module):
+    """`policy.model`: prefix embedding (scaled image + language embeddings) and the
+    action-side projections whose weights a real checkpoint also carries."""
+
+    def __init__(self, config: TinyPI0Config, seed: int):
+        super().__init__()
+        self.config = config
+        self.paligemma_with_expert = TinyPaliGemmaWithExpert(seed)
+        torch.manual_seed(seed + 2)
+        self.state_proj = nn.Linear(config.max_state_dim, 32)
+        self.action_in_proj = nn.Linear(config.max_action_dim, 32)
+        self.action_out_proj = nn.Linear(32, config.max_action_dim)
+
+    def embed_prefix(self, images, img_masks, lang_tokens, lang_masks):
+        pwe = self.paligemma_with_expert
+        embs, pads, att = [], [], []
+        for img, img_mask in zip(images, img_masks):
+            emb = pwe.embed_image(img)
+            emb = emb * math.sqrt(emb.shape[-1])
+            embs.append(emb)
+            pads.append(img_mask[:, None].expand(emb.shape[0], emb.shape[1]))
+            att += [0] * emb.shape[1]
+        lang = pwe.embed_language_tokens(lang_tokens)
+        embs.append(lang * math.sqrt(lang.shape[-1]))
+        pads.append(lang_masks)
+        att += [0] * lang.shape[1]
+        pad_masks = torch.cat(pads, dim=1)
+        att_masks = torch.tensor(att, dtype=torch.bool, device=pad_masks.device)
+        return torch.cat(embs, dim=1), pad_masks, att_masks[None].expand(pad_masks.shape[0], -1)
+
+
+class TinyPI0Policy(nn.Module):
+    """Old-LeRobot-style `PI0Policy`: prepare_images / prepare_language / model.embed_prefix,
+    a `select_action` with an action queue (counted, so tests can prove it is never
+    called), and a `from_pretrained` that loads with strict=False like the original."""
+
+    name = "pi0"
+
+    def __init__(self, config: TinyPI0Config | None = None, seed: int = SEED, tokenizer=None):
+        super().__init__()
+        self.config = config or TinyPI0Config()
+        self.language_tokenizer = tokenizer or char_tokenizer()
+        self.model = TinyPI0FlowMatching(self.config, seed)
+        self.select_action_calls = 0
+        self.seen_batch_keys: list[set] = []
+        self._queue: list = []
+
+    # -- the old API ---------------------------------------------------------
+    def prepare_images(self, batch: dict):
+        self.seen_batch_keys.append(set(batch))
+        present = [k for k in self.config.image_features if k in batch]
+        if not present:
+            raise ValueError(f"no image among {list(self.config.image_features)} in batch")
+        images, masks = [], []
+        for key in present:
+            img = resize_with_pad(batch[key], *self.config.resize_imgs_with_padding)
+            images.append(img * 2.0 - 1.0)
+            masks.append(torch.ones(img.shape[0], dtype=torch.bool, device=img.device))
+        return images, masks
+
+    def prepare_language(self, batch: dict):
+        tasks = [t if t.endswith("\n") else t + "\n" for t in batch["task"]]
+        tok = self.language_tokenizer(tasks, padding="max_length", padding_side="right",
+                                      max_length=self.config.tokenizer_max_length,
+                                      return_tensors="pt")
+        return tok["input_ids"], tok["attention_mask"].bool()
+
+    def reset(self) -> None:
+        self._queue = []
+
+    @torch.no_grad()
+    def select_action(self, batch: dict):
+        self.select_action_calls += 1
+        raise RuntimeError("the stand-in's select_action must never be used for features")
+
+    # -- checkpoint io -------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        from safetensors.torch import save_model
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "config.json").write_text(json.dumps(
+            {"type": "pi0", **self.config.to_dict()}, indent=2))
+        save_model(self, str(directory / "model.safetensors"))
+        self.language_tokenizer.save_pretrained(directory)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, strict: bool = False, **kwargs):
+        """Like LeRobot's loader: strict=False, so mismatched keys pass silently."""
+        from safetensors.torch import load_model
+        from transformers import AutoTokenizer
+        directory = Path(directory)
+        raw = json.loads((directory / "config.json").read_text())
+        raw.pop("type", None)
+        raw["resize_imgs_with_padding"] = tuple(raw["resize_imgs_with_padding"])
+        policy = cls(TinyPI0Config(**raw), tokenizer=AutoTokenizer.from_pretrained(directory))
+        load_model(policy, str(directory / "model.safetensors"), strict=strict)
+        return policy.eval()
+
+
+MODELING_SHIM = '''"""Fake checkpoint code: the harness's tiny Pi0 stand-in behind the old file name."""
+from harness.extractors.standins import TinyPI0Policy as PI0Policy, make_att_2d_masks  # noqa: F401
+'''
+
+
+def save_tiny_pi0_checkpoint(directory: str | os.PathLike, seed: int = SEED,
+                             config: TinyPI0Config | None = None) -> Path:
+    """A local directory shaped like `HaomingSong/lerobot-pi0-bridge`: config.json,
+    model.safetensors, tokenizer files and a `modeling_pi0.py` exposing `PI0Policy` and
+    `make_att_2d_masks`."""
+    directory = TinyPI0Policy(config, seed=seed).save_pretrained(directory)
+    (directory / "modeling_pi0.py").write_text(MODELING_SHIM)
+    return directory
