@@ -58,21 +58,27 @@ def _self_edges(nb: Neighbours) -> Edges:
     return Edges(src, nb.indices.flatten(), vals, vals, n)
 
 
-def _shared_edges(na: Neighbours, nb: Neighbours, chunk: int = 1 << 14):
-    """Edges in both lists, row by row (kNN_A(i) ∩ kNN_B(i)), plus per-row overlap counts."""
-    n = na.indices.shape[0]
-    parts, overlap = [], []
-    for s in range(0, n, chunk):
-        ia, ib = na.indices[s:s + chunk], nb.indices[s:s + chunk]
-        match = ia.unsqueeze(2) == ib.unsqueeze(1)  # (rows, k, k): A's p-th == B's q-th
-        in_b = match.any(dim=2)
-        where_in_b = match.to(torch.uint8).argmax(dim=2)
-        rows = torch.arange(s, s + len(ia), device=ia.device).unsqueeze(1).expand_as(ia)
-        parts.append((rows[in_b], ia[in_b], na.values[s:s + chunk][in_b],
-                      nb.values[s:s + chunk].gather(1, where_in_b)[in_b]))
-        overlap.append(in_b.sum(dim=1))
-    src, dst, kv, lv = (torch.cat(p) for p in zip(*parts))
-    return Edges(src, dst, kv, lv, n), torch.cat(overlap)
+class _EdgeIndex:
+    """B's kNN edges as sorted keys row*N + col, so A's edges can be looked up in them."""
+
+    def __init__(self, nb: Neighbours):
+        n, k = nb.indices.shape
+        self.n, self.k = n, k
+        self.rows = torch.arange(n, device=nb.indices.device).repeat_interleave(k)
+        keys = self.rows * n + nb.indices.flatten()
+        self.order = keys.argsort()
+        self.sorted_keys = keys[self.order]
+        self.values = nb.values.flatten()
+
+    def shared(self, na: Neighbours) -> tuple[Edges, torch.Tensor]:
+        """Edges of A also in B, row by row (kNN_A(i) ∩ kNN_B(i)), and per-row overlaps."""
+        dst = na.indices.flatten()
+        keys = self.rows * self.n + dst
+        pos = torch.searchsorted(self.sorted_keys, keys).clamp_max_(len(keys) - 1)
+        hit = self.sorted_keys[pos] == keys
+        l_val = self.values[self.order[pos[hit]]]
+        edges = Edges(self.rows[hit], dst[hit], na.values.flatten()[hit], l_val, self.n)
+        return edges, hit.view(self.n, self.k).sum(dim=1)
 
 
 def _ratio(kl: float, kk: float, ll: float) -> float:
@@ -110,7 +116,7 @@ class Scores:
 def scores_from_neighbours(na: Neighbours, nb: Neighbours, k: int) -> Scores:
     """CKNNA and mutual kNN at k from neighbour lists searched at any k' >= k."""
     na, nb = na.prefix(k), nb.prefix(k)
-    shared, overlap = _shared_edges(na, nb)
+    shared, overlap = _EdgeIndex(nb).shared(na)
     kl = _hsic_on_edges(shared)
     kk = _hsic_on_edges(_self_edges(na))
     ll = _hsic_on_edges(_self_edges(nb))
@@ -168,19 +174,21 @@ def _cka_unbiased(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def _permuted(nb: Neighbours, perm: torch.Tensor, inverse: torch.Tensor) -> Neighbours:
-    """Neighbour lists of B[perm] from those of B: relabel, no new search."""
+    """Neighbour lists of X[perm] from those of X: relabel, no new search."""
     return Neighbours(inverse[nb.indices[perm]], nb.values[perm], nb.exact)
 
 
 def permutation_null(na: Neighbours, nb: Neighbours, observed: Scores, n_permutations: int,
                      seed: int = 0) -> dict:
-    """Null distribution of CKNNA(A, B[perm]) over random row shuffles of B.
+    """Null distribution of CKNNA over random row shuffles of one side.
 
-    sim(K,K) and sim(L,L) do not change under a shuffle; only sim(K, L) is redone,
-    from relabelled neighbour lists. p-value = (1 + #{null >= observed}) / (1 + draws)."""
+    CKNNA(A[p], B) = CKNNA(A, B[p^-1]), so A's lists are relabelled and B's sorted edge
+    index is built once. sim(K,K) and sim(L,L) do not change under a shuffle; only
+    sim(K, L) is redone. p-value = (1 + #{null >= observed}) / (1 + draws)."""
     k = observed.k
     na, nb = na.prefix(k), nb.prefix(k)
     n = na.indices.shape[0]
+    b_index = _EdgeIndex(nb)
     gen = torch.Generator().manual_seed(seed)
     null = torch.empty(n_permutations, dtype=torch.float64)
     denom = math.sqrt(observed.sim_kk * observed.sim_ll) + EPS if (
@@ -189,7 +197,7 @@ def permutation_null(na: Neighbours, nb: Neighbours, observed: Scores, n_permuta
         perm = torch.randperm(n, generator=gen).to(na.indices.device)
         inverse = torch.empty_like(perm)
         inverse[perm] = torch.arange(n, device=perm.device)
-        shared, _ = _shared_edges(na, _permuted(nb, perm, inverse))
+        shared, _ = b_index.shared(_permuted(na, perm, inverse))
         null[d] = _hsic_on_edges(shared) / denom
     return summarise_null(observed.cknna, null, seed)
 
@@ -288,18 +296,21 @@ def subsample_interval(feats_a: torch.Tensor, feats_b: torch.Tensor, topk: int, 
 
 def align(feats_a: torch.Tensor, feats_b: torch.Tensor, ks, *, permutations: int = 0,
           subsample_draws: int = 0, subsample_fraction: float = 0.8, seed: int = 0,
-          neighbours_b: Neighbours | None = None, **knn_options) -> dict[int, dict]:
+          neighbours_a: Neighbours | None = None, neighbours_b: Neighbours | None = None,
+          **knn_options) -> dict[int, dict]:
     """Every k's CKNNA and mutual kNN (and optional null / interval) from one kNN search
-    per matrix at max(ks). `neighbours_b` lets many models share B's search."""
+    per matrix at max(ks). Lists already searched (`neighbours_a/_b`) are reused, so
+    many models can share B's search and a pairwise matrix A's."""
     ks = sorted(set(int(k) for k in ks))
     for k in ks:
         _check(feats_a, feats_b, k)
     k_search = ks[-1]
     if subsample_draws:
         k_search = max(k_search, long_list_length(ks[-1], subsample_fraction, feats_a.shape[0]))
-    na = knn(feats_a, k_search, **knn_options)
-    nb = neighbours_b if neighbours_b is not None and neighbours_b.k >= k_search else knn(
-        feats_b, k_search, **knn_options)
+    def search(x, given):
+        return given if given is not None and given.k >= k_search else knn(x, k_search, **knn_options)
+
+    na, nb = search(feats_a, neighbours_a), search(feats_b, neighbours_b)
     results = {}
     for k in ks:
         s = scores_from_neighbours(na, nb, k)

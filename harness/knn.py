@@ -60,11 +60,12 @@ def _order_ties(values: torch.Tensor, indices: torch.Tensor):
 
 def _block_topk(gram: torch.Tensor, k: int):
     """Top-k of each row of a Gram block under the tie rule."""
-    values, indices = torch.topk(gram, k, dim=1)
-    values, indices = _order_ties(values, indices)
-    # Rows whose k-th value is tied with a value left out: topk chose arbitrarily.
-    ambiguous = (gram >= values[:, -1:]).sum(dim=1) > k
-    if ambiguous.any():
+    take = min(k + 1, gram.shape[1])
+    values, indices = torch.topk(gram, take, dim=1)
+    # A left-out value equal to the k-th one means topk chose among ties arbitrarily.
+    ambiguous = values[:, k] == values[:, k - 1] if take > k else None
+    values, indices = _order_ties(values[:, :k], indices[:, :k])
+    if ambiguous is not None and ambiguous.any():
         rows = ambiguous.nonzero().flatten()
         # Columns are in index order, so a stable sort puts the lower index first.
         v, i = torch.sort(gram[rows], dim=1, descending=True, stable=True)
