@@ -1,0 +1,291 @@
+"""LeRobot Pi0 (PaliGemma + Gemma action expert): prefill-only, final-norm features.
+
+Traps handled here (../../FACTS.md §3):
+- never `select_action` (its action queue skips the model on most calls); run the prefix
+  forward only, as the policy's own prefill does;
+- the norm hook must equal the prefix output the forward returns (free check; raise);
+- `from_pretrained` loads with strict=False, so mismatched keys would leave random VLM
+  weights silently: every key and value is audited against the checkpoint file;
+- tokenise as `prepare_language` does (task + "\\n", right pad to
+  `config.tokenizer_max_length`); the seed's variant (no "\\n", truncation) is an option;
+- no dummy state: only the image and the language tokens enter the prefix.
+Speaks the old API bundled with the checkpoint (`modeling_pi0.py`) and LeRobot 0.6's.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import importlib.util
+import inspect
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from harness.errors import HarnessError
+from harness.extractors.base import HiddenStates
+
+DEFAULT_CKPT = "HaomingSong/lerobot-pi0-bridge"
+HIDDEN_SIZE = 2048
+NORM_PATHS = (  # relative to policy.model.paligemma_with_expert, first match wins
+    "paligemma.language_model.norm",          # transformers 4.52+ layout (LeRobot fork 4.53)
+    "paligemma.language_model.model.norm",    # transformers <= 4.51 (GemmaForCausalLM)
+    "paligemma.model.language_model.norm",    # LeRobot 0.6 (returns a tuple)
+)
+
+
+# ------------------------------------------------------------------ loading
+def resolve_checkpoint(ckpt: str, revision: str | None = None) -> Path:
+    """A local directory, or a hub repo id resolved through the HF cache (offline-aware)."""
+    if os.path.isdir(ckpt):
+        return Path(ckpt)
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(ckpt, revision=revision))
+    except Exception as err:
+        raise HarnessError(f"{ckpt}: not a directory and not in the HF cache / hub "
+                           f"({type(err).__name__}: {err})") from None
+
+
+def import_policy_code(directory: Path, code: str = "auto"):
+    """(PI0Policy, make_att_2d_masks, api_source): the checkpoint's bundled
+    `modeling_pi0.py` when present (old API), else the installed LeRobot's."""
+    bundled = directory / "modeling_pi0.py"
+    if code in ("auto", "bundled") and bundled.is_file():
+        name = "_harness_pi0_" + hashlib.sha1(str(bundled.resolve()).encode()).hexdigest()[:12]
+        module = sys.modules.get(name)
+        if module is None:
+            sys.path.insert(0, str(directory))  # its sibling modules import by bare name
+            try:
+                spec = importlib.util.spec_from_file_location(name, bundled)
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+            except ImportError as err:
+                raise HarnessError(
+                    f"{bundled}: cannot import the checkpoint's code ({err}). It was written "
+                    "for an older LeRobot (imports `lerobot.common.*`): install that release, "
+                    "or pass --pi0-code lerobot to use the installed LeRobot's PI0Policy") from None
+            finally:
+                sys.path.remove(str(directory))
+            sys.modules[name] = module
+        return module.PI0Policy, module.make_att_2d_masks, f"bundled:{bundled}"
+    if code == "bundled":
+        raise HarnessError(f"{directory}: no modeling_pi0.py to import")
+    try:
+        from lerobot.policies.pi0 import modeling_pi0 as module
+    except ImportError as err:
+        raise HarnessError(f"{directory} bundles no modeling_pi0.py and LeRobot is not "
+                           f"importable ({err})") from None
+    return module.PI0Policy, module.make_att_2d_masks, "lerobot:" + module.__name__
+
+
+def _checkpoint_files(directory: Path) -> list[Path]:
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise HarnessError(f"{directory}: no *.safetensors weights to audit")
+    return files
+
+
+def _aliases(model: torch.nn.Module) -> dict[str, set[str]]:
+    """State-dict names that share storage (tied weights): saving keeps only one."""
+    by_ptr: dict[tuple, set[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        key = (tensor.data_ptr(), tensor.shape, tensor.dtype)
+        by_ptr.setdefault(key, set()).add(name)
+    return {name: names for names in by_ptr.values() for name in names}
+
+
+def audit_weights(model: torch.nn.Module, directory: Path, allow_missing=(), allow_unexpected=(),
+                  check_values: bool = True) -> dict:
+    """Compare the model's state dict with the checkpoint's tensors: a key missing from
+    the file (not covered by a tied alias), an unexpected key, or a value that differs
+    stops the run unless a glob in allow_* names it. Returns the audit summary."""
+    from safetensors import safe_open
+    files = _checkpoint_files(directory)
+    where: dict[str, Path] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            for k in handle.keys():
+                where[k] = f
+    state = model.state_dict()
+    aliases = _aliases(model)
+    allowed = lambda key, globs: any(fnmatch.fnmatchcase(key, g) for g in globs)  # noqa: E731
+    missing = sorted(k for k in state if k not in where
+                     and not (aliases.get(k, set()) & where.keys())
+                     and not allowed(k, allow_missing))
+    unexpected = sorted(k for k in where if k not in state and not allowed(k, allow_unexpected))
+    if missing or unexpected:
+        raise HarnessError(
+            f"{directory}: checkpoint keys do not match the model "
+            f"({len(missing)} missing, e.g. {missing[:5]}; {len(unexpected)} unexpected, "
+            f"e.g. {unexpected[:5]}); the loader would leave these weights random. "
+            "Fix the environment (transformers/LeRobot versions) or allow them explicitly "
+            "with --allow-missing-keys / --allow-unexpected-keys GLOB")
+    differing = []
+    if check_values:
+        for f in files:
+            with safe_open(str(f), framework="pt") as handle:
+                for k in handle.keys():
+                    if k in state:
+                        ref = handle.get_tensor(k).to(state[k].dtype)
+                        if ref.shape != state[k].shape or not torch.equal(ref, state[k].cpu()):
+                            differing.append(k)
+        if differing:
+            raise HarnessError(f"{directory}: {len(differing)} weights differ from the file "
+                               f"after loading (e.g. {differing[:5]})")
+    return {"files": [f.name for f in files], "keys_in_file": len(where),
+            "keys_in_model": len(state), "values_checked": check_values,
+            "allowed_missing": list(allow_missing), "allowed_unexpected": list(allow_unexpected)}
+
+
+def _get(root, path: str):
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+# ------------------------------------------------------------------ extractor
+class Pi0LeRobotExtractor:
+    """Prefill-only Pi0 extractor over either API; see the module docstring."""
+
+    family = "pi0_lerobot"
+    extraction_point = "hook on the final Gemma norm (== prefix_out), prefill only"
+
+    def __init__(self, ckpt: str = DEFAULT_CKPT, *, device: str = "cpu", dtype: str | None = None,
+                 image_key: str | None = None, seed_tokenization: bool = False,
+                 allow_missing=(), allow_unexpected=(), check_values: bool = True,
+                 revision: str | None = None, code: str = "auto", tokenizer=None):
+        self.ckpt, self.revision, self.code = ckpt, revision, code
+        self.device = torch.device(device)
+        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self.image_key_override, self.seed_tokenization = image_key, seed_tokenization
+        self.allow_missing, self.allow_unexpected = tuple(allow_missing), tuple(allow_unexpected)
+        self.check_values, self.tokenizer = check_values, tokenizer
+        self.policy = None
+        self.audit: dict = {}
+
+    # -- protocol ---------------------------------------------------------------
+    def load(self) -> "Pi0LeRobotExtractor":
+        directory = resolve_checkpoint(self.ckpt, self.revision)
+        policy_cls, self.make_att_2d_masks, self.api_source = import_policy_code(directory, self.code)
+        policy = policy_cls.from_pretrained(str(directory))
+        self.audit = audit_weights(policy, directory, self.allow_missing, self.allow_unexpected,
+                                   self.check_values)
+        if self.dtype is not None:
+            policy.to(dtype=self.dtype)
+        self.policy = policy.to(self.device).eval()
+        self._bind(directory)
+        return self
+
+    def _bind(self, directory: Path | None) -> None:
+        """Detect the API, the norm module, the image key and the tokenizer."""
+        policy = self.policy
+        pwe = policy.model.paligemma_with_expert
+        self.api = "old" if "fill_kv_cache" in inspect.signature(pwe.forward).parameters else "new"
+        self.norm_path = next((p for p in NORM_PATHS if _get(pwe, p) is not None), None)
+        if self.norm_path is None:
+            raise HarnessError(f"final norm not found under paligemma_with_expert; tried {NORM_PATHS}")
+        keys = list(policy.config.image_features)
+        if self.image_key_override is not None and self.image_key_override not in keys:
+            raise HarnessError(f"image key {self.image_key_override!r} not in the config's "
+                               f"image features {keys}")
+        if not keys:
+            raise HarnessError("the policy config declares no image feature")
+        self.image_key = self.image_key_override or keys[0]
+        if self.tokenizer is None:
+            self.tokenizer = self._find_tokenizer(directory)
+        self.max_length = int(policy.config.tokenizer_max_length)
+
+    def _find_tokenizer(self, directory: Path | None):
+        if directory is not None and (directory / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+            return AutoTokenizer.from_pretrained(str(directory))
+        tok = getattr(self.policy, "language_tokenizer", None)
+        if tok is None:
+            raise HarnessError("no tokenizer in the checkpoint dir and none on the policy; "
+                               "pass one explicitly")
+        return tok
+
+    def tokenize(self, tasks: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Language tokens and mask, as `prepare_language` builds them (or the seed)."""
+        tok = self.tokenizer
+        if self.seed_tokenization:  # the seed's script: no "\n", truncation, default side
+            out = tok(list(tasks), max_length=self.max_length, truncation=True,
+                      padding="max_length", return_tensors="pt")
+            return out["input_ids"], out["attention_mask"].bool()
+        texts = [t if t.endswith("\n") else t + "\n" for t in tasks]
+        rows = tok(texts, padding=False, truncation=False)["input_ids"]
+        width = max(self.max_length, max(map(len, rows)))  # no truncation, like the policy
+        ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        for i, row in enumerate(rows):  # right padding
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = True
+        return ids, mask
+
+    def build_inputs(self, samples) -> dict:
+        pixels = [np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0 for _, image, _ in samples]
+        images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
+        tokens, masks = self.tokenize([task for _, _, task in samples])
+        return {"images": images.to(self.device), "lang_tokens": tokens.to(self.device),
+                "lang_masks": masks.to(self.device)}
+
+    @torch.inference_mode()
+    def forward(self, inputs: dict) -> HiddenStates:
+        from harness.hooks import capture
+        policy, model = self.policy, self.policy.model
+        batch = {self.image_key: inputs["images"]}  # image only: no state, no dummy state
+        prepare = getattr(policy, "prepare_images", None) or getattr(policy, "_preprocess_images")
+        images, img_masks = prepare(batch)
+        embs, pad_masks, att_masks = model.embed_prefix(
+            images, img_masks, inputs["lang_tokens"], inputs["lang_masks"])
+        pwe = model.paligemma_with_expert
+        embs = embs.to(self._lm_dtype(pwe))
+        att_2d = self.make_att_2d_masks(pad_masks, att_masks)
+        to_4d = getattr(model, "_prepare_attention_masks_4d", None)
+        kwargs = dict(attention_mask=to_4d(att_2d) if to_4d else att_2d,
+                      position_ids=torch.cumsum(pad_masks, dim=1) - 1, past_key_values=None,
+                      inputs_embeds=[embs, None], use_cache=False)
+        if self.api == "old":
+            kwargs["fill_kv_cache"] = True
+        with capture(pwe, [self.norm_path]) as hooked:
+            outputs, _ = pwe.forward(**kwargs)
+        prefix_out, hidden = outputs[0], hooked.output
+        if hidden.shape != prefix_out.shape or not torch.equal(hidden, prefix_out):
+            diff = (hidden.float() - prefix_out.float()).abs().max().item() \
+                if hidden.shape == prefix_out.shape else "shape"
+            raise HarnessError(f"hook on {self.norm_path} != prefix_out (max diff {diff}): "
+                               "the hooked module is not the final norm of this forward")
+        return HiddenStates(layers={"last": hidden}, mask=pad_masks.bool())
+
+    def provenance(self) -> dict:
+        policy = self.policy
+        pwe = policy.model.paligemma_with_expert
+        norm = _get(pwe, self.norm_path)
+        return {
+            "family": self.family, "model": self.ckpt, "revision": self.revision,
+            "api": self.api, "api_source": self.api_source, "class": type(policy).__name__,
+            "extraction_point": f"{self.extraction_point}: paligemma_with_expert.{self.norm_path}",
+            "pooling": "masked mean (prefix_pad_masks)",
+            "hidden_size": int(norm.weight.shape[0]) if hasattr(norm, "weight") else None,
+            "dtype": str(self._lm_dtype(pwe)), "image_key": self.image_key,
+            "image_keys_in_config": list(policy.config.image_features),
+            "tokenization": "seed (no newline, truncation)" if self.seed_tokenization
+            else "prepare_language (task + newline, right pad)",
+            "tokenizer_max_length": self.max_length, "padding_side": "right",
+            "state_input": "none", "weight_audit": self.audit,
+        }
+
+    @staticmethod
+    def _lm_dtype(pwe) -> torch.dtype:
+        """The dtype the language model runs in (prefix embeddings are cast to it)."""
+        for path in ("paligemma.model.language_model", "paligemma.language_model"):
+            module = _get(pwe, path)
+            if module is not None:
+                return next(module.parameters()).dtype
+        return next(pwe.parameters()).dtype

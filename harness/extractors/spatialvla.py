@@ -1,0 +1,130 @@
+"""SpatialVLA (PaliGemma2 + ZoeDepth, custom remote code): `hidden_states[-1]` masked mean.
+
+Traps handled here (../../FACTS.md §3): the remote code only runs on transformers
+[4.47.0, 4.49); eager attention is pinned (flash-attention-2 would make the prompt
+causal and change the features); the processor gets `do_normalize=False` (the model
+normalises pixels itself) and `unnorm_key` (selects the camera intrinsics);
+`use_cache=False`; the tokenizer pads left, so positions are derived from the mask to
+keep a sample's feature independent of the batch it is in.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from harness.errors import HarnessError
+from harness.extractors.base import HiddenStates
+
+DEFAULT_CKPT = "IPEC-COMMUNITY/spatialvla-4b-224-sft-bridge"
+UNNORM_KEY = "bridge_orig/1.0.0"
+HIDDEN_SIZE = 2304
+SUPPORTED_TRANSFORMERS = ("4.47.0", "4.49.0")  # [low, high)
+ATTN = "eager"
+
+
+def check_transformers_version(version: str | None = None) -> str:
+    """Refuse, before any download or load, a transformers the remote code cannot run on."""
+    from packaging.version import Version
+    if version is None:
+        import transformers
+        version = transformers.__version__
+    low, high = SUPPORTED_TRANSFORMERS
+    if not Version(low) <= Version(version) < Version(high):
+        raise HarnessError(
+            f"SpatialVLA's remote code needs transformers >={low},<{high}; this environment "
+            f"has {version}. Run the spatialvla extractor in its own environment: "
+            f"pip install 'transformers>={low},<{high}'")
+    return version
+
+
+def attn_implementation(model) -> str | None:
+    """The attention implementation the language model will actually use."""
+    cfg = getattr(model, "config", None)
+    text = getattr(cfg, "text_config", None)
+    for c in (text, cfg):
+        impl = getattr(c, "_attn_implementation", None)
+        if impl:
+            return impl
+    return None
+
+
+class SpatialVLAExtractor:
+    """Loads the checkpoint (or takes a ready model + processor, as the stand-ins do) and
+    turns (index, image, task) samples into final-layer hidden states + attention mask."""
+
+    family = "spatialvla"
+    extraction_point = "hidden_states[-1] (post final norm, Gemma2)"
+
+    def __init__(self, ckpt: str = DEFAULT_CKPT, *, device: str = "cpu", dtype: str = "bfloat16",
+                 unnorm_key: str = UNNORM_KEY, revision: str | None = None,
+                 positions: str = "mask", model=None, processor=None):
+        if positions not in ("mask", "model"):
+            raise HarnessError(f"positions must be 'mask' or 'model', got {positions!r}")
+        self.ckpt, self.device, self.revision = ckpt, torch.device(device), revision
+        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self.unnorm_key, self.positions = unnorm_key, positions
+        self.model, self.processor = model, processor
+        self.stand_in = model is not None
+        self._takes_positions = False
+
+    # -- protocol ---------------------------------------------------------------
+    def load(self) -> "SpatialVLAExtractor":
+        if self.model is None:
+            check_transformers_version()
+            from transformers import AutoModel, AutoProcessor
+            common = dict(trust_remote_code=True, revision=self.revision)
+            self.processor = AutoProcessor.from_pretrained(self.ckpt, **common)
+            self.model = AutoModel.from_pretrained(
+                self.ckpt, torch_dtype=self.dtype, attn_implementation=ATTN, **common)
+        self.model.to(device=self.device, dtype=self.dtype).eval()
+        if getattr(self.model.config, "use_cache", None):
+            self.model.config.use_cache = False
+        impl = attn_implementation(self.model)
+        if impl != ATTN:
+            raise HarnessError(f"SpatialVLA loaded with attention {impl!r}; features are defined "
+                               f"with {ATTN!r} (bidirectional prompt, soft-capping)")
+        params = inspect.signature(self.model.forward).parameters
+        self._takes_positions = "position_ids" in params
+        return self
+
+    def build_inputs(self, samples) -> dict:
+        images = [image.convert("RGB") for _, image, _ in samples]
+        texts = [task for _, _, task in samples]
+        batch = self.processor(images=images, text=texts, unnorm_key=self.unnorm_key,
+                               do_normalize=False, padding="longest", return_tensors="pt")
+        inputs = {k: self._to_device(v) for k, v in batch.items()}
+        if self.positions == "mask" and self._takes_positions:
+            # 1-indexed like PaliGemma's default; identical to it for an unpadded row.
+            mask = inputs["attention_mask"].long()
+            inputs["position_ids"] = mask.cumsum(-1).clamp(min=1)
+        return inputs
+
+    @torch.inference_mode()
+    def forward(self, inputs: dict) -> HiddenStates:
+        out = self.model(**inputs, output_hidden_states=True, use_cache=False, return_dict=True)
+        return HiddenStates(layers={"last": out.hidden_states[-1]},
+                            mask=inputs["attention_mask"].bool())
+
+    def provenance(self) -> dict:
+        cfg = self.model.config
+        text = getattr(cfg, "text_config", cfg)
+        return {
+            "family": self.family, "model": self.ckpt, "revision": self.revision,
+            "stand_in": self.stand_in, "class": type(self.model).__name__,
+            "extraction_point": self.extraction_point, "pooling": "masked mean (attention_mask)",
+            "hidden_size": getattr(text, "hidden_size", None), "dtype": str(self.dtype),
+            "attn_implementation": attn_implementation(self.model), "use_cache": False,
+            "padding_side": getattr(getattr(self.processor, "tokenizer", None), "padding_side", None),
+            "processor_kwargs": {"unnorm_key": self.unnorm_key, "do_normalize": False},
+            "position_ids": self.positions if self._takes_positions else "model default",
+            "prompt_template": "<image>*n <bos>{task}\\n (SpatialVLA processor)",
+        }
+
+    # -- helpers ----------------------------------------------------------------
+    def _to_device(self, value):
+        if not isinstance(value, torch.Tensor):
+            return value
+        if value.is_floating_point():
+            return value.to(device=self.device, dtype=self.dtype)
+        return value.to(self.device)
