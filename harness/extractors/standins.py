@@ -240,24 +240,51 @@ class TinyPaliGemmaWithExpert(nn.Module):
 
     def forward(self, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, fill_kv_cache=None):
+        return self._prefix(attention_mask, position_ids, inputs_embeds)
+
+    def _prefix(self, attention_mask, position_ids, inputs_embeds):
         prefix, suffix = inputs_embeds
         if suffix is not None:
             raise NotImplementedError("the stand-in runs the prefix (prefill) only")
-        lm = language_model(self.paligemma)
-        bias = torch.where(attention_mask[:, None], 0.0, torch.finfo(prefix.dtype).min)
-        out = lm(inputs_embeds=prefix, attention_mask=bias.to(prefix.dtype),
-                 position_ids=position_ids, use_cache=False)
-        return [out.last_hidden_state, None], None  # last_hidden_state = final-norm output
+        if attention_mask.dtype == torch.bool:  # old API: 2-D (B, L, L) boolean mask
+            attention_mask = torch.where(attention_mask[:, None], 0.0, torch.finfo(prefix.dtype).min)
+        out = language_model(self.paligemma)(
+            inputs_embeds=prefix, attention_mask=attention_mask.to(prefix.dtype),
+            position_ids=position_ids, use_cache=False).last_hidden_state
+        if isinstance(out, tuple):  # LeRobot 0.6's norm returns (normed, gate)
+            out = out[0]
+        return [out, None], None  # the final-norm output, as the real prefix_out is
+
+
+class TinyPaliGemmaWithExpertNew(TinyPaliGemmaWithExpert):
+    """LeRobot 0.6 shape: 4-D float mask in, no `fill_kv_cache`, a final norm whose
+    forward returns a tuple."""
+
+    def __init__(self, seed: int):
+        super().__init__(seed)
+        norm = language_model(self.paligemma).norm
+        norm.__class__ = type("TupleRMSNorm", (type(norm),), {"forward": _tuple_norm_forward})
+
+    def forward(self, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, adarms_cond=None):
+        return self._prefix(attention_mask, position_ids, inputs_embeds)
+
+
+def _tuple_norm_forward(self, x, cond=None):
+    return (super(type(self), self).forward(x), None)
 
 
 class TinyPI0FlowMatching(nn.Module):
     """`policy.model`: prefix embedding (scaled image + language embeddings) and the
     action-side projections whose weights a real checkpoint also carries."""
 
-    def __init__(self, config: TinyPI0Config, seed: int):
+    def __init__(self, config: TinyPI0Config, seed: int, new_api: bool = False):
         super().__init__()
         self.config = config
-        self.paligemma_with_expert = TinyPaliGemmaWithExpert(seed)
+        pwe_cls = TinyPaliGemmaWithExpertNew if new_api else TinyPaliGemmaWithExpert
+        self.paligemma_with_expert = pwe_cls(seed)
+        if new_api:
+            self._prepare_attention_masks_4d = _masks_4d
         torch.manual_seed(seed + 2)
         self.state_proj = nn.Linear(config.max_state_dim, 32)
         self.action_in_proj = nn.Linear(config.max_action_dim, 32)
@@ -281,24 +308,29 @@ class TinyPI0FlowMatching(nn.Module):
         return torch.cat(embs, dim=1), pad_masks, att_masks[None].expand(pad_masks.shape[0], -1)
 
 
-class TinyPI0Policy(nn.Module):
-    """Old-LeRobot-style `PI0Policy`: prepare_images / prepare_language / model.embed_prefix,
-    a `select_action` with an action queue (counted, so tests can prove it is never
-    called), and a `from_pretrained` that loads with strict=False like the original."""
+def _masks_4d(att_2d: torch.Tensor) -> torch.Tensor:
+    return torch.where(att_2d[:, None], 0.0, -2.3819763e38)
+
+
+class _TinyPI0Base(nn.Module):
+    """What both API generations share: config, `model`, a `select_action` with an
+    action queue (counted, so tests can prove it is never called), checkpoint io whose
+    `from_pretrained` loads with strict=False like LeRobot's."""
 
     name = "pi0"
+    new_api = False
 
     def __init__(self, config: TinyPI0Config | None = None, seed: int = SEED, tokenizer=None):
         super().__init__()
         self.config = config or TinyPI0Config()
-        self.language_tokenizer = tokenizer or char_tokenizer()
-        self.model = TinyPI0FlowMatching(self.config, seed)
+        self.tokenizer_for_checkpoint = tokenizer or char_tokenizer()
+        self.model = TinyPI0FlowMatching(self.config, seed, new_api=self.new_api)
         self.select_action_calls = 0
         self.seen_batch_keys: list[set] = []
         self._queue: list = []
 
-    # -- the old API ---------------------------------------------------------
-    def prepare_images(self, batch: dict):
+    def _images(self, batch: dict):
+        """Resize with pad, scale to [-1, 1], one all-true mask per present camera."""
         self.seen_batch_keys.append(set(batch))
         present = [k for k in self.config.image_features if k in batch]
         if not present:
@@ -310,13 +342,6 @@ class TinyPI0Policy(nn.Module):
             masks.append(torch.ones(img.shape[0], dtype=torch.bool, device=img.device))
         return images, masks
 
-    def prepare_language(self, batch: dict):
-        tasks = [t if t.endswith("\n") else t + "\n" for t in batch["task"]]
-        tok = self.language_tokenizer(tasks, padding="max_length", padding_side="right",
-                                      max_length=self.config.tokenizer_max_length,
-                                      return_tensors="pt")
-        return tok["input_ids"], tok["attention_mask"].bool()
-
     def reset(self) -> None:
         self._queue = []
 
@@ -325,7 +350,6 @@ class TinyPI0Policy(nn.Module):
         self.select_action_calls += 1
         raise RuntimeError("the stand-in's select_action must never be used for features")
 
-    # -- checkpoint io -------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         from safetensors.torch import save_model
         directory = Path(directory)
@@ -333,7 +357,7 @@ class TinyPI0Policy(nn.Module):
         (directory / "config.json").write_text(json.dumps(
             {"type": "pi0", **self.config.to_dict()}, indent=2))
         save_model(self, str(directory / "model.safetensors"))
-        self.language_tokenizer.save_pretrained(directory)
+        self.tokenizer_for_checkpoint.save_pretrained(directory)
         return directory
 
     @classmethod
@@ -350,16 +374,46 @@ class TinyPI0Policy(nn.Module):
         return policy.eval()
 
 
+class TinyPI0Policy(_TinyPI0Base):
+    """Old-LeRobot `PI0Policy` (the API the bridge checkpoint bundles): prepare_images,
+    prepare_language (task + "\\n", right pad), language_tokenizer on the policy."""
+
+    @property
+    def language_tokenizer(self):
+        return self.tokenizer_for_checkpoint
+
+    def prepare_images(self, batch: dict):
+        return self._images(batch)
+
+    def prepare_language(self, batch: dict):
+        tasks = [t if t.endswith("\n") else t + "\n" for t in batch["task"]]
+        tok = self.language_tokenizer(tasks, padding="max_length", padding_side="right",
+                                      max_length=self.config.tokenizer_max_length,
+                                      return_tensors="pt")
+        return tok["input_ids"], tok["attention_mask"].bool()
+
+
+class TinyPI0PolicyNew(_TinyPI0Base):
+    """LeRobot 0.6 shape: `_preprocess_images`, no prepare_language and no tokenizer on
+    the policy (tokenising is a processor-pipeline step there)."""
+
+    new_api = True
+
+    def _preprocess_images(self, batch: dict):
+        return self._images(batch)
+
+
 MODELING_SHIM = '''"""Fake checkpoint code: the harness's tiny Pi0 stand-in behind the old file name."""
-from harness.extractors.standins import TinyPI0Policy as PI0Policy, make_att_2d_masks  # noqa: F401
+from harness.extractors.standins import {cls} as PI0Policy, make_att_2d_masks  # noqa: F401
 '''
 
 
 def save_tiny_pi0_checkpoint(directory: str | os.PathLike, seed: int = SEED,
-                             config: TinyPI0Config | None = None) -> Path:
+                             config: TinyPI0Config | None = None, new_api: bool = False) -> Path:
     """A local directory shaped like `HaomingSong/lerobot-pi0-bridge`: config.json,
     model.safetensors, tokenizer files and a `modeling_pi0.py` exposing `PI0Policy` and
     `make_att_2d_masks`."""
-    directory = TinyPI0Policy(config, seed=seed).save_pretrained(directory)
-    (directory / "modeling_pi0.py").write_text(MODELING_SHIM)
+    cls = TinyPI0PolicyNew if new_api else TinyPI0Policy
+    directory = cls(config, seed=seed).save_pretrained(directory)
+    (directory / "modeling_pi0.py").write_text(MODELING_SHIM.format(cls=cls.__name__))
     return directory
