@@ -178,13 +178,13 @@ def _permuted(nb: Neighbours, perm: torch.Tensor, inverse: torch.Tensor) -> Neig
     return Neighbours(inverse[nb.indices[perm]], nb.values[perm], nb.exact)
 
 
-def permutation_null(na: Neighbours, nb: Neighbours, observed: Scores, n_permutations: int,
-                     seed: int = 0) -> dict:
-    """Null distribution of CKNNA over random row shuffles of one side.
+def null_draws(na: Neighbours, nb: Neighbours, observed: Scores, n_permutations: int,
+               seed: int = 0) -> torch.Tensor:
+    """CKNNA(A[p], B) for p = randperm(N) drawn in turn from a generator seeded `seed`.
 
-    CKNNA(A[p], B) = CKNNA(A, B[p^-1]), so A's lists are relabelled and B's sorted edge
-    index is built once. sim(K,K) and sim(L,L) do not change under a shuffle; only
-    sim(K, L) is redone. p-value = (1 + #{null >= observed}) / (1 + draws)."""
+    CKNNA(A[p], B) = CKNNA(A, B[p^-1]): A's lists are relabelled (no new search) and B's
+    sorted edge index is built once. sim(K,K) and sim(L,L) do not change under a shuffle;
+    only sim(K, L) is redone."""
     k = observed.k
     na, nb = na.prefix(k), nb.prefix(k)
     n = na.indices.shape[0]
@@ -199,7 +199,13 @@ def permutation_null(na: Neighbours, nb: Neighbours, observed: Scores, n_permuta
         inverse[perm] = torch.arange(n, device=perm.device)
         shared, _ = b_index.shared(_permuted(na, perm, inverse))
         null[d] = _hsic_on_edges(shared) / denom
-    return summarise_null(observed.cknna, null, seed)
+    return null
+
+
+def permutation_null(na: Neighbours, nb: Neighbours, observed: Scores, n_permutations: int,
+                     seed: int = 0) -> dict:
+    """Summary of `null_draws`; p-value = (1 + #{null >= observed}) / (1 + draws)."""
+    return summarise_null(observed.cknna, null_draws(na, nb, observed, n_permutations, seed), seed)
 
 
 def summarise_null(observed: float, null: torch.Tensor, seed: int) -> dict:
@@ -254,14 +260,11 @@ def _subsample_neighbours(x: torch.Tensor, long: Neighbours, subset: torch.Tenso
     return Neighbours(out_i, out_v, long.exact), len(short)
 
 
-def subsample_interval(feats_a: torch.Tensor, feats_b: torch.Tensor, topk: int, *,
-                       n_draws: int = 200, fraction: float = 0.8, level: float = 0.95,
-                       seed: int = 0, long_a: Neighbours | None = None,
-                       long_b: Neighbours | None = None) -> dict:
-    """Percentile interval of CKNNA over random subsets of fraction * N samples.
-
-    It describes the spread of CKNNA at the smaller size m = fraction * N (kNN graphs
-    depend on N), reusing long neighbour lists instead of new Gram products."""
+def subsample_draws(feats_a: torch.Tensor, feats_b: torch.Tensor, topk: int, *,
+                    n_draws: int, fraction: float, seed: int = 0,
+                    long_a: Neighbours | None = None, long_b: Neighbours | None = None):
+    """CKNNA on `n_draws` random subsets of round(fraction * N) samples (sorted subsets of
+    randperm(N) from a generator seeded `seed`), and how many rows needed a new search."""
     _check(feats_a, feats_b, topk)
     n = feats_a.shape[0]
     m = int(round(fraction * n))
@@ -280,14 +283,28 @@ def subsample_interval(feats_a: torch.Tensor, feats_b: torch.Tensor, topk: int, 
             sb, rb = _subsample_neighbours(feats_b, long_b, subset, topk)
             redone += ra + rb
             values.append(scores_from_neighbours(sa, sb, topk).cknna)
-    vals = torch.tensor(values, dtype=torch.float64)
+    return torch.tensor(values, dtype=torch.float64), redone
+
+
+def subsample_interval(feats_a: torch.Tensor, feats_b: torch.Tensor, topk: int, *,
+                       n_draws: int = 200, fraction: float = 0.8, level: float = 0.95,
+                       seed: int = 0, long_a: Neighbours | None = None,
+                       long_b: Neighbours | None = None) -> dict:
+    """Percentile interval of CKNNA over random subsets of fraction * N samples.
+
+    It describes the spread of CKNNA at the smaller size m = fraction * N (kNN graphs
+    depend on N), reusing long neighbour lists instead of new Gram products."""
+    vals, redone = subsample_draws(feats_a, feats_b, topk, n_draws=n_draws, fraction=fraction,
+                                   seed=seed, long_a=long_a, long_b=long_b)
     finite = vals[~vals.isnan()]
     alpha = (1 - level) / 2
     lo, hi = (torch.quantile(finite, torch.tensor([alpha, 1 - alpha], dtype=torch.float64)).tolist()
               if len(finite) else (float("nan"), float("nan")))
-    return {"n_draws": n_draws, "fraction": fraction, "subsample_size": m, "level": level,
-            "seed": seed, "low": lo, "high": hi, "mean": finite.mean().item() if len(finite) else
-            float("nan"), "std": finite.std().item() if len(finite) > 1 else float("nan"),
+    return {"n_draws": n_draws, "fraction": fraction,
+            "subsample_size": int(round(fraction * feats_a.shape[0])), "level": level,
+            "seed": seed, "low": lo, "high": hi,
+            "mean": finite.mean().item() if len(finite) else float("nan"),
+            "std": finite.std().item() if len(finite) > 1 else float("nan"),
             "nan_draws": int(vals.isnan().sum()), "rows_searched_again": redone}
 
 
