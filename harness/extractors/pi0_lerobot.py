@@ -25,14 +25,16 @@ import numpy as np
 import torch
 
 from harness.errors import HarnessError
-from harness.extractors.base import HiddenStates
+from harness.extractors.base import Extractor, HiddenStates
+from harness.hooks import capture, find_module
 
 DEFAULT_CKPT = "HaomingSong/lerobot-pi0-bridge"
 HIDDEN_SIZE = 2048
-NORM_PATHS = (  # relative to policy.model.paligemma_with_expert, first match wins
-    "paligemma.language_model.norm",          # transformers 4.52+ layout (LeRobot fork 4.53)
+NORM_PATHS = (  # module names under policy.model.paligemma_with_expert, first match wins
+    "paligemma.model.language_model.norm",    # transformers 4.52+ (LeRobot's 4.53 fork, 0.6:
+                                              # there the norm returns a tuple)
     "paligemma.language_model.model.norm",    # transformers <= 4.51 (GemmaForCausalLM)
-    "paligemma.model.language_model.norm",    # LeRobot 0.6 (returns a tuple)
+    "paligemma.language_model.norm",          # GemmaModel held directly
 )
 
 
@@ -150,7 +152,7 @@ def _get(root, path: str):
 
 
 # ------------------------------------------------------------------ extractor
-class Pi0LeRobotExtractor:
+class Pi0LeRobotExtractor(Extractor):
     """Prefill-only Pi0 extractor over either API; see the module docstring."""
 
     family = "pi0_lerobot"
@@ -187,9 +189,7 @@ class Pi0LeRobotExtractor:
         policy = self.policy
         pwe = policy.model.paligemma_with_expert
         self.api = "old" if "fill_kv_cache" in inspect.signature(pwe.forward).parameters else "new"
-        self.norm_path = next((p for p in NORM_PATHS if _get(pwe, p) is not None), None)
-        if self.norm_path is None:
-            raise HarnessError(f"final norm not found under paligemma_with_expert; tried {NORM_PATHS}")
+        self.norm_path, _ = find_module(pwe, NORM_PATHS)
         keys = list(policy.config.image_features)
         if self.image_key_override is not None and self.image_key_override not in keys:
             raise HarnessError(f"image key {self.image_key_override!r} not in the config's "
@@ -237,7 +237,6 @@ class Pi0LeRobotExtractor:
 
     @torch.inference_mode()
     def forward(self, inputs: dict) -> HiddenStates:
-        from harness.hooks import capture
         policy, model = self.policy, self.policy.model
         batch = {self.image_key: inputs["images"]}  # image only: no state, no dummy state
         prepare = getattr(policy, "prepare_images", None) or getattr(policy, "_preprocess_images")
@@ -266,7 +265,7 @@ class Pi0LeRobotExtractor:
     def provenance(self) -> dict:
         policy = self.policy
         pwe = policy.model.paligemma_with_expert
-        norm = _get(pwe, self.norm_path)
+        norm = dict(pwe.named_modules())[self.norm_path]
         return {
             "family": self.family, "model": self.ckpt, "revision": self.revision,
             "api": self.api, "api_source": self.api_source, "class": type(policy).__name__,

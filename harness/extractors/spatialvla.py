@@ -14,7 +14,7 @@ import inspect
 import torch
 
 from harness.errors import HarnessError
-from harness.extractors.base import HiddenStates
+from harness.extractors.base import FINAL, Extractor, HiddenStates
 
 DEFAULT_CKPT = "IPEC-COMMUNITY/spatialvla-4b-224-sft-bridge"
 UNNORM_KEY = "bridge_orig/1.0.0"
@@ -49,21 +49,23 @@ def attn_implementation(model) -> str | None:
     return None
 
 
-class SpatialVLAExtractor:
+class SpatialVLAExtractor(Extractor):
     """Loads the checkpoint (or takes a ready model + processor, as the stand-ins do) and
     turns (index, image, task) samples into final-layer hidden states + attention mask."""
 
     family = "spatialvla"
+    hidden_dim = HIDDEN_SIZE
     extraction_point = "hidden_states[-1] (post final norm, Gemma2)"
 
     def __init__(self, ckpt: str = DEFAULT_CKPT, *, device: str = "cpu", dtype: str = "bfloat16",
                  unnorm_key: str = UNNORM_KEY, revision: str | None = None,
-                 positions: str = "mask", model=None, processor=None):
+                 positions: str = "mask", layers=(), model=None, processor=None):
         if positions not in ("mask", "model"):
             raise HarnessError(f"positions must be 'mask' or 'model', got {positions!r}")
         self.ckpt, self.device, self.revision = ckpt, torch.device(device), revision
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         self.unnorm_key, self.positions = unnorm_key, positions
+        self.layers = tuple(int(i) for i in layers)  # extra hidden_states indices (sweep)
         self.model, self.processor = model, processor
         self.stand_in = model is not None
         self._takes_positions = False
@@ -103,8 +105,11 @@ class SpatialVLAExtractor:
     @torch.inference_mode()
     def forward(self, inputs: dict) -> HiddenStates:
         out = self.model(**inputs, output_hidden_states=True, use_cache=False, return_dict=True)
-        return HiddenStates(layers={"last": out.hidden_states[-1]},
-                            mask=inputs["attention_mask"].bool())
+        hidden = out.hidden_states
+        layers = {FINAL: hidden[-1]}
+        for i in self.layers:
+            layers[str(i % len(hidden))] = hidden[i]
+        return HiddenStates(layers=layers, mask=inputs["attention_mask"].bool())
 
     def provenance(self) -> dict:
         cfg = self.model.config
@@ -112,7 +117,8 @@ class SpatialVLAExtractor:
         return {
             "family": self.family, "model": self.ckpt, "revision": self.revision,
             "stand_in": self.stand_in, "class": type(self.model).__name__,
-            "extraction_point": self.extraction_point, "pooling": "masked mean (attention_mask)",
+            "extraction_point": self.extraction_point, "layers": [FINAL, *map(str, self.layers)],
+            "pooling": "masked mean (attention_mask)",
             "hidden_size": getattr(text, "hidden_size", None), "dtype": str(self.dtype),
             "attn_implementation": attn_implementation(self.model), "use_cache": False,
             "padding_side": getattr(getattr(self.processor, "tokenizer", None), "padding_side", None),
