@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except HarnessError as err:
-        print(f"harness {args.command}: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).split())  # always one line
+        print(f"harness {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -76,7 +76,8 @@ def load_features(path: str | os.PathLike) -> torch.Tensor:
     except HarnessError:
         raise
     except Exception as err:  # unreadable or corrupt file
-        raise HarnessError(f"{path}: cannot read ({type(err).__name__}: {err})") from None
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise HarnessError(f"{path}: cannot read ({type(err).__name__}: {first_line})") from None
     if not isinstance(obj, torch.Tensor):
         raise HarnessError(f"{path}: expected a tensor, got {type(obj).__name__}")
     if obj.ndim != 2:
