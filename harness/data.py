@@ -174,10 +174,11 @@ def _check_images(root: Path, n: int, decode: bool, report: CheckReport, progres
         if not path.is_file():
             missing.append(i)
             continue
+        if not decode:
+            continue
         try:
             with Image.open(path) as im:
-                if decode:
-                    im.load()
+                im.load()
                 sizes[f"{im.width}x{im.height} {im.mode}"] += 1
         except Exception as err:  # PIL raises many types for truncated/corrupt files
             broken.append(f"{path}: cannot decode ({type(err).__name__}: {err})")
