@@ -18,74 +18,33 @@ import numpy as np
 import torch
 from torch import nn
 
-SEED = 0
-VOCAB = 1024
-HIDDEN = 64
-IMAGE = 32  # SigLIP input side; patch 8 -> 16 image tokens
-PATCH = 8
-N_IMAGE_TOKENS = (IMAGE // PATCH) ** 2
-IMAGE_TOKEN_ID = VOCAB - 1
+from harness.extractors import tiny
+
+SEED = tiny.SEED
+HIDDEN = tiny.HIDDEN
+IMAGE = tiny.IMAGE  # SigLIP input side; patch 8 -> 16 image tokens
+N_IMAGE_TOKENS = (tiny.IMAGE // tiny.PATCH) ** 2
+IMAGE_TOKEN_ID = tiny.IMAGE_TOKEN
 BRIDGE_UNNORM_KEY = "bridge_orig/1.0.0"
 PI0_IMAGE_KEY = "observation.images.image_0"
 
 
-# ---------------------------------------------------------------- tokenizer
 def char_tokenizer(padding_side: str = "right"):
-    """A byte-level tokenizer built locally (nothing can be downloaded): one token per
-    byte, `<bos>` prepended like Gemma's, so any task string (and "\\n") round-trips."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {tok: i for i, tok in enumerate(specials + sorted(alphabet))}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    core.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
-        unk_token="<unk>", padding_side=padding_side)
+    """The engine's character tokenizer, plus a `<bos>` prepended like Gemma's."""
+    from tokenizers import processors
+    tok = tiny.tokenizer(padding_side)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", tiny.BOS)])
+    return tok
 
 
-# ---------------------------------------------------------------- configs
-def _text_kwargs() -> dict:
-    return dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128,
-                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
-                head_dim=16, max_position_embeddings=512, pad_token_id=0, bos_token_id=2,
-                eos_token_id=1)
+def tiny_paligemma(text: str = "gemma", seed: int = SEED):
+    """PaliGemma (text "gemma") or PaliGemma2 ("gemma2") from the engine's tiny zoo."""
+    model, _ = tiny.build("paligemma2" if text == "gemma2" else "paligemma", seed=seed)
+    return model
 
 
-def _vision_config():
-    from transformers import SiglipVisionConfig
-    return SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                              num_attention_heads=2, image_size=IMAGE, patch_size=PATCH)
-
-
-def tiny_paligemma(text: str = "gemma", seed: int = SEED, attn: str = "eager"):
-    """PaliGemma (text "gemma") or PaliGemma2 (text "gemma2"), random weights, eval mode."""
-    from transformers import (Gemma2Config, GemmaConfig, PaliGemmaConfig,
-                              PaliGemmaForConditionalGeneration)
-    text_cfg = (Gemma2Config if text == "gemma2" else GemmaConfig)(**_text_kwargs())
-    cfg = PaliGemmaConfig(vision_config=_vision_config().to_dict(), text_config=text_cfg.to_dict(),
-                          image_token_id=IMAGE_TOKEN_ID, projection_dim=HIDDEN)
-    cfg._attn_implementation = attn
-    torch.manual_seed(seed)
-    model = PaliGemmaForConditionalGeneration(cfg)
-    _set_attn(model, attn)
-    return model.eval()
-
-
-def _set_attn(model: nn.Module, attn: str) -> None:
-    """Pin the attention implementation on every sub-config (transformers 4.x and 5.x)."""
-    for module in model.modules():
-        cfg = getattr(module, "config", None)
-        if cfg is not None and hasattr(cfg, "_attn_implementation"):
-            try:
-                cfg._attn_implementation = attn
-            except Exception:  # read-only in some releases
-                pass
+_set_attn = tiny._set_attn
 
 
 def language_model(paligemma: nn.Module) -> nn.Module:
@@ -104,10 +63,8 @@ class TinySpatialVLAProcessor:
     image tokens + bos + task + "\\n"; pads left. Records every call's keyword arguments."""
 
     def __init__(self, tokenizer=None):
-        from transformers import SiglipImageProcessor
         self.tokenizer = tokenizer or char_tokenizer(padding_side="left")
         self.tokenizer.padding_side = "left"
-        self.image_processor = SiglipImageProcessor(size={"height": IMAGE, "width": IMAGE})
         self.statistics = {BRIDGE_UNNORM_KEY: {"intrinsic": [[40.0, 0, 16], [0, 40.0, 16], [0, 0, 1]]}}
         self.calls: list[dict] = []
 
@@ -129,8 +86,8 @@ class TinySpatialVLAProcessor:
         for i, row in enumerate(rows):  # left padding, as SpatialVLA's tokenizer does
             ids[i, width - len(row):] = torch.tensor(row)
             mask[i, width - len(row):] = 1
-        pixels = self.image_processor(list(imgs), do_normalize=do_normalize,
-                                      return_tensors="pt")["pixel_values"]
+        mean_std = (0.5, 0.5) if do_normalize else (0.0, 1.0)
+        pixels = torch.from_numpy(np.stack([tiny._pixels(im, IMAGE, *mean_std) for im in imgs]))
         stats = self.statistics.get(unnorm_key)
         intrinsic = torch.tensor(stats["intrinsic"] if stats else np.eye(3), dtype=torch.float32)
         data = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels,
@@ -144,9 +101,9 @@ class TinySpatialVLA(nn.Module):
     `intrinsic` tensor, and attends bidirectionally over the prompt like the real model
     in eager mode."""
 
-    def __init__(self, seed: int = SEED, attn: str = "eager"):
+    def __init__(self, seed: int = SEED):
         super().__init__()
-        self.paligemma = tiny_paligemma("gemma2", seed=seed, attn=attn)
+        self.paligemma = tiny_paligemma("gemma2", seed=seed)
         self.config = self.paligemma.config
         self.last_intrinsic: torch.Tensor | None = None
 
@@ -171,9 +128,9 @@ class TinySpatialVLA(nn.Module):
             return_dict=return_dict, **kwargs)
 
 
-def tiny_spatialvla(seed: int = SEED, attn: str = "eager"):
+def tiny_spatialvla(seed: int = SEED):
     """(model, processor) pair for the SpatialVLA extractor's stand-in path."""
-    return TinySpatialVLA(seed=seed, attn=attn).eval(), TinySpatialVLAProcessor()
+    return TinySpatialVLA(seed=seed).eval(), TinySpatialVLAProcessor()
 
 
 # ---------------------------------------------------------------- Pi0 (old LeRobot API)
@@ -224,12 +181,8 @@ class TinyPaliGemmaWithExpert(nn.Module):
 
     def __init__(self, seed: int):
         super().__init__()
-        from transformers import GemmaConfig, GemmaForCausalLM
         self.paligemma = tiny_paligemma("gemma", seed=seed)
-        torch.manual_seed(seed + 1)
-        expert_cfg = GemmaConfig(**{**_text_kwargs(), "hidden_size": 32, "intermediate_size": 64})
-        expert_cfg._attn_implementation = "eager"
-        self.gemma_expert = GemmaForCausalLM(expert_cfg)
+        self.gemma_expert, _ = tiny.build("gemma", seed=seed + 1)
 
     def embed_image(self, image: torch.Tensor) -> torch.Tensor:
         out = self.paligemma.get_image_features(image)
