@@ -70,8 +70,6 @@ def _episode(rng: np.random.Generator, length: int) -> np.ndarray:
 
 
 def _task(rng: np.random.Generator) -> str:
-    if rng.random() < EMPTY_TASK_FRACTION:
-        return ""
     template = _TEMPLATES[rng.integers(len(_TEMPLATES))]
     return template.format(obj=_OBJECTS[rng.integers(len(_OBJECTS))],
                            place=_PLACES[rng.integers(len(_PLACES))],
@@ -87,6 +85,8 @@ def sample_episodes(n: int, seed: int) -> dict:
     lengths = rng.integers(FRAMES_PER_EPISODE[0], FRAMES_PER_EPISODE[1] + 1, n_episodes)
     trajectories = [_episode(rng, int(length)) for length in lengths]
     tasks = [_task(rng) for _ in range(n_episodes)]
+    for e in rng.choice(n_episodes, size=round(n_episodes * EMPTY_TASK_FRACTION), replace=False):
+        tasks[e] = ""  # a fixed share of episodes, so about a third of samples, as in Bridge
     distractors = [(rng.uniform(20, 236, 2), rng.integers(40, 230, 3)) for _ in range(n_episodes)]
     pool = [(e, f) for e, length in enumerate(lengths) for f in range(int(length))]
     chosen = np.sort(rng.choice(len(pool), size=n, replace=False))  # pool is (episode, frame) order
