@@ -1,0 +1,199 @@
+"""Any transformers VLM or LM: `hidden_states` layers, masked-mean pooling mask.
+
+The final layer (`hidden_states[-1]`, the final-norm output in every family we use,
+FACTS §4) by default; or any list of `hidden_states` indices; or all of them in one
+forward (a layer sweep). Names of the form `tiny:<family>` load the seeded random-weight
+stand-ins of `harness.extractors.tiny`, so the whole pipeline runs without a hub.
+
+Batch invariance: position ids are derived from the attention mask for 1-D-rope models
+(left padding would otherwise shift every position); Qwen-VL models derive their 3-D
+positions from the mask themselves, so nothing is passed for them.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Sequence
+
+import torch
+
+from harness.errors import HarnessError
+from harness.extractors.base import FINAL, Extractor, HiddenStates, Sample
+from harness.pooling import TOKENS, token_mask
+
+TINY_PREFIX = "tiny:"
+
+
+def _layer_spec(layers) -> str | list[int]:
+    if layers is None or layers == FINAL:
+        return FINAL
+    if layers == "all":
+        return "all"
+    try:
+        return [int(i) for i in layers]
+    except (TypeError, ValueError):
+        raise HarnessError(f"layers must be 'last', 'all' or a list of integers, got {layers!r}") from None
+
+
+class HfVlmExtractor(Extractor):
+    """Features from `hidden_states` of a transformers model (or a `tiny:` stand-in)."""
+
+    def __init__(self, model_id: str, *, layers="last", tokens: str = "all",
+                 device: str = "cpu", dtype: str | torch.dtype = "float32",
+                 attn_implementation: str = "eager", padding_side: str | None = None,
+                 prompt_template: str = "{task}", chat_template: bool = False,
+                 image_size: int | None = None, revision: str | None = None,
+                 positions: str = "mask", seed: int = 0, model=None, processor=None):
+        if tokens not in TOKENS:
+            raise HarnessError(f"tokens must be one of {TOKENS}, got {tokens!r}")
+        if positions not in ("mask", "model"):
+            raise HarnessError(f"positions must be 'mask' or 'model', got {positions!r}")
+        if "{task}" not in prompt_template:
+            raise HarnessError(f"prompt template {prompt_template!r} has no {{task}} field")
+        self.model_id, self.revision, self.seed = model_id, revision, seed
+        self.layer_spec = _layer_spec(layers)
+        self.tokens, self.positions = tokens, positions
+        self.device = torch.device(device)
+        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self.attn, self.padding_side = attn_implementation, padding_side
+        self.prompt_template, self.chat_template = prompt_template, chat_template
+        self.image_size = image_size
+        self.model, self.processor = model, processor
+        self.family = model_id[len(TINY_PREFIX):] if model_id.startswith(TINY_PREFIX) else "hf"
+        self.hidden_dim: int | None = None
+        self._position_offset: int | None = None
+
+    # ------------------------------------------------------------ protocol
+    def load(self) -> "HfVlmExtractor":
+        if self.model is None and self.model_id.startswith(TINY_PREFIX):
+            from harness.extractors import tiny
+            self.model, self.processor = tiny.build(
+                self.family, seed=self.seed, padding_side=self.padding_side or "right",
+                attn=self.attn)
+        elif self.model is None:
+            self.model, self.processor = self._from_pretrained()
+        tok = self.tokenizer
+        if self.padding_side is not None and tok is not None:
+            tok.padding_side = self.padding_side
+        self.model.to(device=self.device, dtype=self.dtype).eval()
+        cfg = self.model.config
+        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        self.hidden_dim = getattr(text, "hidden_size", None)
+        self._position_offset = self._positions_policy()
+        return self
+
+    def build_inputs(self, samples: Sequence[Sample]) -> dict:
+        texts = [self._prompt(task) for _, _, task in samples]
+        kwargs = dict(text=texts, padding=True, return_tensors="pt")
+        if self._takes_images():
+            images = [im.convert("RGB") for _, im, _ in samples]
+            if self.image_size:
+                images = [im.resize((self.image_size, self.image_size)) for im in images]
+            kwargs["images"] = images
+        batch = dict(self.processor(**kwargs))
+        if self._position_offset is not None:
+            mask = batch["attention_mask"].long()
+            batch["position_ids"] = (mask.cumsum(-1) - 1 + self._position_offset).clamp(min=0)
+        return {k: self._to_device(v) for k, v in batch.items()}
+
+    @torch.inference_mode()
+    def forward(self, inputs: dict) -> HiddenStates:
+        out = self.model(**inputs, output_hidden_states=True, use_cache=False, return_dict=True)
+        states = out.hidden_states
+        layers = {FINAL: states[-1]}
+        for i in self.layer_indices(len(states)):
+            layers[str(i)] = states[i]
+        mask = token_mask(inputs["attention_mask"], inputs.get("input_ids"),
+                          self.image_token_id, self.tokens)
+        return HiddenStates(layers=layers, mask=mask)
+
+    def provenance(self) -> dict:
+        cfg = self.model.config
+        return {
+            "family": self.family, "model": self.model_id, "revision": self.revision,
+            "seed": self.seed if self.model_id.startswith(TINY_PREFIX) else None,
+            "class": type(self.model).__name__, "model_type": getattr(cfg, "model_type", None),
+            "extraction_point": "hidden_states[-1] (post final norm)",
+            "layers": self.layer_spec, "hidden_size": self.hidden_dim,
+            "pooling_tokens": self.tokens, "dtype": str(self.dtype).replace("torch.", ""),
+            "attn_implementation": self.attn, "padding_side": getattr(self.tokenizer, "padding_side", None),
+            "position_ids": "model default" if self._position_offset is None
+            else f"cumsum(attention_mask) - 1 + {self._position_offset}",
+            "prompt_template": getattr(self.processor, "prompt_template", None) or self.prompt_template,
+            "chat_template": self.chat_template, "image_size": self.image_size
+            or getattr(self.processor, "image_size", None), "use_cache": False,
+        }
+
+    # ------------------------------------------------------------ helpers
+    @property
+    def tokenizer(self):
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    @property
+    def image_token_id(self) -> int | None:
+        for source in (self.processor, self.model.config):
+            for name in ("image_token_id", "image_token_index"):
+                value = getattr(source, name, None)
+                if isinstance(value, int):
+                    return value
+        return None
+
+    def layer_indices(self, n_states: int) -> list[int]:
+        """Non-negative `hidden_states` indices to return besides the final layer."""
+        if self.layer_spec == FINAL:
+            return []
+        wanted = range(n_states) if self.layer_spec == "all" else self.layer_spec
+        out = []
+        for i in wanted:
+            if not -n_states <= i < n_states:
+                raise HarnessError(f"layer {i} out of range: the model has {n_states} hidden states")
+            out.append(i % n_states)
+        return out
+
+    def _prompt(self, task: str) -> str:
+        prompt = self.prompt_template.format(task=task)
+        if not self.chat_template:
+            return prompt
+        content = ([{"type": "image"}] if self._takes_images() else []) + [{"type": "text", "text": prompt}]
+        return self.processor.apply_chat_template([{"role": "user", "content": content}],
+                                                  add_generation_prompt=True, tokenize=False)
+
+    def _takes_images(self) -> bool:
+        return getattr(self.processor, "image_processor", None) is not None or \
+            getattr(self.processor, "kind", "text") != "text"
+
+    def _positions_policy(self) -> int | None:
+        """Offset of mask-derived position ids, or None to leave positions to the model."""
+        if self.positions == "model":
+            return None
+        if "position_ids" not in inspect.signature(self.model.forward).parameters:
+            return None
+        if hasattr(self.model.config, "vision_start_token_id"):  # Qwen-VL: 3-D rope from mask
+            return None
+        return 1 if getattr(self.model.config, "model_type", "") == "paligemma" else 0
+
+    def _to_device(self, value):
+        if not isinstance(value, torch.Tensor):
+            return value
+        if value.is_floating_point():
+            return value.to(device=self.device, dtype=self.dtype)
+        return value.to(self.device)
+
+    def _from_pretrained(self):
+        import transformers
+        common = dict(revision=self.revision)
+        try:
+            processor = transformers.AutoProcessor.from_pretrained(self.model_id, **common)
+        except Exception as err:
+            raise HarnessError(f"{self.model_id}: cannot load a processor ({type(err).__name__}: {err})") from None
+        errors = []
+        for name in ("AutoModelForImageTextToText", "AutoModelForVision2Seq", "AutoModelForCausalLM"):
+            auto = getattr(transformers, name, None)
+            if auto is None:
+                continue
+            try:
+                model = auto.from_pretrained(self.model_id, torch_dtype=self.dtype,
+                                             attn_implementation=self.attn, **common)
+                return model, processor
+            except (ValueError, KeyError, OSError) as err:
+                errors.append(f"{name}: {err}")
+        raise HarnessError(f"{self.model_id}: no auto class could load it ({'; '.join(errors)[:400]})")
