@@ -148,7 +148,7 @@ def build_extractor(args: argparse.Namespace) -> Iterator[object]:
                 path = stack.enter_context(tempfile.TemporaryDirectory(prefix="tiny_pi0_"))
                 save_tiny_pi0_checkpoint(path, new_api=ckpt == "tiny:new")
             extractor = Pi0LeRobotExtractor(
-                path, device=device, dtype=dtype, image_key=args.image_key,
+                path, name=ckpt, device=device, dtype=dtype, image_key=args.image_key,
                 seed_tokenization=args.seed_tokenization, allow_missing=args.allow_missing_keys,
                 allow_unexpected=args.allow_unexpected_keys, revision=args.revision,
                 code=args.pi0_code)
@@ -179,14 +179,32 @@ def _int_layers(layers, family: str):
 
 # ------------------------------------------------------------------ running
 def run(args: argparse.Namespace) -> int:
+    import sys
+    from pathlib import Path
+
+    from torch.utils.data import Subset
+
     from harness import data as data_mod
     from harness import features
 
     if args.batch_size < 1:
         raise HarnessError(f"--batch_size must be >= 1, got {args.batch_size}")
+    out = Path(args.output_dir)
+    if not args.resume and any((out / features.SHARD_DIR).glob("shard_*.pt")):
+        raise HarnessError(f"{out}: holds shards of an earlier run; pass --resume to finish "
+                           "it, or choose an empty output directory")
     data = data_mod.load(args.data_dir)
+    samples = data_mod.ImageTaskDataset(data)
+    if args.limit is not None:
+        if args.limit < 1:
+            raise HarnessError(f"--limit must be >= 1, got {args.limit}")
+        samples = Subset(samples, range(min(args.limit, len(samples))))
+    features.init_from_env()  # torchrun: each rank takes its share of the shards
     with build_extractor(args) as extractor:
-        result = features.run(extractor, data, args.output_dir, batch_size=args.batch_size,
-                              limit=args.limit, resume=args.resume)
-    print(f"{args.family}: wrote {result}")
+        layers = features.extract(extractor, samples, out, batch_size=args.batch_size,
+                                  dataset_fingerprint=data_mod.fingerprint(args.data_dir),
+                                  progress=sys.stderr.isatty())
+    if layers is not None:
+        shape = tuple(layers["last"].shape)
+        print(f"{args.family}: wrote {out / features.FEATS} {shape} and {features.METADATA}")
     return 0

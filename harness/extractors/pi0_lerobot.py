@@ -72,7 +72,7 @@ def import_policy_code(directory: Path, code: str = "auto"):
             finally:
                 sys.path.remove(str(directory))
             sys.modules[name] = module
-        return module.PI0Policy, module.make_att_2d_masks, f"bundled:{bundled}"
+        return module.PI0Policy, module.make_att_2d_masks, f"bundled:{bundled.name}"
     if code == "bundled":
         raise HarnessError(f"{directory}: no modeling_pi0.py to import")
     try:
@@ -161,8 +161,10 @@ class Pi0LeRobotExtractor(Extractor):
     def __init__(self, ckpt: str = DEFAULT_CKPT, *, device: str = "cpu", dtype: str | None = None,
                  image_key: str | None = None, seed_tokenization: bool = False,
                  allow_missing=(), allow_unexpected=(), check_values: bool = True,
-                 revision: str | None = None, code: str = "auto", tokenizer=None):
+                 revision: str | None = None, code: str = "auto", tokenizer=None,
+                 name: str | None = None):
         self.ckpt, self.revision, self.code = ckpt, revision, code
+        self.name = name or ckpt  # recorded as the model id (a stand-in's temp dir is not)
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         self.image_key_override, self.seed_tokenization = image_key, seed_tokenization
@@ -267,7 +269,7 @@ class Pi0LeRobotExtractor(Extractor):
         pwe = policy.model.paligemma_with_expert
         norm = dict(pwe.named_modules())[self.norm_path]
         return {
-            "family": self.family, "model": self.ckpt, "revision": self.revision,
+            "family": self.family, "model": self.name, "revision": self.revision,
             "api": self.api, "api_source": self.api_source, "class": type(policy).__name__,
             "extraction_point": f"{self.extraction_point}: paligemma_with_expert.{self.norm_path}",
             "pooling": "masked mean (prefix_pad_masks)",
