@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import tempfile
@@ -41,9 +42,13 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
-def save_tensor(path: str | os.PathLike, tensor: torch.Tensor) -> None:
+def save_tensor(path: str | os.PathLike, tensor) -> None:
+    """torch.save through a buffer: saving to a path stores the (random) temp file name
+    in the archive, which would make identical tensors give different bytes."""
+    buffer = io.BytesIO()
+    torch.save(tensor, buffer)
     with atomic_path(path) as tmp:
-        torch.save(tensor, tmp)
+        tmp.write_bytes(buffer.getvalue())
 
 
 def load_features(path: str | os.PathLike) -> torch.Tensor:

@@ -23,17 +23,27 @@ def tied_data(seed, n=40, d=3):
     return torch.randint(-1, 2, (n, d), generator=g).float()
 
 
+@pytest.mark.parametrize("strategy", ["rows", "symmetric"])
 @pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("k", [1, 4, 11])
-def test_ties_go_to_the_lower_index(seed, k):
+@pytest.mark.parametrize("k", [1, 4, 11, 39])
+def test_ties_go_to_the_lower_index(seed, k, strategy):
     x = tied_data(seed)
-    assert torch.equal(knn(x, k).indices, by_the_rule(x, k))
+    assert torch.equal(knn(x, k, strategy=strategy, block_rows=7).indices, by_the_rule(x, k))
 
 
+@pytest.mark.parametrize("strategy", ["rows", "symmetric"])
 @pytest.mark.parametrize("block_rows", [1, 3, 7, 1000])
-def test_result_does_not_depend_on_block_size(block_rows):
+def test_result_does_not_depend_on_block_size(block_rows, strategy):
     x = tied_data(3, n=50)
-    assert torch.equal(knn(x, 9, block_rows=block_rows).indices, knn(x, 9).indices)
+    got = knn(x, 9, strategy=strategy, block_rows=block_rows)
+    assert torch.equal(got.indices, by_the_rule(x, 9))
+
+
+def test_strategies_agree_on_wide_tie_free_data():
+    x = torch.nn.functional.normalize(torch.randn(300, 80, generator=torch.Generator().manual_seed(4)), dim=1)
+    rows, sym = knn(x, 12, strategy="rows"), knn(x, 12, strategy="symmetric", block_rows=64)
+    assert torch.equal(rows.indices, sym.indices)
+    assert torch.allclose(rows.values, sym.values, atol=1e-6)
 
 
 def test_smaller_k_is_a_prefix_even_with_ties():
