@@ -6,19 +6,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
 import torch
 
-from harness import cknna as metrics
-from harness import provenance
 from harness.errors import HarnessError
 from harness.io import load_features, write_json
-from harness.knn import BACKENDS, knn
+from harness.knn import BACKENDS
 from harness.report import heatmap, markdown_table
-
-TIE_RULE = "neighbours ordered by similarity, equal similarities -> lower sample index first"
+from harness.results import Settings, compute, l2_rows, zscore
 
 
 def register(sub) -> None:
@@ -59,24 +55,24 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _normalised(path: Path, x: torch.Tensor) -> torch.Tensor:
-    norms = x.norm(dim=1)
-    zero = (norms == 0).nonzero().flatten()
+def normalised(path, x: torch.Tensor) -> torch.Tensor:
+    """L2-normalised rows; a zero row is an error naming the file."""
+    zero = (x.norm(dim=1) == 0).nonzero().flatten()
     if len(zero):
         raise HarnessError(f"{path}: {len(zero)} rows have zero norm (first rows "
                            f"{zero[:5].tolist()}); cannot L2-normalise")
-    return x / norms.unsqueeze(1)
+    return l2_rows(x)
 
 
-def _zscore(path: Path, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    mean, std = x.mean(0), x.std(0)
-    const = (std == 0).nonzero().flatten()
+def standardised(path, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    const = (x.std(0) == 0).nonzero().flatten()
     if len(const):
         raise HarnessError(f"{path}: columns {const.tolist()} are constant; cannot z-score")
-    return (x - mean) / std, {"mean": mean.tolist(), "std": std.tolist()}
+    return zscore(x)
 
 
-def _labels(paths: list[Path]) -> list[str]:
+def labels_for(paths: list[Path]) -> list[str]:
+    """Parent folder names (the seed's labels); two files with one label is an error."""
     labels = [p.resolve().parent.name for p in paths]
     seen: dict[str, Path] = {}
     for label, path in zip(labels, paths):
@@ -97,117 +93,46 @@ def _check_args(args, n: int) -> list[int]:
         raise HarnessError("--permutations and --subsample must be >= 0")
     if args.subsample and not 0 < args.subsample_fraction < 1:
         raise HarnessError(f"--subsample_fraction {args.subsample_fraction}: must be in (0, 1)")
-    if args.subsample and max(args.topk) > int(round(args.subsample_fraction * n)) - 1:
+    m = int(round(args.subsample_fraction * n))
+    if args.subsample and max(args.topk) > m - 1:
         raise HarnessError(f"--subsample_fraction {args.subsample_fraction}: subsets of "
-                           f"{int(round(args.subsample_fraction * n))} are too small for k={max(args.topk)}")
+                           f"{m} are too small for k={max(args.topk)}")
     return sorted(set(args.topk))
 
 
-def _load_all(args):
-    """Read and validate every file before any metric is computed."""
+def run(args: argparse.Namespace) -> int:
+    device = _device(args.device)
+    if args.output and Path(args.output).is_dir():
+        raise HarnessError(f"--output {args.output}: is a directory")
+    # Read and validate every file before any metric is computed.
     b_path = Path(args.feats_B)
     feats_b = load_features(b_path)
     n = feats_b.shape[0]
     ks = _check_args(args, n)
     a_paths = [Path(p) for p in args.feats_A]
-    labels = _labels(a_paths)
-    feats_a = []
-    for path in a_paths:
+    models = {}
+    for label, path in zip(labels_for(a_paths), a_paths):
         a = load_features(path)
         if a.shape[0] != n:
             raise HarnessError(f"{path}: {a.shape[0]} samples but {b_path} has {n}")
-        feats_a.append(_normalised(path, a))
-    zscore = None
+        models[label] = (str(path), normalised(path, a))
+    record = None
     if args.zscore_B:
-        feats_b, zscore = _zscore(b_path, feats_b)
-    return labels, a_paths, feats_a, b_path, _normalised(b_path, feats_b), ks, zscore
-
-
-def run(args: argparse.Namespace) -> int:
-    device = _device(args.device)
-    if args.heatmap:
-        args.pairwise = True
-    if args.output and Path(args.output).is_dir():
-        raise HarnessError(f"--output {args.output}: is a directory")
-    labels, a_paths, feats_a, b_path, feats_b, ks, zscore = _load_all(args)
-    n = feats_b.shape[0]
-    feats_b = feats_b.to(device)
-    options = {"backend": args.knn_backend}
-    k_search = ks[-1]
-    if args.subsample:
-        k_search = max(k_search, metrics.long_list_length(ks[-1], args.subsample_fraction, n))
-    nb = knn(feats_b, k_search, **options)
-
-    models, neighbours = {}, []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", RuntimeWarning)
-        for label, path, a in zip(labels, a_paths, feats_a):
-            print(f"[cknna] {label}: N={n}, D={a.shape[1]}, k={ks}", file=sys.stderr)
-            a = a.to(device)
-            na = knn(a, k_search, **options)
-            neighbours.append(na)
-            per_k = metrics.align(a, feats_b, ks, permutations=args.permutations,
-                                  subsample_draws=args.subsample,
-                                  subsample_fraction=args.subsample_fraction, seed=args.seed,
-                                  neighbours_a=na, neighbours_b=nb, **options)
-            entry = {"feats_A_path": str(path), "feats_A_dim": a.shape[1]}
-            for k, r in per_k.items():
-                entry[f"cknna_k{k}"] = r["cknna"]
-                if args.also_mutual_knn:
-                    entry[f"mutual_knn_k{k}"] = r["mutual_knn"]
-                if "permutation" in r:
-                    entry[f"p_value_k{k}"] = r["permutation"]["p_value"]
-            if args.also_cka:
-                entry["cka_unbiased"] = metrics.cka(a, feats_b, unbiased=True)
-                entry["cka_biased"] = metrics.cka(a, feats_b, unbiased=False)
-            entry["details"] = {f"k{k}": r for k, r in per_k.items()}
-            models[label] = entry
-        pairwise = _pairwise(labels, neighbours, ks) if args.pairwise else None
-    notes = sorted({str(w.message) for w in caught})
-    for note in notes:
-        print(f"warning: {note}", file=sys.stderr)
-
-    results = {
-        "_meta": {
-            "timestamp": provenance.now(),
-            "feats_B_path": str(b_path),
-            "feats_B_shape": [n, int(feats_b.shape[1])],
-            "N": n,
-            "k_values": ks,
-            "metric": "CKNNA (platonic-rep unbiased form, 1e-6 denominator term)",
-            "preprocessing": {"row_l2_normalised": True,
-                              "feats_B_zscored": zscore is not None,
-                              "feats_B_zscore": zscore},
-            "knn": {"backend": args.knn_backend, "tie_rule": TIE_RULE,
-                    "self_excluded": True, "device": str(device)},
-            "permutations": args.permutations,
-            "subsample": {"draws": args.subsample, "fraction": args.subsample_fraction}
-            if args.subsample else None,
-            "seed": args.seed,
-            "warnings": notes,
-            "command": provenance.command_line(),
-            "git": provenance.git_hash(),
-            "versions": provenance.versions(),
-        },
-        "models": models,
-    }
-    if pairwise:
-        results["pairwise"] = pairwise
+        feats_b, record = standardised(b_path, feats_b)
+    settings = Settings(ks=ks, mutual=args.also_mutual_knn, permutations=args.permutations,
+                        subsample_draws=args.subsample, subsample_fraction=args.subsample_fraction,
+                        seed=args.seed, pairwise=args.pairwise or bool(args.heatmap),
+                        cka=args.also_cka, backend=args.knn_backend, device=device)
+    preprocessing = {"row_l2_normalised": True, "feats_B_zscored": record is not None,
+                     "feats_B_zscore": record}
+    results = compute(models, normalised(b_path, feats_b), str(b_path), settings, preprocessing)
     table = markdown_table(results)
     if args.heatmap:
         k = 10 if 10 in ks else ks[0]
-        heatmap(pairwise[f"cknna_k{k}"], labels, args.heatmap, f"CKNNA(row, column), k={k}")
+        heatmap(results["pairwise"][f"cknna_k{k}"], list(models), args.heatmap,
+                f"CKNNA(row, column), k={k}")
     if args.output:
         write_json(args.output, results)
         print(f"[cknna] wrote {args.output}", file=sys.stderr)
     print(table, end="")
     return 0
-
-
-def _pairwise(labels: list[str], neighbours: list, ks: list[int]) -> dict:
-    """CKNNA(model_i, model_j) for every ordered pair, from the lists already searched."""
-    out = {"labels": labels, "order": "rows are A, columns are B: CKNNA(row, column)"}
-    for k in ks:
-        out[f"cknna_k{k}"] = [[metrics.scores_from_neighbours(a, b, k).cknna for b in neighbours]
-                              for a in neighbours]
-    return out
