@@ -1,0 +1,105 @@
+"""`python -m harness extract ...` on the stand-ins: files in the seed's layout, limit,
+resume, refusals, and the seed scripts' flag spellings."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from harness.cli import build_parser, main
+from harness.commands.extract import parse_layers, resolve_dtype
+from harness.errors import HarnessError
+
+pytestmark = pytest.mark.unit
+
+N = 6
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from harness.synth import generate
+    root = tmp_path_factory.mktemp("data") / "cknna_data"
+    generate(root, n=N, seed=0, progress=False)
+    return root
+
+
+@pytest.mark.parametrize("family,ckpt", [("spatialvla", "tiny"), ("pi0_lerobot", "tiny"),
+                                         ("pi0_lerobot", "tiny:new"), ("starvla", "tiny"),
+                                         ("starvla", "tiny:qwen3_vl"), ("hf", "tiny:gemma")])
+def test_writes_feats_in_seed_layout(family, ckpt, data_dir, tmp_path):
+    out = tmp_path / "model-label"
+    rc = main(["extract", family, "--ckpt", ckpt, "--data_dir", str(data_dir),
+               "--output_dir", str(out), "--batch_size", "4"])
+    assert rc == 0
+    feats = torch.load(out / "feats_A.pt", weights_only=True)
+    assert isinstance(feats, torch.Tensor) and feats.dtype == torch.float32
+    assert feats.shape == (N, 64) and torch.isfinite(feats).all()
+    meta = json.loads((out / "extraction_metadata.json").read_text())
+    assert meta["feats_A_shape"] == [N, 64] and meta["sample_indices"] == list(range(N))
+    assert meta["model"] == ckpt or meta["model"].startswith("tiny")
+
+
+def test_limit_and_resume(data_dir, tmp_path):
+    out = tmp_path / "pi0"
+    args = ["extract", "pi0_lerobot", "--ckpt", "tiny", "--data_dir", str(data_dir),
+            "--output_dir", str(out), "--batch_size", "2"]
+    assert main(args + ["--limit", "3"]) == 0
+    first = torch.load(out / "feats_A.pt", weights_only=True)
+    assert first.shape[0] == 3
+    assert main(args + ["--limit", "3"]) == 2  # shards exist: refuse without --resume
+    assert main(args + ["--limit", "3", "--resume"]) == 0
+    assert torch.equal(torch.load(out / "feats_A.pt", weights_only=True), first)
+
+
+def test_resume_refuses_other_settings(data_dir, tmp_path, capsys):
+    out = tmp_path / "pi0"
+    base = ["extract", "pi0_lerobot", "--ckpt", "tiny", "--data_dir", str(data_dir),
+            "--output_dir", str(out)]
+    assert main(base) == 0
+    assert main(base + ["--seed_tokenization", "--resume"]) == 2
+    assert "different provenance" in capsys.readouterr().err
+
+
+def test_seed_flag_spellings():
+    parser = build_parser()
+    args = parser.parse_args(["extract", "pi0_lerobot", "--ckpt_path", "HaomingSong/lerobot-pi0-bridge",
+                              "--data_dir", "d", "--output_dir", "o"])
+    assert args.ckpt == "HaomingSong/lerobot-pi0-bridge"
+    args = parser.parse_args(["extract", "spatialvla", "--data-dir", "d", "--output-dir", "o"])
+    assert args.ckpt == "IPEC-COMMUNITY/spatialvla-4b-224-sft-bridge"
+    assert args.unnorm_key == "bridge_orig/1.0.0"
+    with pytest.raises(SystemExit):  # starvla has no default checkpoint
+        parser.parse_args(["extract", "starvla", "--data_dir", "d", "--output_dir", "o"])
+
+
+def test_layers_and_dtype_parsing():
+    assert parse_layers("last") == "last" and parse_layers("all") == "all"
+    assert parse_layers("0, 13,-1") == [0, 13, -1]
+    with pytest.raises(HarnessError):
+        parse_layers("middle")
+    assert resolve_dtype("auto", tiny=True, family="spatialvla") == "float32"
+    assert resolve_dtype("auto", tiny=False, family="spatialvla") == "bfloat16"
+    assert resolve_dtype("auto", tiny=False, family="pi0_lerobot") is None  # checkpoint's own
+    assert resolve_dtype("float16", tiny=False, family="starvla") == "float16"
+
+
+def test_spatialvla_layer_sweep_files(data_dir, tmp_path):
+    out = tmp_path / "sv"
+    assert main(["extract", "spatialvla", "--ckpt", "tiny", "--data_dir", str(data_dir),
+                 "--output_dir", str(out), "--layers", "0,1"]) == 0
+    for name in ("feats_A.pt", "feats_A_layer0.pt", "feats_A_layer1.pt"):
+        assert torch.load(out / name, weights_only=True).shape == (N, 64)
+
+
+def test_pi0_refuses_layer_sweep(data_dir, tmp_path):
+    assert main(["extract", "pi0_lerobot", "--ckpt", "tiny", "--data_dir", str(data_dir),
+                 "--output_dir", str(tmp_path / "o"), "--layers", "all"]) == 2
+
+
+def test_missing_cuda_is_a_clear_error(data_dir, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    assert main(["extract", "spatialvla", "--ckpt", "tiny", "--data_dir", str(data_dir),
+                 "--output_dir", str(tmp_path / "o"), "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
