@@ -47,12 +47,7 @@ def markdown_table(results: dict) -> str:
 
 def heatmap(matrix: list[list[float]], labels: list[str], path: str | Path, title: str) -> None:
     """Model x model heatmap, written atomically; needs matplotlib (extra `plot`)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ImportError("heatmaps need matplotlib: pip install 'harness[plot]'") from None
+    plt = _plt()
     size = 1.2 + 0.9 * len(labels)
     fig, ax = plt.subplots(figsize=(size + 1.5, size))
     image = ax.imshow(matrix, cmap="viridis")
@@ -64,6 +59,107 @@ def heatmap(matrix: list[list[float]], labels: list[str], path: str | Path, titl
     ax.set_title(title)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
+    _save(fig, Path(path))
+    plt.close(fig)
+
+
+def _plt():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("plots need matplotlib: pip install 'harness[plot]'") from None
+    return plt
+
+
+def _save(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
+
+
+def cknna_vs_k(results: dict, path: str | Path) -> None:
+    """CKNNA against k, one line per model (with the permutation null mean when present)."""
+    plt = _plt()
+    ks = results["_meta"]["k_values"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, m in results["models"].items():
+        line, = ax.plot(ks, [m[f"cknna_k{k}"] for k in ks], marker="o", label=label)
+        null = [m["details"][f"k{k}"].get("permutation", {}).get("null_mean") for k in ks]
+        if all(v is not None for v in null):
+            ax.plot(ks, null, linestyle=":", color=line.get_color())
+    ax.set_xlabel("k")
+    ax.set_ylabel("CKNNA(model, states)")
+    ax.set_title("CKNNA vs k (dotted: permutation null mean)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, Path(path))
     plt.close(fig)
+
+
+def layer_curves(results: dict, path: str | Path) -> None:
+    """Per-layer CKNNA against the states for every model whose layers were swept."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, by_layer in results["layers"].items():
+        names = sorted(by_layer, key=lambda n: int(n) if n.lstrip("-").isdigit() else 10**6)
+        for k in results["_meta"]["k_values"]:
+            ax.plot(range(len(names)), [by_layer[n][f"k{k}"] for n in names], marker="o",
+                    label=f"{label} k={k}")
+        ax.set_xticks(range(len(names)), names)
+    ax.set_xlabel("hidden_states index")
+    ax.set_ylabel("CKNNA(layer, states)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, Path(path))
+    plt.close(fig)
+
+
+def study_markdown(results: dict) -> str:
+    """The study report: notice, per-model status, the tables, and where numbers came from."""
+    meta, study = results["_meta"], results["_meta"].get("study", {})
+    lines = ["# CKNNA study report", ""]
+    if study.get("notice"):
+        lines += [f"**{study['notice']}**", ""]
+    lines += [f"- data: `{study.get('data_dir')}` ({meta['N']} samples, "
+              f"fingerprint `{study.get('dataset_fingerprint')}`)",
+              f"- config: {study.get('config')}",
+              f"- states: row L2-normalised, z-scored: {meta['preprocessing']['feats_B_zscored']}",
+              f"- permutations: {meta['permutations']} (seed {meta['seed']}); "
+              f"kNN tie rule: {meta['knn']['tie_rule']}",
+              f"- code: git {meta.get('git')}, versions {meta.get('versions')}", "",
+              "## Models", "", "| model | status | detail |", "|---|---|---|"]
+    for name, st in study.get("models", {}).items():
+        detail = st.get("error", "").replace("\n", " ")[-300:] if st["status"] == "failed" else (
+            st.get("feats_A_path", ""))
+        lines.append(f"| {name} | {st['status']} | {detail} |")
+    lines += ["", "## CKNNA against the states", "", markdown_table(results)]
+    if results.get("layers"):
+        lines += ["## Per-layer CKNNA", ""]
+        for label, by_layer in results["layers"].items():
+            lines.append(f"- {label}: " + ", ".join(
+                f"layer {n}: " + "/".join(_fmt(v) for v in ks.values()) for n, ks in by_layer.items()))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
+    """results.json, report.md and the figures, each written atomically."""
+    from harness.io import write_json, write_text
+
+    out = Path(out_dir)
+    files = {"json": out / "results.json", "markdown": out / "report.md",
+             "cknna_vs_k": out / "cknna_vs_k.png"}
+    write_json(files["json"], results)
+    write_text(files["markdown"], study_markdown(results))
+    cknna_vs_k(results, files["cknna_vs_k"])
+    if results.get("pairwise"):
+        ks = results["_meta"]["k_values"]
+        k = 10 if 10 in ks else ks[0]
+        files["heatmap"] = out / "heatmap.png"
+        heatmap(results["pairwise"][f"cknna_k{k}"], results["pairwise"]["labels"],
+                files["heatmap"], f"CKNNA(row, column), k={k}")
+    if results.get("layers"):
+        files["layers"] = out / "layers.png"
+        layer_curves(results, files["layers"])
+    return files
