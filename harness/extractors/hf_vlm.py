@@ -119,8 +119,8 @@ class HfVlmExtractor(Extractor):
             "position_ids": "model default" if self._position_offset is None
             else f"cumsum(attention_mask) - 1 + {self._position_offset}",
             "prompt_template": getattr(self.processor, "prompt_template", None) or self.prompt_template,
-            "chat_template": self.chat_template, "image_size": self.image_size
-            or getattr(self.processor, "image_size", None), "use_cache": False,
+            "chat_template": self.chat_template, "image_size": self._image_size_fed(),
+            "use_cache": False,
         }
 
     # ------------------------------------------------------------ helpers
@@ -157,6 +157,14 @@ class HfVlmExtractor(Extractor):
         return self.processor.apply_chat_template([{"role": "user", "content": content}],
                                                   add_generation_prompt=True, tokenize=False)
 
+    def _image_size_fed(self):
+        """What the model sees: our resize if any, else the processor's own size setting."""
+        if self.image_size or not self._takes_images():
+            return self.image_size
+        size = getattr(self.processor, "image_size", None)
+        image_processor = getattr(self.processor, "image_processor", None)
+        return size or getattr(image_processor, "size", None)
+
     def _takes_images(self) -> bool:
         return getattr(self.processor, "image_processor", None) is not None or \
             getattr(self.processor, "kind", "text") != "text"
@@ -181,6 +189,7 @@ class HfVlmExtractor(Extractor):
     def _from_pretrained(self):
         import transformers
         common = dict(revision=self.revision)
+        dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
         try:
             processor = transformers.AutoProcessor.from_pretrained(self.model_id, **common)
         except Exception as err:
@@ -191,8 +200,8 @@ class HfVlmExtractor(Extractor):
             if auto is None:
                 continue
             try:
-                model = auto.from_pretrained(self.model_id, torch_dtype=self.dtype,
-                                             attn_implementation=self.attn, **common)
+                model = auto.from_pretrained(self.model_id, attn_implementation=self.attn,
+                                             **{dtype_key: self.dtype}, **common)
                 return model, processor
             except (ValueError, KeyError, OSError) as err:
                 errors.append(f"{name}: {err}")

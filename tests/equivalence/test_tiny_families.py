@@ -109,3 +109,32 @@ def test_layer_sweep_returns_every_hidden_state(family):
     assert sorted(hidden.layers) == ["0", "1", "2", "last"]  # embeddings + 2 layers
     assert torch.equal(hidden.layers["2"], hidden.layers["last"])
     assert not torch.equal(hidden.layers["1"], hidden.layers["last"])
+
+
+@pytest.mark.parametrize("family", [family_param(f) for f in ("paligemma", "qwen2_5_vl")])
+def test_image_and_text_token_pooling_partition_the_prompt(family):
+    samples = image_samples(3)
+    full = loaded(family, "left")
+    inputs = full.build_inputs(samples)
+    is_image = (inputs["input_ids"] == tiny.IMAGE_TOKEN) & inputs["attention_mask"].bool()
+    n_image = is_image.sum(1, keepdim=True).float()
+    n_all = inputs["attention_mask"].sum(1, keepdim=True).float()
+    image = pooled(loaded(family, "left", tokens="image"), samples)
+    text = pooled(loaded(family, "left", tokens="text"), samples)
+    everything = pooled(full, samples)
+    # the two partial means, weighted by their token counts, rebuild the full mean
+    torch.testing.assert_close((image * n_image + text * (n_all - n_image)) / n_all, everything,
+                               rtol=0, atol=ATOL)
+    assert n_image.min() == full.processor.n_image_tokens
+    assert not torch.allclose(image, text, atol=1e-3)
+
+
+def test_unknown_family_and_bad_layers_are_clear_errors():
+    from harness.errors import HarnessError
+    with pytest.raises(HarnessError, match="unknown tiny family 'llama'"):
+        HfVlmExtractor("tiny:llama").load()
+    with pytest.raises(HarnessError, match="layers must be"):
+        HfVlmExtractor("tiny:gemma", layers="middle")
+    ex = HfVlmExtractor("tiny:gemma", layers=[7]).load()
+    with pytest.raises(HarnessError, match="layer 7 out of range: the model has 3 hidden states"):
+        ex.forward(ex.build_inputs(image_samples(1)))
