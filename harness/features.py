@@ -147,7 +147,7 @@ def merge(out_dir: Path, ranges: list[tuple[int, int]], record: dict) -> dict[st
                 feats_A_shape=list(final.shape), layer_files=sorted(
                     FEATS if n == FINAL else f"feats_A_layer{n}.pt" for n in layers),
                 shards=[shard_path(out_dir, s, e).name for s, e in ranges], sample_indices=indices)
-    write_json(Path(out_dir) / METADATA, meta)
+    write_json(Path(out_dir) / METADATA, json.loads(json.dumps(meta, default=str)))
     return layers
 
 

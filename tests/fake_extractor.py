@@ -95,3 +95,13 @@ def image_samples(n: int, seed: int = 0):
         task = " ".join(rng.choice(words, size=1 + i % 7))
         out.append((i, Image.fromarray(pixels), task))
     return out
+
+
+if __name__ == "__main__":  # torchrun entry: python -m tests.fake_extractor OUT N SHARD BATCH
+    import sys
+
+    from harness.features import extract, init_from_env
+    out, n, shard, batch = sys.argv[1], *map(int, sys.argv[2:5])
+    rank, world = init_from_env("gloo")
+    extract(FakeExtractor(), samples(n), out, shard_size=shard, batch_size=batch, progress=False)
+    print(f"rank {rank}/{world} done")

@@ -120,3 +120,23 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     assert torch.equal(load(tmp_path / "two" / "feats_A.pt"), single)
     meta = json.loads((tmp_path / "two" / "extraction_metadata.json").read_text())
     assert meta["world_size"] == 2 and meta["sample_indices"] == list(range(13))
+
+
+def test_torchrun_two_ranks_equal_one_process(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    single = extract(FakeExtractor(), samples(10), tmp_path / "one", batch_size=3, shard_size=3,
+                     progress=False)["last"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "tests.fake_extractor", str(tmp_path / "two"), "10", "3", "3"]
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "rank 0/2 done" in done.stdout and "rank 1/2 done" in done.stdout
+    assert torch.equal(load(tmp_path / "two" / "feats_A.pt"), single)
+
+
+def test_without_torchrun_env_there_is_one_rank(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    assert features.init_from_env() == (0, 1)
