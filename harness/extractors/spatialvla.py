@@ -21,14 +21,19 @@ UNNORM_KEY = "bridge_orig/1.0.0"
 HIDDEN_SIZE = 2304
 SUPPORTED_TRANSFORMERS = ("4.47.0", "4.49.0")  # [low, high)
 ATTN = "eager"
+TEXT_MODEL_TYPES = ("gemma2", "gemma")
+
+
+def installed_transformers() -> str:
+    import transformers
+    return transformers.__version__
 
 
 def check_transformers_version(version: str | None = None) -> str:
     """Refuse, before any download or load, a transformers the remote code cannot run on."""
     from packaging.version import Version
     if version is None:
-        import transformers
-        version = transformers.__version__
+        version = installed_transformers()
     low, high = SUPPORTED_TRANSFORMERS
     if not Version(low) <= Version(version) < Version(high):
         raise HarnessError(
@@ -39,14 +44,22 @@ def check_transformers_version(version: str | None = None) -> str:
 
 
 def attn_implementation(model) -> str | None:
-    """The attention implementation the language model will actually use."""
-    cfg = getattr(model, "config", None)
-    text = getattr(cfg, "text_config", None)
-    for c in (text, cfg):
-        impl = getattr(c, "_attn_implementation", None)
-        if impl:
-            return impl
-    return None
+    """The attention the language model will actually run. Read from the decoder itself:
+    in 4.47 its config is a copy of `config.text_config` (which may say otherwise) and its
+    attention classes are fixed when it is built, so their names are checked too."""
+    found = set()
+    for lm in (m for m in model.modules()
+               if getattr(getattr(m, "config", None), "model_type", None) in TEXT_MODEL_TYPES):
+        found.add(getattr(lm.config, "_attn_implementation", None))
+        for module in lm.modules():
+            name = type(module).__name__
+            if name.endswith("Attention") and ("Flash" in name or "Sdpa" in name):
+                found.add("flash_attention_2" if "Flash" in name else "sdpa")
+    found.discard(None)
+    if not found:  # no recognisable decoder: trust the top-level config
+        cfg = getattr(model, "config", None)
+        return getattr(getattr(cfg, "text_config", cfg), "_attn_implementation", None)
+    return found.pop() if len(found) == 1 else "+".join(sorted(found))
 
 
 class SpatialVLAExtractor(Extractor):

@@ -28,6 +28,10 @@ def data_dir(tmp_path_factory):
                                          ("pi0_lerobot", "tiny:new"), ("starvla", "tiny"),
                                          ("starvla", "tiny:qwen3_vl"), ("hf", "tiny:gemma")])
 def test_writes_feats_in_seed_layout(family, ckpt, data_dir, tmp_path):
+    from harness.extractors import tiny
+    needs = {"starvla": ckpt.replace("tiny:", "") if ":" in ckpt else "qwen2_5_vl"}.get(family)
+    if needs and tiny.unavailable(needs):
+        pytest.skip(tiny.unavailable(needs))
     out = tmp_path / "model-label"
     rc = main(["extract", family, "--ckpt", ckpt, "--data_dir", str(data_dir),
                "--output_dir", str(out), "--batch_size", "4"])

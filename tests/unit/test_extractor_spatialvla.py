@@ -156,7 +156,7 @@ def test_version_gate_refuses_with_instructions(version):
 
 def test_real_load_refused_before_touching_weights(monkeypatch):
     import transformers
-    monkeypatch.setattr(transformers, "__version__", "5.23.0")
+    monkeypatch.setattr(spatialvla, "installed_transformers", lambda: "5.23.0")
 
     def boom(*a, **k):
         raise AssertionError("from_pretrained called despite the version gate")

@@ -64,8 +64,14 @@ def test_cot_prompt_reaches_the_tokens():
     assert ex.provenance()["prompt_template"] == COT_PROMPT.replace("{instruction}", "{task}")
 
 
+def build(family="qwen2_5_vl"):
+    if tiny.unavailable(family):
+        pytest.skip(tiny.unavailable(family))
+    return tiny.build(family, padding_side="left")
+
+
 def test_images_resized_to_224_and_left_padding():
-    model, processor = tiny.build("qwen2_5_vl", padding_side="left")
+    model, processor = build()
     spy = SpyProcessor(processor)
     ex = StarVLAExtractor("given", dtype="float32", model=model, processor=spy).load()
     h = ex.forward(ex.build_inputs(samples()))
@@ -75,7 +81,7 @@ def test_images_resized_to_224_and_left_padding():
 
 
 def test_chat_template_gets_image_then_cot_text():
-    model, processor = tiny.build("qwen2_5_vl", padding_side="left")
+    model, processor = build()
     spy = SpyProcessor(processor, chat=True)
     ex = StarVLAExtractor("given", dtype="float32", model=model, processor=spy).load()
     ex.build_inputs(samples(2))
@@ -148,7 +154,7 @@ def test_starvla_checkpoint_needs_the_package(tmp_path):
 def test_checkpoint_cot_prompt_wins(tmp_path, monkeypatch):
     ckpt = tmp_path / "steps_1_pytorch_model.pt"
     ckpt.write_bytes(b"")
-    model, processor = tiny.build("qwen2_5_vl", padding_side="left")
+    model, processor = build()
     monkeypatch.setattr(starvla, "load_starvla", lambda path: (model, processor, "Do {instruction} now"))
     ex = StarVLAExtractor(str(ckpt), dtype="float32").load()
     assert ex.prompt_template == "Do {task} now"
