@@ -83,6 +83,20 @@ def import_policy_code(directory: Path, code: str = "auto"):
     return module.PI0Policy, module.make_att_2d_masks, "lerobot:" + module.__name__
 
 
+def concrete_policy_class(policy_cls) -> tuple[type, list[str]]:
+    """The bundled PI0Policy may predate abstract methods a newer LeRobot base class
+    declares (e.g. `predict_action_chunk`), so it cannot be instantiated as is. Fill them
+    with stubs that raise: prefill-only extraction never calls them."""
+    missing = sorted(getattr(policy_cls, "__abstractmethods__", ()))
+    if not missing:
+        return policy_cls, []
+
+    def unused(self, *args, **kwargs):
+        raise HarnessError("not available during prefill-only feature extraction")
+
+    return type(policy_cls.__name__, (policy_cls,), {m: unused for m in missing}), missing
+
+
 def _checkpoint_files(directory: Path) -> list[Path]:
     files = sorted(directory.glob("*.safetensors"))
     if not files:
@@ -172,12 +186,18 @@ class Pi0LeRobotExtractor(Extractor):
         self.check_values, self.tokenizer = check_values, tokenizer
         self.policy = None
         self.audit: dict = {}
+        self.stubbed: list[str] = []
 
     # -- protocol ---------------------------------------------------------------
     def load(self) -> "Pi0LeRobotExtractor":
         directory = resolve_checkpoint(self.ckpt, self.revision)
         policy_cls, self.make_att_2d_masks, self.api_source = import_policy_code(directory, self.code)
-        policy = policy_cls.from_pretrained(str(directory))
+        policy_cls, self.stubbed = concrete_policy_class(policy_cls)
+        try:
+            policy = policy_cls.from_pretrained(str(directory))
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            raise HarnessError(f"{directory}: PI0Policy.from_pretrained failed "
+                               f"({type(err).__name__}: {err})") from None
         self.audit = audit_weights(policy, directory, self.allow_missing, self.allow_unexpected,
                                    self.check_values)
         if self.dtype is not None:
@@ -280,6 +300,7 @@ class Pi0LeRobotExtractor(Extractor):
             else "prepare_language (task + newline, right pad)",
             "tokenizer_max_length": self.max_length, "padding_side": "right",
             "state_input": "none", "weight_audit": self.audit,
+            "stubbed_abstract_methods": self.stubbed,
         }
 
     @staticmethod

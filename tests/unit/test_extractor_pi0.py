@@ -190,3 +190,21 @@ def test_bundled_code_needing_old_lerobot_gets_a_clear_error(ckpt, tmp_path):
 def test_unknown_repo_offline_is_a_harness_error():
     with pytest.raises(HarnessError, match="HF cache"):
         Pi0LeRobotExtractor("nobody/not-a-pi0-checkpoint").load()
+
+
+def test_bundled_policy_with_unimplemented_abstract_methods_still_loads(ckpt, tmp_path):
+    """Old bundled code under a newer LeRobot base class: abstract methods get stubs."""
+    import shutil
+    path = tmp_path / "ck"
+    shutil.copytree(ckpt, path)
+    (path / "modeling_pi0.py").write_text(
+        "import abc\n"
+        "from harness.extractors.standins import TinyPI0Policy, make_att_2d_masks\n"
+        "class PI0Policy(TinyPI0Policy, abc.ABC):\n"
+        "    @abc.abstractmethod\n"
+        "    def predict_action_chunk(self, batch): ...\n")
+    ex = Pi0LeRobotExtractor(str(path)).load()
+    assert ex.provenance()["stubbed_abstract_methods"] == ["predict_action_chunk"]
+    assert pooled(ex, samples(1)).shape == (1, standins.HIDDEN)
+    with pytest.raises(HarnessError):
+        ex.policy.predict_action_chunk({})
