@@ -1,0 +1,140 @@
+"""`python -m harness run` end to end, at the CLI level, in temporary directories."""
+import json
+import math
+import re
+import sys
+
+import pytest
+import torch
+
+from harness.cli import main
+from harness.synth import generate
+from tests.dense_reference import dense_cknna
+
+pytestmark = pytest.mark.e2e
+
+DEMO_MODELS = {"spatialvla-tiny", "pi0-lerobot-tiny", "starvla-qwen2.5-vl-tiny",
+               "starvla-qwen3-vl-tiny", "paligemma-tiny-layer-sweep"}
+
+
+def unit_rows(x):
+    return torch.nn.functional.normalize(x.float(), dim=1)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    code = main(["run", "--output_dir", str(out)])
+    return out, code
+
+
+def test_demo_writes_a_consistent_report(demo, capsys):
+    out, code = demo
+    assert code == 0
+    for name in ("results.json", "report.md", "heatmap.png", "cknna_vs_k.png", "layers.png"):
+        assert (out / name).is_file(), name
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["models"]) == DEMO_MODELS
+    assert res["_meta"]["study"]["stand_ins"] is True
+    report = (out / "report.md").read_text()
+    assert "RANDOM-WEIGHT stand-ins" in report
+    states = torch.load(out / "data" / "feats_B.pt", weights_only=True)
+    for name, entry in res["models"].items():
+        feats = torch.load(entry["feats_A_path"], weights_only=True)
+        assert feats.shape[0] == res["_meta"]["N"] == states.shape[0]
+        # The JSON's number is what the formula gives on the written features...
+        assert entry["cknna_k10"] == pytest.approx(
+            dense_cknna(unit_rows(feats), unit_rows(states), 10), abs=1e-6)
+        # ...and the markdown table shows the same number.
+        table = report.split("## CKNNA against the states")[1]
+        row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+        assert f"{entry['cknna_k10']:.4f}" in row
+        assert entry["provenance"]["dataset_fingerprint"] == res["_meta"]["study"]["dataset_fingerprint"]
+    sweep = res["layers"]["paligemma-tiny-layer-sweep"]
+    assert len(sweep) >= 2 and all(set(v) == {"k5", "k10", "k20"} for v in sweep.values())
+    labels = res["pairwise"]["labels"]
+    assert len(res["pairwise"]["cknna_k10"]) == len(labels) == len(DEMO_MODELS)
+
+
+def test_rerun_reuses_features(demo, capsys):
+    out, _ = demo
+    feats = sorted((out / "features").glob("*/feats_A.pt"))
+    before = {p: p.stat().st_mtime_ns for p in feats}
+    assert main(["run", "--output_dir", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert {s["status"] for s in res["_meta"]["study"]["models"].values()} == {"reused"}
+    assert {p: p.stat().st_mtime_ns for p in feats} == before
+
+
+def write_config(path, data_dir, models, **extra):
+    lines = [f'data_dir = "{data_dir}"', 'output_dir = "out"', "permutations = 20",
+             "k_values = [5, 10]"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
+    for m in models:
+        lines.append("[[models]]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in m.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("small")
+    generate(root / "data", n=40, seed=3)
+    return root / "data"
+
+
+def test_a_failing_model_leaves_the_others_complete(tmp_path, small_data, capsys):
+    elsewhere = tmp_path / "Qwen-GR00T-Bridge"
+    elsewhere.mkdir()
+    external = torch.randn(40, 16, generator=torch.Generator().manual_seed(0))
+    torch.save(external, elsewhere / "feats_A.pt")
+    cfg = write_config(tmp_path / "study.toml", small_data, [
+        {"name": "good", "family": "hf", "ckpt": "tiny:paligemma"},
+        {"name": "broken", "family": "hf", "ckpt": "tiny:no_such_family"},
+        {"name": "Qwen-GR00T-Bridge", "feats": str(elsewhere / "feats_A.pt")},
+    ], zscore_states=True)
+    assert main(["run", str(cfg)]) == 1
+    out = tmp_path / "out"
+    res = json.loads((out / "results.json").read_text())
+    status = res["_meta"]["study"]["models"]
+    assert status["good"]["status"] == "extracted"
+    assert status["broken"]["status"] == "failed" and "no_such_family" in status["broken"]["error"]
+    assert status["Qwen-GR00T-Bridge"]["status"] == "external"
+    assert set(res["models"]) == {"good", "Qwen-GR00T-Bridge"}
+    states = torch.load(small_data / "feats_B.pt", weights_only=True)
+    z = (states - states.mean(0)) / states.std(0)
+    assert res["models"]["Qwen-GR00T-Bridge"]["cknna_k5"] == pytest.approx(
+        dense_cknna(unit_rows(external), unit_rows(z), 5), abs=1e-6)
+    assert res["_meta"]["preprocessing"]["feats_B_zscored"] is True
+    report = (out / "report.md").read_text()
+    assert re.search(r"\| broken \| failed \|.*no_such_family", report)
+    assert "failed models: broken" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("problem", ["data_dir", "feats", "python"])
+def test_a_bad_path_fails_before_any_work(tmp_path, small_data, capsys, problem):
+    bad = tmp_path / "nowhere" / "x"
+    models = [{"name": "good", "family": "hf", "ckpt": "tiny:paligemma"}]
+    data_dir = small_data
+    if problem == "data_dir":
+        data_dir = bad
+    elif problem == "feats":
+        models.append({"name": "ext", "feats": str(bad)})
+    else:
+        models[0]["python"] = str(bad)
+    cfg = write_config(tmp_path / "study.toml", data_dir, models)
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_errors_name_the_file(tmp_path, capsys):
+    cfg = tmp_path / "study.toml"
+    cfg.write_text('data_dir = "d"\n[[models]]\nname = "m"\nfamily = "nope"\nckpt = "x"\n')
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert str(cfg) in err and "family" in err
+    assert main(["run", str(tmp_path / "missing.toml")]) == 2
+    assert "missing.toml" in capsys.readouterr().err
