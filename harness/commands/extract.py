@@ -19,13 +19,25 @@ DEFAULT_CKPT = {
     "pi0_lerobot": "HaomingSong/lerobot-pi0-bridge",
 }
 TINY_DEFAULT = {"starvla": "tiny:qwen2_5_vl", "hf": "tiny:paligemma"}
+TINY_HELP = {
+    "spatialvla": "'tiny' (PaliGemma2 + SpatialVLA-style processor)",
+    "pi0_lerobot": "'tiny' (old LeRobot API) or 'tiny:new' (LeRobot 0.6 shape)",
+    "starvla": "'tiny' / 'tiny:qwen2_5_vl' or 'tiny:qwen3_vl'",
+    "hf": "'tiny:<gemma|gemma2|paligemma|paligemma2|qwen2_5_vl|qwen3_vl>'",
+}
+HELP = {
+    "spatialvla": "SpatialVLA: hidden_states[-1], eager attention, do_normalize=False",
+    "pi0_lerobot": "LeRobot Pi0: prefill-only, final-norm hook, audited weights",
+    "starvla": "StarVLA / HF Qwen-VL: CoT prompt, 224x224, left padding",
+    "hf": "any transformers VLM or LM: hidden_states layers",
+}
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("extract", help="extract pooled VLM features (feats_A.pt)")
     sub = parser.add_subparsers(dest="family", required=True)
     for family in FAMILIES:
-        p = sub.add_parser(family, help=f"{family} features")
+        p = sub.add_parser(family, help=HELP[family], description=HELP[family])
         _common(p, family)
         _FAMILY_OPTIONS[family](p)
         p.set_defaults(func=run)
@@ -34,7 +46,7 @@ def register(subparsers) -> None:
 def _common(p: argparse.ArgumentParser, family: str) -> None:
     default = DEFAULT_CKPT.get(family)
     p.add_argument("--ckpt", "--ckpt_path", dest="ckpt", default=default, required=default is None,
-                   help=f"hub id or local path; 'tiny' or 'tiny:...' for the stand-in"
+                   help=f"hub id or local path, or {TINY_HELP[family]} for the stand-in"
                         f"{f' (default {default})' if default else ''}")
     p.add_argument("--data_dir", "--data-dir", dest="data_dir", required=True,
                    help="data directory (metadata.json, images/, feats_B.pt)")

@@ -252,6 +252,9 @@ class Pi0LeRobotExtractor(Extractor):
 
     def build_inputs(self, samples) -> dict:
         pixels = [np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0 for _, image, _ in samples]
+        if len({p.shape for p in pixels}) > 1:  # prepare_images takes one (B, C, H, W) tensor
+            raise HarnessError(f"images of samples {[s[0] for s in samples]} differ in size "
+                               f"({sorted({p.shape[:2] for p in pixels})}); use batch size 1")
         images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
         tokens, masks = self.tokenize([task for _, _, task in samples])
         return {"images": images.to(self.device), "lang_tokens": tokens.to(self.device),
