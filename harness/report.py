@@ -78,6 +78,20 @@ def _save(fig, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=120)
 
 
+def _finish(plt, fig, ax, xlabel: str, ylabel: str, path) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, Path(path))
+    plt.close(fig)
+
+
+def heatmap_k(ks: list[int]) -> int:
+    """The k shown in heatmaps: 10, the seed's default, when it was computed."""
+    return 10 if 10 in ks else ks[0]
+
+
 def cknna_vs_k(results: dict, path: str | Path) -> None:
     """CKNNA against k, one line per model (with the permutation null mean when present)."""
     plt = _plt()
@@ -88,13 +102,8 @@ def cknna_vs_k(results: dict, path: str | Path) -> None:
         null = [m["details"][f"k{k}"].get("permutation", {}).get("null_mean") for k in ks]
         if all(v is not None for v in null):
             ax.plot(ks, null, linestyle=":", color=line.get_color())
-    ax.set_xlabel("k")
-    ax.set_ylabel("CKNNA(model, states)")
     ax.set_title("CKNNA vs k (dotted: permutation null mean)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    _save(fig, Path(path))
-    plt.close(fig)
+    _finish(plt, fig, ax, "k", "CKNNA(model, states)", path)
 
 
 def layer_curves(results: dict, path: str | Path) -> None:
@@ -107,12 +116,7 @@ def layer_curves(results: dict, path: str | Path) -> None:
             ax.plot(range(len(names)), [by_layer[n][f"k{k}"] for n in names], marker="o",
                     label=f"{label} k={k}")
         ax.set_xticks(range(len(names)), names)
-    ax.set_xlabel("hidden_states index")
-    ax.set_ylabel("CKNNA(layer, states)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    _save(fig, Path(path))
-    plt.close(fig)
+    _finish(plt, fig, ax, "hidden_states index", "CKNNA(layer, states)", path)
 
 
 def study_markdown(results: dict) -> str:
@@ -134,11 +138,13 @@ def study_markdown(results: dict) -> str:
             st.get("feats_A_path", ""))
         lines.append(f"| {name} | {st['status']} | {detail} |")
     lines += ["", "## CKNNA against the states", "", markdown_table(results)]
-    if results.get("layers"):
-        lines += ["## Per-layer CKNNA", ""]
-        for label, by_layer in results["layers"].items():
-            lines.append(f"- {label}: " + ", ".join(
-                f"layer {n}: " + "/".join(_fmt(v) for v in ks.values()) for n, ks in by_layer.items()))
+    ks = meta["k_values"]
+    for label, by_layer in results.get("layers", {}).items():
+        lines += [f"## Per-layer CKNNA: {label}", "",
+                  "| hidden_states index | " + " | ".join(f"k={k}" for k in ks) + " |",
+                  "|---|" + "---:|" * len(ks)]
+        lines += [f"| {n} | " + " | ".join(_fmt(v[f"k{k}"]) for k in ks) + " |"
+                  for n, v in by_layer.items()]
         lines.append("")
     return "\n".join(lines)
 
@@ -154,8 +160,7 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
     write_text(files["markdown"], study_markdown(results))
     cknna_vs_k(results, files["cknna_vs_k"])
     if results.get("pairwise"):
-        ks = results["_meta"]["k_values"]
-        k = 10 if 10 in ks else ks[0]
+        k = heatmap_k(results["_meta"]["k_values"])
         files["heatmap"] = out / "heatmap.png"
         heatmap(results["pairwise"][f"cknna_k{k}"], results["pairwise"]["labels"],
                 files["heatmap"], f"CKNNA(row, column), k={k}")

@@ -13,7 +13,7 @@ import torch
 from harness.errors import HarnessError
 from harness.io import load_features, write_json
 from harness.knn import BACKENDS
-from harness.report import heatmap, markdown_table
+from harness.report import heatmap, heatmap_k, markdown_table
 from harness.results import Settings, compute, l2_rows, zscore
 
 
@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     results = compute(models, normalised(b_path, feats_b), str(b_path), settings, preprocessing)
     table = markdown_table(results)
     if args.heatmap:
-        k = 10 if 10 in ks else ks[0]
+        k = heatmap_k(ks)
         heatmap(results["pairwise"][f"cknna_k{k}"], list(models), args.heatmap,
                 f"CKNNA(row, column), k={k}")
     if args.output:
