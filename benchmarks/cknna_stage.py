@@ -3,6 +3,7 @@
     python benchmarks/cknna_stage.py --n 5000 --dim-a 2304 --dense      # the issue's targets
     python benchmarks/cknna_stage.py --n 100000 --dim-a 2048            # large N, exact
     python benchmarks/cknna_stage.py --n 5000 --permutations 1000       # the null
+    python benchmarks/cknna_stage.py --n 20000 --dim-a 256 --faiss      # FAISS time and recall
 
 Peak extra memory is the rise of the process's peak resident set (VmHWM, reset through
 /proc/self/clear_refs) over what the inputs already hold. Prints one JSON object."""
@@ -18,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from harness import cknna as C  # noqa: E402
-from harness.knn import knn  # noqa: E402
+from harness.knn import knn, recall  # noqa: E402
 
 KS = (5, 10, 20)
 
@@ -48,6 +49,8 @@ def main() -> None:
     p.add_argument("--dense", action="store_true", help="also time the dense reference")
     p.add_argument("--permutations", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--faiss", action="store_true",
+                   help="also time the FAISS backends on A and measure HNSW recall@20")
     args = p.parse_args()
     g = torch.Generator().manual_seed(0)
     a = torch.nn.functional.normalize(torch.randn(args.n, args.dim_a, generator=g), dim=1)
@@ -78,6 +81,13 @@ def main() -> None:
         out["permutations"] = args.permutations
         out["permutation_k10_s"], _, _ = best(
             lambda: C.permutation_null(na, nb, observed, args.permutations), 1)
+    if args.faiss:
+        exact_s, _, exact = best(lambda: knn(a, max(KS)), 1)
+        out["knn_a_torch_s"] = exact_s
+        for backend in ("faiss-flat", "faiss-hnsw"):
+            t, _, found = best(lambda: knn(a, max(KS), backend=backend), 1)
+            out[f"knn_a_{backend}_s"] = t
+            out[f"knn_a_{backend}_recall"] = recall(found, exact)
     print(json.dumps(out, indent=1))
 
 
