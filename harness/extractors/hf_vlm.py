@@ -74,7 +74,11 @@ class HfVlmExtractor(Extractor):
         tok = self.tokenizer
         if self.padding_side is not None and tok is not None:
             tok.padding_side = self.padding_side
-        self.model.to(device=self.device, dtype=self.dtype).eval()
+        # Cast only a model not already in self.dtype: `.to(dtype)` also casts float
+        # buffers, and rotary `inv_freq` (kept float32 by from_pretrained) would turn bf16.
+        if next(self.model.parameters()).dtype != self.dtype:
+            self.model.to(dtype=self.dtype)
+        self.model.to(self.device).eval()
         cfg = self.model.config
         text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         self.hidden_dim = getattr(text, "hidden_size", None)

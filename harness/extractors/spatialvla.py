@@ -92,7 +92,11 @@ class SpatialVLAExtractor(Extractor):
             self.processor = AutoProcessor.from_pretrained(self.ckpt, **common)
             self.model = AutoModel.from_pretrained(
                 self.ckpt, torch_dtype=self.dtype, attn_implementation=ATTN, **common)
-        self.model.to(device=self.device, dtype=self.dtype).eval()
+        # Cast only a model not already in self.dtype: `.to(dtype)` also casts float
+        # buffers, and rotary `inv_freq` (kept float32 by from_pretrained) would turn bf16.
+        if next(self.model.parameters()).dtype != self.dtype:
+            self.model.to(dtype=self.dtype)
+        self.model.to(self.device).eval()
         if getattr(self.model.config, "use_cache", None):
             self.model.config.use_cache = False
         impl = attn_implementation(self.model)

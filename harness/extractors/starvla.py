@@ -4,12 +4,15 @@ masked mean, fed the way StarVLA feeds its VLM at inference.
 What differs from a generic HF VLM (FACTS §3): the CoT grounding prompt through the chat
 template, images resized to 224x224 first (256x256 would change the number of image
 tokens), left padding, and in transformers 5 the `mm_token_type_ids` without which
-Qwen2.5-VL silently drops to 1-D positions (Qwen3-VL raises). Everything else is the
-engine's `HfVlmExtractor`.
+Qwen2.5-VL silently drops to 1-D positions (Qwen3-VL raises). A StarVLA framework
+checkpoint keeps float32 weights and runs under bf16 autocast, as StarVLA's own
+`qwen_vl_interface` does. Everything else is the engine's `HfVlmExtractor`.
 """
 from __future__ import annotations
 
 import os
+
+import torch
 
 from harness.errors import HarnessError
 from harness.extractors import tiny
@@ -53,8 +56,10 @@ class StarVLAExtractor(HfVlmExtractor):
     def __init__(self, ckpt: str, *, device: str = "cpu", dtype: str = "bfloat16",
                  layers="last", cot_prompt: str | None = COT_PROMPT, image_size: int = IMAGE_SIZE,
                  attn_implementation: str = "eager", revision: str | None = None,
-                 model=None, processor=None):
+                 autocast: bool | None = None, model=None, processor=None):
         self.cot_prompt = cot_prompt
+        self.autocast = autocast  # None: only for the starVLA framework, as it runs itself
+        self.autocast_dtype: torch.dtype | None = None
         template = cot_prompt.replace("{instruction}", "{task}") if cot_prompt else "{task}"
         super().__init__(ckpt, layers=layers, device=device, dtype=dtype,
                          attn_implementation=attn_implementation, padding_side="left",
@@ -77,6 +82,10 @@ class StarVLAExtractor(HfVlmExtractor):
             self.source = "starVLA framework"
         elif self.model is None:
             self.source = "transformers"
+        if self.autocast is None:
+            self.autocast = self.source == "starVLA framework"
+        if self.autocast:  # StarVLA keeps float32 weights and runs under bf16 autocast
+            self.autocast_dtype, self.dtype = self.dtype, torch.float32
         super().load()
         model_type = getattr(self.model.config, "model_type", None)
         if model_type not in QWEN_TYPES:
@@ -84,6 +93,12 @@ class StarVLAExtractor(HfVlmExtractor):
         # The tiny processor writes its own chat-like prompt; real ones render the template.
         self.chat_template = hasattr(self.processor, "apply_chat_template")
         return self
+
+    def forward(self, inputs: dict):
+        if not self.autocast:
+            return super().forward(inputs)
+        with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
+            return super().forward(inputs)
 
     def build_inputs(self, samples) -> dict:
         inputs = super().build_inputs(samples)
@@ -98,5 +113,6 @@ class StarVLAExtractor(HfVlmExtractor):
                    prompt_template=self.prompt_template,
                    processor_template=getattr(self.processor, "prompt_template", None)
                    or ("chat template" if self.chat_template else None),
-                   image_resize=f"{self.image_size}x{self.image_size} before the processor")
+                   image_resize=f"{self.image_size}x{self.image_size} before the processor",
+                   autocast=str(self.autocast_dtype).replace("torch.", "") if self.autocast else None)
         return out

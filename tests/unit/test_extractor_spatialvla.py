@@ -171,6 +171,8 @@ def test_real_load_path_arguments(monkeypatch):
     """The real branch asks for remote code, eager attention and the requested dtype."""
     import transformers
     model, processor = standins.tiny_spatialvla()
+    for p in model.parameters():  # as from_pretrained(torch_dtype=bf16) leaves it:
+        p.data = p.data.to(torch.bfloat16)  # bf16 weights, float32 rotary buffers
     calls = {}
 
     def fake(kind, obj):
@@ -189,5 +191,7 @@ def test_real_load_path_arguments(monkeypatch):
     assert kw["torch_dtype"] == torch.bfloat16 and kw["revision"] == "abc"
     assert calls["processor"][1]["trust_remote_code"] is True
     assert next(ex.model.parameters()).dtype == torch.bfloat16
+    rotary = {n: b.dtype for n, b in ex.model.named_buffers() if n.endswith("inv_freq")}
+    assert rotary and set(rotary.values()) == {torch.float32}  # not cast after loading
     prov = ex.provenance()
     assert prov["attn_implementation"] == "eager" and prov["dtype"] == "torch.bfloat16"

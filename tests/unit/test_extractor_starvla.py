@@ -159,3 +159,36 @@ def test_checkpoint_cot_prompt_wins(tmp_path, monkeypatch):
     ex = StarVLAExtractor(str(ckpt), dtype="float32").load()
     assert ex.prompt_template == "Do {task} now"
     assert ex.provenance()["source"] == "starVLA framework"
+
+
+def test_starvla_framework_runs_float32_weights_under_bf16_autocast(tmp_path, monkeypatch):
+    ckpt = tmp_path / "steps_1_pytorch_model.pt"
+    ckpt.write_bytes(b"")
+    model, processor = build()
+    monkeypatch.setattr(starvla, "load_starvla", lambda path: (model, processor, None))
+    ex = StarVLAExtractor(str(ckpt), dtype="bfloat16").load()
+    assert next(ex.model.parameters()).dtype == torch.float32
+    assert ex.provenance()["autocast"] == "bfloat16"
+    inputs = ex.build_inputs(samples(2))
+    h = ex.forward(inputs)
+    mixed = masked_mean(h.layers["last"], h.mask)
+    ex.autocast = False  # the same weights in plain float32
+    h = ex.forward(inputs)
+    full = masked_mean(h.layers["last"], h.mask)
+    rel = ((mixed - full).norm() / full.norm()).item()
+    assert 0 < rel < 5e-2  # bf16 matmuls ran (autocast active), and only rounding differs
+
+
+def test_plain_hf_checkpoint_keeps_rotary_buffers_float32(tmp_path, monkeypatch):
+    """from_pretrained(dtype=bf16) keeps inv_freq float32; a later .to(bf16) must not
+    cast it (that would move every position's rotation)."""
+    import transformers
+    model, processor = build()
+    model.save_pretrained(tmp_path / "qwen")
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", lambda *a, **k: processor)
+    ex = StarVLAExtractor(str(tmp_path / "qwen"), dtype="bfloat16").load()
+    assert ex.provenance()["source"] == "transformers" and ex.autocast is False
+    assert next(ex.model.parameters()).dtype == torch.bfloat16
+    buffers = {n: b.dtype for n, b in ex.model.named_buffers() if n.endswith("inv_freq")}
+    assert buffers and set(buffers.values()) == {torch.float32}
+    assert torch.isfinite(pooled(ex, samples(2))).all()
