@@ -247,3 +247,27 @@ def test_degenerate_self_similarity_is_nan_with_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert C._ratio(0.1, 0.2, 0.3) == pytest.approx(0.1 / (math.sqrt(0.06) + 1e-6))
+
+
+# ------------------------------------------------------------ what the metric is NOT (FACTS §2)
+
+
+def small_pair(seed, n=6, da=2, db=2):
+    g = torch.Generator().manual_seed(seed)
+    return unit_rows(torch.randn(n, da, generator=g)), unit_rows(torch.randn(n, db, generator=g))
+
+
+@pytest.mark.parametrize("seed,low,high", [(5, 1.0, math.inf), (9, -math.inf, 0.0)])
+def test_not_bounded_to_the_unit_interval_on_tiny_data(seed, low, high):
+    a, b = small_pair(seed)
+    value = C.cknna(a, b, 1)
+    assert value == pytest.approx(dense_cknna(a, b, 1), abs=1e-6)
+    assert low < value < high
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_not_translation_invariant_below_n_minus_1(seed):
+    a, b = related_pair(seed, 40, 6, 4)
+    shifted = a + 0.5
+    assert C.cknna(shifted, b, 5) == pytest.approx(dense_cknna(shifted, b, 5), abs=1e-6)
+    assert abs(C.cknna(shifted, b, 5) - C.cknna(a, b, 5)) > 1e-4
