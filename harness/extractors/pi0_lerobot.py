@@ -200,8 +200,9 @@ class Pi0LeRobotExtractor(Extractor):
                                f"({type(err).__name__}: {err})") from None
         self.audit = audit_weights(policy, directory, self.allow_missing, self.allow_unexpected,
                                    self.check_values)
-        if self.dtype is not None:
-            policy.to(dtype=self.dtype)
+        if self.dtype is not None:  # parameters only: float32 rotary buffers stay float32
+            for param in policy.parameters():
+                param.data = param.data.to(self.dtype)
         self.policy = policy.to(self.device).eval()
         self._bind(directory)
         return self

@@ -208,3 +208,12 @@ def test_bundled_policy_with_unimplemented_abstract_methods_still_loads(ckpt, tm
     assert pooled(ex, samples(1)).shape == (1, standins.HIDDEN)
     with pytest.raises(HarnessError):
         ex.policy.predict_action_chunk({})
+
+
+def test_explicit_dtype_casts_weights_not_rotary_buffers(ckpt):
+    ex = Pi0LeRobotExtractor(str(ckpt), dtype="bfloat16").load()
+    assert {p.dtype for p in ex.policy.parameters()} == {torch.bfloat16}
+    rotary = {b.dtype for n, b in ex.policy.named_buffers() if n.endswith("inv_freq")}
+    assert rotary == {torch.float32}
+    assert ex.provenance()["dtype"] == "torch.bfloat16"
+    assert torch.isfinite(pooled(ex, samples(2))).all()
