@@ -50,6 +50,7 @@ TARGETS = {
                       os.environ.get("HARNESS_STARVLA_LABEL", "starvla"), None),
 }
 STAND_IN_DIM = 64
+REAL_IMAGE_TOKENS = 256  # SpatialVLA and Pi0 at 224x224 (FACTS §3)
 BATCH = int(os.environ.get("HARNESS_GPU_BATCH", 8))
 N_CHECK = 3  # samples re-run alone
 
@@ -215,6 +216,8 @@ def test_3_vision_and_text_tokens_no_state(run, monkeypatch):
         assert seen == [{ex.image_key}]  # image only: no (dummy) state
         n_lang = inputs["lang_tokens"].shape[1]
         assert h.mask[:, :-n_lang].all() and h.mask[:, -n_lang:].any(dim=1).all()
+        if not run.stand_in:  # SigLIP-So400m/14 at 224: 256 image tokens
+            assert h.mask.shape[1] - n_lang == REAL_IMAGE_TOKENS
         return
     inputs = ex.build_inputs(_batch(run, 2))
     h = ex.forward(inputs)
@@ -223,6 +226,8 @@ def test_3_vision_and_text_tokens_no_state(run, monkeypatch):
     image = (inputs["input_ids"] == image_id) & h.mask
     text = h.mask & ~image
     assert image.any(dim=1).all() and text.any(dim=1).all()
+    if run.target.family == "spatialvla" and not run.stand_in:
+        assert (image.sum(dim=1) == REAL_IMAGE_TOKENS).all()
 
 
 def test_4_hooks_do_not_change_outputs(run):
