@@ -59,7 +59,8 @@ def import_policy_code(directory: Path, code: str = "auto"):
         name = "_harness_pi0_" + hashlib.sha1(str(bundled.resolve()).encode()).hexdigest()[:12]
         module = sys.modules.get(name)
         if module is None:
-            sys.path.insert(0, str(directory))  # its sibling modules import by bare name
+            if str(directory) not in sys.path:  # siblings import by bare name, maybe lazily
+                sys.path.insert(0, str(directory))
             try:
                 spec = importlib.util.spec_from_file_location(name, bundled)
                 module = importlib.util.module_from_spec(spec)
@@ -68,9 +69,7 @@ def import_policy_code(directory: Path, code: str = "auto"):
                 raise HarnessError(
                     f"{bundled}: cannot import the checkpoint's code ({err}). It was written "
                     "for an older LeRobot (imports `lerobot.common.*`): install that release, "
-                    "or pass --pi0-code lerobot to use the installed LeRobot's PI0Policy") from None
-            finally:
-                sys.path.remove(str(directory))
+                    "or pass --pi0_code lerobot to use the installed LeRobot's PI0Policy") from None
             sys.modules[name] = module
         return module.PI0Policy, module.make_att_2d_masks, f"bundled:{bundled.name}"
     if code == "bundled":
