@@ -77,8 +77,9 @@ def import_policy_code(directory: Path, code: str = "auto"):
     try:
         from lerobot.policies.pi0 import modeling_pi0 as module
     except ImportError as err:
-        raise HarnessError(f"{directory} bundles no modeling_pi0.py and LeRobot is not "
-                           f"importable ({err})") from None
+        why = "" if bundled.is_file() else " and the checkpoint bundles no modeling_pi0.py"
+        raise HarnessError(f"{directory}: LeRobot's PI0Policy is not importable ({err}){why}; "
+                           "LeRobot 0.6 needs Python >= 3.12 and its own transformers pin") from None
     return module.PI0Policy, module.make_att_2d_masks, "lerobot:" + module.__name__
 
 

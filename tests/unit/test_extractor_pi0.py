@@ -217,3 +217,13 @@ def test_explicit_dtype_casts_weights_not_rotary_buffers(ckpt):
     assert rotary == {torch.float32}
     assert ex.provenance()["dtype"] == "torch.bfloat16"
     assert torch.isfinite(pooled(ex, samples(2))).all()
+
+
+def test_installed_lerobot_path_without_lerobot_is_a_clear_error(ckpt):
+    try:
+        import lerobot  # noqa: F401
+        pytest.skip("LeRobot is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(HarnessError, match="LeRobot's PI0Policy is not importable"):
+        Pi0LeRobotExtractor(str(ckpt), code="lerobot").load()
