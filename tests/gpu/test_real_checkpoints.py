@@ -7,6 +7,13 @@ from finished shards. Then: shape (N, 2304) / (N, 2048), finite, the first batch
 gives identical rows, batched equals single within bf16 tolerance, and each item of the
 seed's verification checklist.
 
+Environment: HARNESS_SPATIALVLA_CKPT, HARNESS_PI0_CKPT, HARNESS_STARVLA_CKPT (path or hub
+id; SpatialVLA and Pi0 are also found in the HF cache under their repo ids),
+HARNESS_STARVLA_LABEL (output folder name, e.g. Qwen-GR00T-Bridge), HARNESS_FEATS_DIR
+(root of the <label>/ folders; default the data directory, as in the seed),
+HARNESS_GPU_LIMIT (first N samples only), HARNESS_GPU_BATCH (default 8).
+Example: pytest tests/gpu -m gpu --data-dir cknna/cknna_data
+
 With `--stand-ins` the same tests run against the tiny stand-ins (hidden size 64; on CUDA
 when present, else CPU) over a synthetic data directory unless `--data-dir` is given:
 that is how CI keeps this module from rotting.
