@@ -12,7 +12,6 @@ merge (rank 0, after a barrier) reads the same files whatever W was.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Sequence

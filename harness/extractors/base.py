@@ -81,3 +81,13 @@ def check_extractor(obj) -> None:
     missing = [name for name in REQUIRED if not hasattr(obj, name)]
     if missing:
         raise TypeError(f"{type(obj).__name__} is not an extractor: missing {missing}")
+
+
+def to_device(value, device, dtype):
+    """Move one model input: float tensors also take the model dtype, others keep theirs
+    (token ids and masks must stay integer/bool); non-tensors pass through."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.is_floating_point():
+        return value.to(device=device, dtype=dtype)
+    return value.to(device)

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from harness.errors import HarnessError
-from harness.extractors.base import FINAL, Extractor, HiddenStates, Sample
+from harness.extractors.base import FINAL, Extractor, HiddenStates, Sample, to_device
 from harness.pooling import TOKENS, token_mask
 
 TINY_PREFIX = "tiny:"
@@ -97,7 +97,7 @@ class HfVlmExtractor(Extractor):
         if self._position_offset is not None:
             mask = batch["attention_mask"].long()
             batch["position_ids"] = (mask.cumsum(-1) - 1 + self._position_offset).clamp(min=0)
-        return {k: self._to_device(v) for k, v in batch.items()}
+        return {k: to_device(v, self.device, self.dtype) for k, v in batch.items()}
 
     @torch.inference_mode()
     def forward(self, inputs: dict) -> HiddenStates:
@@ -183,12 +183,6 @@ class HfVlmExtractor(Extractor):
             return None
         return 1 if getattr(self.model.config, "model_type", "") == "paligemma" else 0
 
-    def _to_device(self, value):
-        if not isinstance(value, torch.Tensor):
-            return value
-        if value.is_floating_point():
-            return value.to(device=self.device, dtype=self.dtype)
-        return value.to(self.device)
 
     def _from_pretrained(self):
         import transformers

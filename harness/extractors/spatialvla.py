@@ -14,7 +14,7 @@ import inspect
 import torch
 
 from harness.errors import HarnessError
-from harness.extractors.base import FINAL, Extractor, HiddenStates
+from harness.extractors.base import FINAL, Extractor, HiddenStates, to_device
 
 DEFAULT_CKPT = "IPEC-COMMUNITY/spatialvla-4b-224-sft-bridge"
 UNNORM_KEY = "bridge_orig/1.0.0"
@@ -112,7 +112,7 @@ class SpatialVLAExtractor(Extractor):
         texts = [task for _, _, task in samples]
         batch = self.processor(images=images, text=texts, unnorm_key=self.unnorm_key,
                                do_normalize=False, padding="longest", return_tensors="pt")
-        inputs = {k: self._to_device(v) for k, v in batch.items()}
+        inputs = {k: to_device(v, self.device, self.dtype) for k, v in batch.items()}
         if self.positions == "mask" and self._takes_positions:
             # 1-indexed like PaliGemma's default; identical to it for an unpadded row.
             mask = inputs["attention_mask"].long()
@@ -143,11 +143,3 @@ class SpatialVLAExtractor(Extractor):
             "position_ids": self.positions if self._takes_positions else "model default",
             "prompt_template": "<image>*n <bos>{task}\\n (SpatialVLA processor)",
         }
-
-    # -- helpers ----------------------------------------------------------------
-    def _to_device(self, value):
-        if not isinstance(value, torch.Tensor):
-            return value
-        if value.is_floating_point():
-            return value.to(device=self.device, dtype=self.dtype)
-        return value.to(self.device)

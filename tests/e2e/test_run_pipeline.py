@@ -1,8 +1,6 @@
 """`python -m harness run` end to end, at the CLI level, in temporary directories."""
 import json
-import math
 import re
-import sys
 
 import pytest
 import torch

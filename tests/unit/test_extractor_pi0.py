@@ -2,26 +2,20 @@
 config, safetensors, tokenizer and a bundled `modeling_pi0.py`), old and 0.6 APIs."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from harness.errors import HarnessError
 from harness.extractors import standins
 from harness.extractors.pi0_lerobot import Pi0LeRobotExtractor
 from harness.pooling import masked_mean
+from tests.random_samples import TASKS, random_samples
 
 pytestmark = pytest.mark.unit
 
-TASKS = ["put the spoon on the towel", "x", "", "open the drawer"]
-
-
 def samples(n=len(TASKS), seed=0):
-    rng = np.random.default_rng(seed)
-    return [(i, Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)), TASKS[i])
-            for i in range(n)]
+    return random_samples(n, seed)
 
 
 @pytest.fixture(scope="module")

@@ -2,25 +2,19 @@
 the real code path, each trap of FACTS §3, pooling masks and batch invariance."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from harness.errors import HarnessError
 from harness.extractors import spatialvla, standins
 from harness.extractors.spatialvla import SpatialVLAExtractor, check_transformers_version
 from harness.pooling import masked_mean
+from tests.random_samples import TASKS, random_samples
 
 pytestmark = pytest.mark.unit
 
-TASKS = ["put the spoon on the towel", "x", "", "open the drawer"]
-
-
 def samples(n=len(TASKS), seed=0):
-    rng = np.random.default_rng(seed)
-    return [(i, Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)), TASKS[i])
-            for i in range(n)]
+    return random_samples(n, seed)
 
 
 def extractor(attn=None, **kw):

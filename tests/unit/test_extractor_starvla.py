@@ -2,27 +2,21 @@
 mm_token_type_ids, batch invariance, and the StarVLA loader's error paths."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from harness.errors import HarnessError
 from harness.extractors import starvla, tiny
 from harness.extractors.starvla import COT_PROMPT, StarVLAExtractor
 from harness.hooks import FINAL_NORM_PATHS, capture
 from harness.pooling import masked_mean
+from tests.random_samples import TASKS, random_samples
 
 pytestmark = pytest.mark.unit
 
 FAMILIES = ["qwen2_5_vl", "qwen3_vl"]
-TASKS = ["put the spoon on the towel", "x", "", "open the drawer"]
-
-
 def samples(n=len(TASKS), side=256):
-    rng = np.random.default_rng(0)
-    return [(i, Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)), TASKS[i])
-            for i in range(n)]
+    return random_samples(n, 0, (side, side))
 
 
 def extractor(family="qwen2_5_vl", **kw):
