@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from harness.commands import resolve_device
 from harness.errors import HarnessError
 from harness.io import load_features, write_json
 from harness.knn import BACKENDS
@@ -41,18 +42,6 @@ def register(sub) -> None:
     p.add_argument("--knn_backend", choices=BACKENDS, default="torch")
     p.add_argument("--heatmap", metavar="F.png", help="model x model heatmap (implies --pairwise)")
     p.set_defaults(func=run)
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise HarnessError(f"--device {name!r}: not a device name") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise HarnessError(f"--device {name}: CUDA is not available here (use --device cpu)")
-    return device
 
 
 def normalised(path, x: torch.Tensor) -> torch.Tensor:
@@ -101,7 +90,7 @@ def _check_args(args, n: int) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = _device(args.device)
+    device = resolve_device(args.device)
     if args.output and Path(args.output).is_dir():
         raise HarnessError(f"--output {args.output}: is a directory")
     # Read and validate every file before any metric is computed.

@@ -11,6 +11,7 @@ import contextlib
 import tempfile
 from typing import Iterator
 
+from harness.commands import resolve_device
 from harness.errors import HarnessError
 
 FAMILIES = ("spatialvla", "pi0_lerobot", "starvla", "hf")
@@ -115,15 +116,6 @@ def parse_layers(text: str):
         raise HarnessError(f"--layers: expected 'last', 'all' or integers, got {text!r}") from None
 
 
-def resolve_device(device: str) -> str:
-    import torch
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise HarnessError(f"--device {device}: CUDA is not available here")
-    return device
-
-
 def resolve_dtype(dtype: str, tiny: bool, family: str) -> str | None:
     if dtype != "auto":
         return dtype
@@ -137,7 +129,7 @@ def build_extractor(args: argparse.Namespace) -> Iterator[object]:
     """The family's extractor, loaded; temporary stand-in checkpoints live as long as it."""
     family, ckpt = args.family, args.ckpt
     tiny = is_tiny(ckpt)
-    device = resolve_device(args.device)
+    device = str(resolve_device(args.device))
     dtype = resolve_dtype(args.dtype, tiny, family)
     layers = parse_layers(args.layers)
     with contextlib.ExitStack() as stack:
