@@ -343,15 +343,15 @@ def drop_empty_tasks(data: BridgeData) -> tuple[BridgeData, dict]:
     return out, record
 
 
-def zscore_states(data: BridgeData) -> tuple[BridgeData, dict]:
-    """Standardise each state column (population std), so metres and radians weigh alike.
+def zscore(states: torch.Tensor, keys: list[str] | None = None) -> tuple[torch.Tensor, dict]:
+    """Standardise each column (population std), so metres and radians weigh alike.
 
     A constant column is only centred (std taken as 1) and named in the record."""
-    states = data.states.double()
-    mean = states.mean(dim=0)
-    std = states.std(dim=0, unbiased=False)
+    x = states.double()
+    mean = x.mean(dim=0)
+    std = x.std(dim=0, unbiased=False)
     constant = (std == 0).nonzero().flatten().tolist()
-    keys = list(data.metadata.get("state_keys") or [f"dim{j}" for j in range(states.shape[1])])
+    keys = list(keys or [f"dim{j}" for j in range(x.shape[1])])
     if constant:
         warnings.warn(f"z-score: constant state columns {[keys[j] for j in constant]} are "
                       "centred only", RuntimeWarning, stacklevel=2)
@@ -364,7 +364,12 @@ def zscore_states(data: BridgeData) -> tuple[BridgeData, dict]:
         "ddof": 0,
         "constant_columns": [keys[j] for j in constant],
     }
-    z = ((states - mean) / safe).float()
+    return ((x - mean) / safe).float(), record
+
+
+def zscore_states(data: BridgeData) -> tuple[BridgeData, dict]:
+    """`zscore` applied to a data directory's states, recorded in its options."""
+    z, record = zscore(data.states, data.metadata.get("state_keys"))
     return replace(data, states=z, options=data.options + (record,)), record
 
 

@@ -39,12 +39,6 @@ def l2_rows(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True)
 
 
-def zscore(x: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Column standardisation; the returned record goes into `_meta`."""
-    mean, std = x.mean(0), x.std(0)
-    return (x - mean) / std, {"mean": mean.tolist(), "std": std.tolist()}
-
-
 def _k_search(s: Settings, n: int) -> int:
     k = max(s.ks)
     if s.subsample_draws:

@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 
 from harness.commands import resolve_device
+from harness.data import zscore
 from harness.errors import HarnessError
 from harness.io import load_features, write_json
 from harness.knn import BACKENDS
 from harness.report import heatmap, heatmap_k, markdown_table
-from harness.results import Settings, compute, l2_rows, zscore
+from harness.results import Settings, compute, l2_rows
 
 
 def register(sub) -> None:
@@ -54,6 +55,7 @@ def normalised(path, x: torch.Tensor) -> torch.Tensor:
 
 
 def standardised(path, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """`harness.data.zscore`, but a constant column is an error naming the file."""
     const = (x.std(0) == 0).nonzero().flatten()
     if len(const):
         raise HarnessError(f"{path}: columns {const.tolist()} are constant; cannot z-score")
