@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import tempfile
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,6 +29,7 @@ from PIL import Image
 
 from harness.errors import HarnessError
 from harness.io import atomic_path, write_json
+from harness.states import zero_rows
 
 STATE_KEYS = ("x", "y", "z", "roll", "pitch", "yaw", "gripper")
 PER_SAMPLE_KEYS = ("task_descriptions", "episode_indices", "frame_indices")
@@ -161,6 +161,10 @@ def _check_states(root: Path, meta: dict | None, report: CheckReport) -> torch.T
     bad = (~torch.isfinite(states).all(dim=1)).nonzero().flatten().tolist()
     if bad:
         report.problems.append(f"{path}: {len(bad)} rows with NaN/Inf at indices {_listed(bad)}")
+    zero = zero_rows(states)
+    if zero:  # CKNNA L2-normalises rows: a zero row has no direction
+        report.problems.append(f"{path}: {len(zero)} all-zero rows (cannot be L2-normalised) "
+                               f"at indices {_listed(zero)}")
     return states
 
 
@@ -341,36 +345,6 @@ def drop_empty_tasks(data: BridgeData) -> tuple[BridgeData, dict]:
         options=data.options + (record,),
     )
     return out, record
-
-
-def zscore(states: torch.Tensor, keys: list[str] | None = None) -> tuple[torch.Tensor, dict]:
-    """Standardise each column (population std), so metres and radians weigh alike.
-
-    A constant column is only centred (std taken as 1) and named in the record."""
-    x = states.double()
-    mean = x.mean(dim=0)
-    std = x.std(dim=0, unbiased=False)
-    constant = (std == 0).nonzero().flatten().tolist()
-    keys = list(keys or [f"dim{j}" for j in range(x.shape[1])])
-    if constant:
-        warnings.warn(f"z-score: constant state columns {[keys[j] for j in constant]} are "
-                      "centred only", RuntimeWarning, stacklevel=2)
-    safe = torch.where(std == 0, torch.ones_like(std), std)
-    record = {
-        "option": "zscore_states",
-        "state_keys": keys,
-        "mean": mean.tolist(),
-        "std": std.tolist(),
-        "ddof": 0,
-        "constant_columns": [keys[j] for j in constant],
-    }
-    return ((x - mean) / safe).float(), record
-
-
-def zscore_states(data: BridgeData) -> tuple[BridgeData, dict]:
-    """`zscore` applied to a data directory's states, recorded in its options."""
-    z, record = zscore(data.states, data.metadata.get("state_keys"))
-    return replace(data, states=z, options=data.options + (record,)), record
 
 
 # ----------------------------------------------------------------------------- fingerprint

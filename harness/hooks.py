@@ -14,20 +14,14 @@ import torch
 
 from harness.errors import HarnessError
 
-# Final-norm paths per family, newest layout first (FACTS §4). Relative to the object the
-# family's extractor holds (a *ForConditionalGeneration / *ForCausalLM / bare model).
-FINAL_NORM_PATHS: dict[str, tuple[str, ...]] = {
-    "gemma": ("norm", "model.norm"),                       # bare GemmaModel / ForCausalLM
-    "gemma2": ("norm", "model.norm"),
-    "paligemma": ("model.language_model.norm",             # 4.52+ and 5.x
-                  "language_model.model.norm",             # <= 4.51 (GemmaForCausalLM inside)
-                  "language_model.norm"),
-    "paligemma2": ("model.language_model.norm", "language_model.model.norm",
-                   "language_model.norm"),
-    "qwen2_5_vl": ("model.language_model.norm",            # 4.52+ and 5.x
-                   "model.norm"),                          # 4.49-4.51
-    "qwen3_vl": ("model.language_model.norm",),
-}
+
+def __getattr__(name: str):
+    """`FINAL_NORM_PATHS` (model_type -> final-norm paths, newest layout first) is declared
+    by each family's spec in the registry; read lazily, since extractors import this module."""
+    if name == "FINAL_NORM_PATHS":
+        from harness.extractors.registry import final_norm_paths
+        return final_norm_paths()
+    raise AttributeError(name)
 
 
 class HookError(HarnessError):

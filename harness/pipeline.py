@@ -13,55 +13,37 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
+from harness import config as config_mod
 from harness import data as data_mod
+from harness import states as states_mod
+from harness.config import LaxPath, ModelEntry, StudyConfig
 from harness.errors import HarnessError
+from harness.extractors.registry import families
 from harness.features import FEATS, METADATA
 from harness.io import load_features, write_json
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-FAMILIES = ("spatialvla", "pi0_lerobot", "starvla", "hf")
 REQUEST = "pipeline_request.json"
 STAND_IN_NOTICE = ("These are tiny RANDOM-WEIGHT stand-ins of each model family on synthetic "
                    "data: the numbers exercise the pipeline and mean nothing about real models.")
 
 
-@dataclass
-class Model:
-    """One row of the config: extract with `family`/`ckpt`, or reuse `feats`."""
-
-    name: str
-    family: str | None = None
-    ckpt: str | None = None
-    feats: Path | None = None
-    python: str = sys.executable
-    options: dict = field(default_factory=dict)
-
-    def request(self, fingerprint: str) -> dict:
-        return {"family": self.family, "ckpt": self.ckpt, "options": self.options,
-                "dataset_fingerprint": fingerprint}
+Model = ModelEntry  # one [[models]] row (kept under its old name)
 
 
-@dataclass
-class Study:
-    data_dir: Path
-    output_dir: Path
-    models: list[Model]
-    ks: list[int] = field(default_factory=lambda: [5, 10, 20])
-    permutations: int = 200
-    seed: int = 0
-    zscore_states: bool = False
-    drop_empty_tasks: bool = False
-    synthetic: dict | None = None  # {"n": N, "seed": S}: build data_dir if absent
+class Study(StudyConfig):
+    """A checked config plus what only the built-in demo sets."""
+
+    synthetic: Optional[dict] = None  # {"n": N, "seed": S}: build data_dir if absent
     stand_ins: bool = False
-    config_path: Path | None = None
+    config_path: Optional[LaxPath] = None
+
+    @property
+    def ks(self) -> list[int]:
+        return self.k_values
 
     @property
     def features_dir(self) -> Path:
@@ -70,98 +52,55 @@ class Study:
 
 # ------------------------------------------------------------------ configuration
 
-DEFAULT_MODELS = [
-    Model("spatialvla-tiny", "spatialvla", "tiny"),
-    Model("pi0-lerobot-tiny", "pi0_lerobot", "tiny"),
-    Model("starvla-qwen2.5-vl-tiny", "starvla", "tiny:qwen2_5_vl"),
-    Model("starvla-qwen3-vl-tiny", "starvla", "tiny:qwen3_vl"),
-    Model("paligemma-tiny-layer-sweep", "hf", "tiny:paligemma", options={"layers": "all"}),
-]
-
-
 def default_study(output_dir: Path) -> Study:
-    """The built-in demo: synthetic data and tiny stand-ins of every family, on CPU."""
-    return Study(data_dir=output_dir / "data", output_dir=output_dir,
-                 models=[Model(m.name, m.family, m.ckpt, options=dict(m.options))
-                         for m in DEFAULT_MODELS],
+    """The built-in demo: synthetic data and every family's tiny stand-ins, on CPU."""
+    models = [ModelEntry(name=name, family=spec.name, ckpt=ckpt, options=dict(options))
+              for spec in families().values() for name, ckpt, options in spec.demo]
+    return Study(data_dir=output_dir / "data", output_dir=output_dir, models=models,
                  permutations=100, synthetic={"n": 200, "seed": 0}, stand_ins=True)
 
 
-def _path(base: Path, value, where: str) -> Path:
-    if not isinstance(value, str) or not value:
-        raise HarnessError(f"{where}: expected a path string, got {value!r}")
-    path = Path(os.path.expanduser(value))
-    return path if path.is_absolute() else base / path
-
-
 def load_config(path: str | os.PathLike, output_dir: Path | None = None) -> Study:
-    """Read and check a study config; every problem names the config and the entry."""
-    path = Path(path)
-    if not path.is_file():
-        raise HarnessError(f"{path}: config file not found")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise HarnessError(f"{path}: not valid TOML ({err})") from None
-    base = path.resolve().parent
-    known = {"data_dir", "output_dir", "k_values", "permutations", "seed", "zscore_states",
-             "drop_empty_tasks", "models"}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise HarnessError(f"{path}: unknown keys {unknown} (known: {sorted(known)})")
-    if "data_dir" not in raw:
-        raise HarnessError(f"{path}: missing data_dir")
-    models = [_model(path, base, i, m) for i, m in enumerate(raw.get("models", []))]
-    if not models:
-        raise HarnessError(f"{path}: no [[models]] entries")
-    names = [m.name for m in models]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise HarnessError(f"{path}: model names used twice: {dupes}")
-    out = output_dir or _path(base, raw.get("output_dir", "harness_out/study"), f"{path}: output_dir")
-    return Study(data_dir=_path(base, raw["data_dir"], f"{path}: data_dir"), output_dir=out,
-                 models=models, ks=list(raw.get("k_values", [5, 10, 20])),
-                 permutations=int(raw.get("permutations", 200)), seed=int(raw.get("seed", 0)),
-                 zscore_states=bool(raw.get("zscore_states", False)),
-                 drop_empty_tasks=bool(raw.get("drop_empty_tasks", False)), config_path=path)
-
-
-def _model(cfg: Path, base: Path, i: int, m: dict) -> Model:
-    where = f"{cfg}: models[{i}]"
-    if not isinstance(m, dict) or not m.get("name"):
-        raise HarnessError(f"{where}: needs a name")
-    where = f"{cfg}: model {m['name']!r}"
-    unknown = sorted(set(m) - {"name", "family", "ckpt", "feats", "python", "options"})
-    if unknown:
-        raise HarnessError(f"{where}: unknown keys {unknown}")
-    if "/" in m["name"] or m["name"].startswith("."):
-        raise HarnessError(f"{where}: a name is a folder name; no '/' or leading '.'")
-    if "feats" in m:
-        return Model(m["name"], feats=_path(base, m["feats"], f"{where}: feats"))
-    if m.get("family") not in FAMILIES:
-        raise HarnessError(f"{where}: family must be one of {FAMILIES} (or give feats = PATH)")
-    if not m.get("ckpt"):
-        raise HarnessError(f"{where}: needs ckpt (a hub id, a local path, or tiny)")
-    python = m.get("python", sys.executable)
-    options = m.get("options", {})
-    if not isinstance(options, dict):
-        raise HarnessError(f"{where}: options must be a table")
-    return Model(m["name"], m["family"], m["ckpt"], python=python, options=options)
+    """Read and type-check a study config (`harness.config`); every problem at once."""
+    config = config_mod.load(path)
+    fields = dict(config)
+    if output_dir is not None:
+        fields["output_dir"] = Path(output_dir)
+    return Study(**fields, config_path=Path(path))
 
 
 def check_paths(study: Study) -> None:
-    """Fail before any work on a path that cannot be right."""
+    """Fail before any work on a path that cannot be right, naming every such path."""
+    problems = []
     if study.synthetic is None and not study.data_dir.is_dir():
-        raise HarnessError(f"data_dir {study.data_dir}: not a directory")
-    for m in study.models:
+        problems.append(f"data_dir {study.data_dir}: not a directory")
+    for i, m in enumerate(study.models):
+        where = f"models[{i}] ({m.name!r})"
         if m.feats is not None and not m.feats.is_file():
-            raise HarnessError(f"model {m.name!r}: feats {m.feats}: no such file")
+            problems.append(f"{where}.feats {m.feats}: no such file")
         if m.feats is None and not _runnable(m.python):
-            raise HarnessError(f"model {m.name!r}: python {m.python}: not an executable")
+            problems.append(f"{where}.python {m.python}: not an executable")
         ckpt = m.ckpt or ""
         looks_local = ckpt.startswith((".", "/", "~")) or os.sep in ckpt and ckpt.count("/") > 1
         if looks_local and not Path(os.path.expanduser(ckpt)).exists():
-            raise HarnessError(f"model {m.name!r}: ckpt {ckpt}: no such path")
+            problems.append(f"{where}.ckpt {ckpt}: no such path")
+    _raise(study, problems)
+
+
+def check_against_data(study: Study, n: int) -> None:
+    """Checks that need N, the number of samples the metrics will see."""
+    problems = [f"k_values[{i}] = {k}: must be in [1, N-1] = [1, {n - 1}] (N = {n} samples"
+                f"{' after drop_empty_tasks' if study.drop_empty_tasks else ''})"
+                for i, k in enumerate(study.k_values) if not 1 <= k <= n - 1]
+    if n < 4:
+        problems.insert(0, f"data_dir {study.data_dir}: N = {n} samples; CKNNA needs at least 4")
+    _raise(study, problems)
+
+
+def _raise(study: Study, problems: list[str]) -> None:
+    if problems:
+        where = study.config_path or "built-in demo"
+        raise HarnessError(f"{where}: {len(problems)} problem(s): " + "; ".join(problems))
 
 
 def _runnable(python: str) -> bool:
@@ -175,8 +114,9 @@ def _runnable(python: str) -> bool:
 # ------------------------------------------------------------------ phases
 
 
-def prepare_data(study: Study, log) -> None:
-    """Build the synthetic set when asked (reused when present), then check the directory."""
+def prepare_data(study: Study, log) -> int:
+    """Build the synthetic set when asked (reused when present), check the directory and
+    return N, the number of samples the metrics will see."""
     if study.synthetic is not None:
         meta_path = study.data_dir / "metadata.json"
         want = study.synthetic
@@ -197,6 +137,7 @@ def prepare_data(study: Study, log) -> None:
                            f"{report.problems[0]}; see `python -m harness data check`")
     log(f"data: {report.n} samples checked, {report.empty_tasks} empty tasks, "
         f"{report.duplicate_states} duplicate states")
+    return report.n - (report.empty_tasks if study.drop_empty_tasks else 0)
 
 
 def _flags(options: dict) -> list[str]:
@@ -256,13 +197,12 @@ def _layer_files(feats_path: Path) -> dict[str, Path]:
 
 def run_study(study: Study, log=None) -> dict:
     """All phases; returns the results dict (also written under output_dir)."""
-    from harness.commands.cknna import normalised, standardised
     from harness.report import write_report
     from harness.results import Settings, compute
 
     log = log or (lambda msg: print(f"[run] {msg}", file=sys.stderr, flush=True))
     check_paths(study)
-    prepare_data(study, log)
+    check_against_data(study, prepare_data(study, log))
     data = data_mod.load(study.data_dir)
     fingerprint = data_mod.fingerprint(study.data_dir)
     status = {}
@@ -276,9 +216,10 @@ def run_study(study: Study, log=None) -> dict:
     if study.drop_empty_tasks:
         data, record = data_mod.drop_empty_tasks(data)
         options.append(record)
+    states_path = study.data_dir / "feats_B.pt"
     states, zrecord = data.states, None
     if study.zscore_states:
-        states, zrecord = standardised(study.data_dir / "feats_B.pt", states)
+        states, zrecord = states_mod.zscore(states, data.metadata.get("state_keys"))
     models, layers = {}, {}
     for name, st in status.items():
         if "feats_A_path" not in st:
@@ -286,8 +227,8 @@ def run_study(study: Study, log=None) -> dict:
         path = Path(st["feats_A_path"])
         try:
             feats = data.take(load_features(path))
-            models[name] = (str(path), normalised(path, feats))
-            by_layer = {layer: normalised(p, data.take(load_features(p)))
+            models[name] = (str(path), states_mod.normalised(path, feats))
+            by_layer = {layer: states_mod.normalised(p, data.take(load_features(p)))
                         for layer, p in _layer_files(path).items()}
         except HarnessError as err:
             status[name] = dict(st, status="failed", error=str(err))
@@ -300,16 +241,14 @@ def run_study(study: Study, log=None) -> dict:
                            f"{study.features_dir}")
     settings = Settings(ks=study.ks, permutations=study.permutations, seed=study.seed,
                         pairwise=len(models) > 1)
-    preprocessing = {"row_l2_normalised": True, "feats_B_zscored": zrecord is not None,
-                     "feats_B_zscore": zrecord, "data_options": options}
+    preprocessing = states_mod.record(zrecord, options)
     extra = {"study": {"config": str(study.config_path) if study.config_path else "built-in demo",
                        "data_dir": str(study.data_dir),
                        "dataset_fingerprint": fingerprint,
                        "stand_ins": study.stand_ins,
                        "notice": STAND_IN_NOTICE if study.stand_ins else None,
                        "models": status}}
-    results = compute(models, normalised(study.data_dir / "feats_B.pt", states),
-                      str(study.data_dir / "feats_B.pt"), settings, preprocessing, extra,
+    results = compute(models, states_mod.normalised(states_path, states), str(states_path), settings, preprocessing, extra,
                       layers=layers)
     for name, entry in results["models"].items():
         entry["provenance"] = _provenance(Path(entry["feats_A_path"]))

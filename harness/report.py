@@ -46,7 +46,7 @@ def markdown_table(results: dict) -> str:
 
 
 def heatmap(matrix: list[list[float]], labels: list[str], path: str | Path, title: str) -> None:
-    """Model x model heatmap, written atomically; needs matplotlib (extra `plot`)."""
+    """Model x model heatmap, written atomically; needs matplotlib (a core dependency)."""
     plt = _plt()
     size = 1.2 + 0.9 * len(labels)
     fig, ax = plt.subplots(figsize=(size + 1.5, size))
@@ -69,7 +69,7 @@ def _plt():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ImportError("plots need matplotlib: pip install 'harness[plot]'") from None
+        raise ImportError("plots need matplotlib (a core dependency): pip install matplotlib") from None
     return plt
 
 

@@ -14,6 +14,7 @@ import torch
 from harness import cknna as metrics
 from harness import provenance
 from harness.knn import knn
+from harness.states import l2_rows  # noqa: F401  (its home is harness.states)
 
 TIE_RULE = "neighbours ordered by similarity, equal similarities -> lower sample index first"
 
@@ -32,11 +33,6 @@ class Settings:
     cka: bool = False
     backend: str = "torch"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-
-def l2_rows(x: torch.Tensor) -> torch.Tensor:
-    """Row L2 normalisation, as the seed applies before CKNNA (callers reject zero rows)."""
-    return x / x.norm(dim=1, keepdim=True)
 
 
 def _k_search(s: Settings, n: int) -> int:

@@ -11,12 +11,13 @@ from pathlib import Path
 import torch
 
 from harness.commands import resolve_device
-from harness.data import zscore
 from harness.errors import HarnessError
 from harness.io import load_features, write_json
 from harness.knn import BACKENDS
 from harness.report import heatmap, heatmap_k, markdown_table
-from harness.results import Settings, compute, l2_rows
+from harness.results import Settings, compute
+from harness.states import normalised, standardised
+from harness.states import record as preprocessing_record
 
 
 def register(sub) -> None:
@@ -43,23 +44,6 @@ def register(sub) -> None:
     p.add_argument("--knn_backend", choices=BACKENDS, default="torch")
     p.add_argument("--heatmap", metavar="F.png", help="model x model heatmap (implies --pairwise)")
     p.set_defaults(func=run)
-
-
-def normalised(path, x: torch.Tensor) -> torch.Tensor:
-    """L2-normalised rows; a zero row is an error naming the file."""
-    zero = (x.norm(dim=1) == 0).nonzero().flatten()
-    if len(zero):
-        raise HarnessError(f"{path}: {len(zero)} rows have zero norm (first rows "
-                           f"{zero[:5].tolist()}); cannot L2-normalise")
-    return l2_rows(x)
-
-
-def standardised(path, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """`harness.data.zscore`, but a constant column is an error naming the file."""
-    const = (x.std(0) == 0).nonzero().flatten()
-    if len(const):
-        raise HarnessError(f"{path}: columns {const.tolist()} are constant; cannot z-score")
-    return zscore(x)
 
 
 def labels_for(paths: list[Path]) -> list[str]:
@@ -114,8 +98,7 @@ def run(args: argparse.Namespace) -> int:
                         subsample_draws=args.subsample, subsample_fraction=args.subsample_fraction,
                         seed=args.seed, pairwise=args.pairwise or bool(args.heatmap),
                         cka=args.also_cka, backend=args.knn_backend, device=device)
-    preprocessing = {"row_l2_normalised": True, "feats_B_zscored": record is not None,
-                     "feats_B_zscore": record}
+    preprocessing = preprocessing_record(record)
     results = compute(models, normalised(b_path, feats_b), str(b_path), settings, preprocessing)
     table = markdown_table(results)
     if args.heatmap:

@@ -18,6 +18,7 @@ import torch
 
 from harness.errors import HarnessError
 from harness.extractors.base import FINAL, Extractor, HiddenStates, Sample, to_device
+from harness.extractors.registry import Common, FamilySpec, Option
 from harness.pooling import TOKENS, token_mask
 
 TINY_PREFIX = "tiny:"
@@ -204,3 +205,41 @@ class HfVlmExtractor(Extractor):
             except (ValueError, KeyError, OSError) as err:
                 errors.append(f"{name}: {err}")
         raise HarnessError(f"{self.model_id}: no auto class could load it ({'; '.join(errors)[:400]})")
+
+
+def _build(common: Common, opts: dict, stack) -> HfVlmExtractor:
+    return HfVlmExtractor(
+        SPEC.stand_in if common.ckpt == "tiny" else common.ckpt, layers=common.layers,
+        tokens=opts["tokens"], device=common.device, dtype=common.dtype,
+        attn_implementation=opts["attn_implementation"], padding_side=opts["padding_side"],
+        prompt_template=opts["prompt_template"], chat_template=opts["chat_template"],
+        image_size=opts["image_size"], revision=common.revision)
+
+
+SPEC = FamilySpec(
+    name="hf",
+    help="any transformers VLM or LM: hidden_states layers",
+    build=_build,
+    stand_in="tiny:paligemma",
+    stand_in_help="'tiny:<gemma|gemma2|paligemma|paligemma2|qwen2_5_vl|qwen3_vl>'",
+    options=(
+        Option("prompt_template", str, "{task}", "text fed with each image; {task} is replaced"),
+        Option("chat_template", bool, False, "render the prompt through the chat template"),
+        Option("image_size", int, None, "resize images to this square first"),
+        Option("padding_side", str, None, "tokenizer padding side", choices=("left", "right")),
+        Option("tokens", str, "all", "tokens the mean pools over", choices=TOKENS),
+        Option("attn_implementation", str, "eager", "transformers attention implementation"),
+    ),
+    final_norm_paths={
+        "gemma": ("norm", "model.norm"),                       # bare GemmaModel / ForCausalLM
+        "gemma2": ("norm", "model.norm"),
+        "paligemma": ("model.language_model.norm",             # 4.52+ and 5.x
+                      "language_model.model.norm",             # <= 4.51 (GemmaForCausalLM inside)
+                      "language_model.norm"),
+        "paligemma2": ("model.language_model.norm", "language_model.model.norm",
+                       "language_model.norm"),
+        "qwen2_5_vl": ("model.language_model.norm", "model.norm"),
+        "qwen3_vl": ("model.language_model.norm",),
+    },
+    demo=(("paligemma-tiny-layer-sweep", "tiny:paligemma", {"layers": "all"}),),
+)

@@ -26,6 +26,7 @@ import torch
 
 from harness.errors import HarnessError
 from harness.extractors.base import Extractor, HiddenStates
+from harness.extractors.registry import Common, FamilySpec, Option
 from harness.hooks import capture, find_module
 
 DEFAULT_CKPT = "HaomingSong/lerobot-pi0-bridge"
@@ -315,3 +316,44 @@ class Pi0LeRobotExtractor(Extractor):
             if module is not None:
                 return next(module.parameters()).dtype
         return next(pwe.parameters()).dtype
+
+
+def _build(common: Common, opts: dict, stack) -> Pi0LeRobotExtractor:
+    if common.layers != "last":
+        raise HarnessError("pi0_lerobot: only --layers last (the final norm) is supported")
+    path = common.ckpt
+    if common.tiny:
+        import tempfile
+
+        from harness.extractors.standins import save_tiny_pi0_checkpoint
+        path = stack.enter_context(tempfile.TemporaryDirectory(prefix="tiny_pi0_"))
+        save_tiny_pi0_checkpoint(path, new_api=common.ckpt == "tiny:new")
+    return Pi0LeRobotExtractor(
+        path, name=common.ckpt, device=common.device, dtype=common.dtype,
+        image_key=opts["image_key"], seed_tokenization=opts["seed_tokenization"],
+        allow_missing=opts["allow_missing_keys"], allow_unexpected=opts["allow_unexpected_keys"],
+        revision=common.revision, code=opts["pi0_code"])
+
+
+SPEC = FamilySpec(
+    name="pi0_lerobot",
+    help="LeRobot Pi0: prefill-only, final-norm hook, audited weights",
+    build=_build,
+    default_ckpt=DEFAULT_CKPT,
+    stand_in="tiny",
+    stand_in_help="'tiny' (old LeRobot API) or 'tiny:new' (LeRobot 0.6 shape)",
+    auto_dtype=None,
+    options=(
+        Option("image_key", str, None, "override the image key from config.image_features"),
+        Option("seed_tokenization", bool, False,
+               "reproduce the seed script's tokenisation (no trailing newline)"),
+        Option("allow_missing_keys", list, [], "model weights allowed to be absent from the "
+               "checkpoint", metavar="GLOB"),
+        Option("allow_unexpected_keys", list, [], "checkpoint tensors allowed to match no "
+               "model weight", metavar="GLOB"),
+        Option("pi0_code", str, "auto", "the checkpoint's modeling_pi0.py (old API) or the "
+               "installed LeRobot", choices=("auto", "bundled", "lerobot")),
+    ),
+    final_norm_paths={"pi0": NORM_PATHS},
+    demo=(("pi0-lerobot-tiny", "tiny", {}),),
+)

@@ -15,6 +15,7 @@ import torch
 
 from harness.errors import HarnessError
 from harness.extractors.base import FINAL, Extractor, HiddenStates, to_device
+from harness.extractors.registry import Common, FamilySpec, Option
 
 DEFAULT_CKPT = "IPEC-COMMUNITY/spatialvla-4b-224-sft-bridge"
 UNNORM_KEY = "bridge_orig/1.0.0"
@@ -143,3 +144,30 @@ class SpatialVLAExtractor(Extractor):
             "position_ids": self.positions if self._takes_positions else "model default",
             "prompt_template": "<image>*n <bos>{task}\\n (SpatialVLA processor)",
         }
+
+
+def _build(common: Common, opts: dict, stack) -> SpatialVLAExtractor:
+    if common.layers == "all":
+        raise HarnessError("spatialvla: give explicit --layers indices (e.g. 0,13,26)")
+    kw = dict(device=common.device, dtype=common.dtype, unnorm_key=opts["unnorm_key"],
+              revision=common.revision, layers=() if common.layers == "last" else common.layers)
+    if common.tiny:
+        from harness.extractors.standins import tiny_spatialvla
+        model, processor = tiny_spatialvla()
+        kw.update(model=model, processor=processor)
+    return SpatialVLAExtractor(common.ckpt, **kw)
+
+
+SPEC = FamilySpec(
+    name="spatialvla",
+    help="SpatialVLA: hidden_states[-1], eager attention, do_normalize=False",
+    build=_build,
+    default_ckpt=DEFAULT_CKPT,
+    stand_in="tiny",
+    stand_in_help="'tiny' (PaliGemma2 + SpatialVLA-style processor)",
+    options=(Option("unnorm_key", str, UNNORM_KEY,
+                    "dataset key selecting the camera intrinsics (ZoeDepth)"),),
+    final_norm_paths={"paligemma2": ("model.language_model.norm", "language_model.model.norm",
+                                     "language_model.norm")},
+    demo=(("spatialvla-tiny", "tiny", {}),),
+)

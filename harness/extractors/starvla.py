@@ -17,6 +17,7 @@ import torch
 from harness.errors import HarnessError
 from harness.extractors import tiny
 from harness.extractors.hf_vlm import TINY_PREFIX, HfVlmExtractor
+from harness.extractors.registry import Common, FamilySpec, Option
 
 COT_PROMPT = ("Your task is {instruction}. To identify the key objects for your task. "
               "Locate their bounding boxes in [x1,y1,x2,y2] format.")
@@ -116,3 +117,29 @@ class StarVLAExtractor(HfVlmExtractor):
                    image_resize=f"{self.image_size}x{self.image_size} before the processor",
                    autocast=str(self.autocast_dtype).replace("torch.", "") if self.autocast else None)
         return out
+
+
+def _build(common: Common, opts: dict, stack) -> StarVLAExtractor:
+    return StarVLAExtractor(
+        SPEC.stand_in if common.ckpt == "tiny" else common.ckpt, device=common.device,
+        dtype=common.dtype, layers=common.layers, cot_prompt=opts["cot_prompt"] or COT_PROMPT,
+        image_size=opts["image_size"], revision=common.revision)
+
+
+SPEC = FamilySpec(
+    name="starvla",
+    help="StarVLA / HF Qwen-VL: CoT prompt, 224x224, left padding",
+    build=_build,
+    stand_in="tiny:qwen2_5_vl",
+    stand_in_help="'tiny' / 'tiny:qwen2_5_vl' or 'tiny:qwen3_vl'",
+    options=(
+        Option("cot_prompt", str, None,
+               "prompt with {instruction} (default: StarVLA's grounding CoT prompt)"),
+        Option("image_size", int, IMAGE_SIZE, "images are resized to this square first"),
+    ),
+    final_norm_paths={"qwen2_5_vl": ("model.language_model.norm",   # 4.52+ and 5.x
+                                     "model.norm"),                  # 4.49-4.51
+                      "qwen3_vl": ("model.language_model.norm",)},
+    demo=(("starvla-qwen2.5-vl-tiny", "tiny:qwen2_5_vl", {}),
+          ("starvla-qwen3-vl-tiny", "tiny:qwen3_vl", {})),
+)
