@@ -15,6 +15,7 @@ from PIL import Image
 from harness import data
 from harness.cli import main
 from harness.errors import HarnessError
+from harness.states import zscore
 
 pytestmark = pytest.mark.unit
 
@@ -110,7 +111,7 @@ def test_extra_images_beyond_num_samples(good):
 
 
 def test_nan_state_rows_are_named(good):
-    states = torch.zeros(N, 7)
+    states = torch.ones(N, 7)
     states[4, 2] = math.nan
     states[10, 0] = math.inf
     torch.save(states, good / "feats_B.pt")
@@ -148,7 +149,7 @@ def test_metadata_problems_name_keys_and_indices(good):
 def test_all_problems_collected_at_once(good):
     (good / "images" / "000001.png").unlink()
     (good / "images" / "000002.png").write_bytes(b"bad")
-    states = torch.zeros(N, 7)
+    states = torch.ones(N, 7)
     states[3] = math.nan
     torch.save(states, good / "feats_B.pt")
     _edit_meta(good, task_descriptions=TASKS[: N - 1])
@@ -211,13 +212,12 @@ def test_zscore_record_and_values(tmp_path):
     _write_dir(root, states=torch.tensor(raw, dtype=torch.float32))
     loaded = data.load(root)
     with pytest.warns(RuntimeWarning, match="gripper"):
-        z, record = data.zscore_states(loaded)
+        z_states, record = zscore(loaded.states, loaded.metadata["state_keys"])
     assert record["constant_columns"] == ["gripper"]
-    assert z.options == (record,)
     raw32 = raw.astype(np.float32).astype(np.float64)
     np.testing.assert_allclose(record["mean"], raw32.mean(axis=0), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(record["std"], raw32.std(axis=0), rtol=1e-6, atol=1e-6)
-    out = z.states.numpy()
+    out = z_states.numpy()
     np.testing.assert_allclose(out[:, :6].mean(axis=0), 0, atol=1e-5)
     np.testing.assert_allclose(out[:, :6].std(axis=0), 1, atol=1e-5)
     np.testing.assert_allclose(out[:, 6], 0, atol=1e-6)
@@ -308,3 +308,13 @@ def test_cli_check(good, tmp_path, capsys):
     assert "000008.png: cannot decode" in capsys.readouterr().out
     assert main(["data", "check", "--no-decode", str(good)]) == 0
     assert main(["data", "check", str(tmp_path / "missing")]) == 2
+
+
+def test_all_zero_state_rows_are_a_problem(good):
+    """CKNNA L2-normalises state rows: a zero row must fail `data check`, not `run`."""
+    states = torch.ones(N, 7)
+    states[2] = 0
+    states[7] = 0
+    torch.save(states, good / "feats_B.pt")
+    problems = _problems(good)
+    assert len(problems) == 1 and "2 all-zero rows" in problems[0] and "[2, 7]" in problems[0]
