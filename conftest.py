@@ -1,5 +1,10 @@
-"""Project-wide pytest setup: offline hub, markers, hypothesis profiles, gpu skips."""
+"""Project-wide pytest setup: offline hub, markers, hypothesis profiles, gpu skips.
+
+A test's marker is its directory: tests/unit -> `unit`, tests/equivalence ->
+`equivalence`, tests/gpu -> `gpu`, tests/e2e -> `e2e`, tests/benchmarks -> `benchmark`.
+Moving a file moves its marker; no file declares its own."""
 import os
+from pathlib import Path
 
 # Read by huggingface_hub/transformers at import time: set before anything imports them.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -33,7 +38,28 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+MARKER_OF_DIRECTORY = {"unit": "unit", "equivalence": "equivalence", "gpu": "gpu",
+                       "e2e": "e2e", "benchmarks": "benchmark"}
+TESTS = Path(__file__).resolve().parent / "tests"
+
+
+def marker_for(path) -> str | None:
+    """The marker of a test file: the name of its directory right under tests/."""
+    try:
+        first = Path(path).resolve().relative_to(TESTS).parts[0]
+    except (ValueError, IndexError):
+        return None
+    return MARKER_OF_DIRECTORY.get(first)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selection, which reads these markers
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        marker = marker_for(item.path)
+        if marker is None:
+            raise pytest.UsageError(f"{item.nodeid}: test outside tests/"
+                                    f"{{{','.join(MARKER_OF_DIRECTORY)}}} has no marker")
+        item.add_marker(getattr(pytest.mark, marker))
     if config.getoption("--stand-ins") or _cuda_available():
         return
     skip = pytest.mark.skip(

@@ -9,8 +9,6 @@ import torch
 from harness import cknna as C
 from tests.dense_reference import dense_cknna, dense_mutual_knn
 
-pytestmark = pytest.mark.benchmark
-
 N = int(os.environ.get("HARNESS_BENCH_N", 5000))
 KS = (5, 10, 20)
 

@@ -15,8 +15,6 @@ from PIL import Image
 
 from harness.commands.extract import build_extractor
 
-pytestmark = pytest.mark.benchmark
-
 BATCH = 8
 ENV = {"spatialvla": "HARNESS_SPATIALVLA_CKPT", "pi0_lerobot": "HARNESS_PI0_CKPT",
        "starvla": "HARNESS_STARVLA_CKPT"}

@@ -14,7 +14,6 @@ from harness.extractors import tiny
 from harness.extractors.hf_vlm import HfVlmExtractor
 from harness.pooling import masked_mean
 
-pytestmark = pytest.mark.benchmark
 BATCHES = (1, 8, 32)
 TASKS = ["put the spoon on the towel", "open the drawer", "", "pick up the carrot and place it"]
 

@@ -11,8 +11,6 @@ import torch
 
 from harness.synth import generate
 
-pytestmark = pytest.mark.e2e
-
 ROOT = Path(__file__).resolve().parents[2]
 N = 60
 GOOD = {"name": "paligemma", "family": "hf", "ckpt": "tiny:paligemma"}

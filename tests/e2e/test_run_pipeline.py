@@ -9,8 +9,6 @@ from harness.cli import main
 from harness.synth import generate
 from tests.dense_reference import dense_cknna
 
-pytestmark = pytest.mark.e2e
-
 DEMO_MODELS = {"spatialvla-tiny", "pi0-lerobot-tiny", "starvla-qwen2.5-vl-tiny",
                "starvla-qwen3-vl-tiny", "paligemma-tiny-layer-sweep"}
 

@@ -13,7 +13,6 @@ from harness.features import extract
 from harness.pooling import masked_mean
 from tests.fake_extractor import distributed_worker, image_samples
 
-pytestmark = pytest.mark.equivalence
 FAMILY = "paligemma2"  # the SpatialVLA architecture; exists in every supported release
 
 

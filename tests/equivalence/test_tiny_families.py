@@ -17,7 +17,6 @@ from harness.hooks import FINAL_NORM_PATHS, capture
 from harness.pooling import masked_mean
 from tests.fake_extractor import image_samples
 
-pytestmark = pytest.mark.equivalence
 ATOL = 1e-5
 
 

@@ -36,8 +36,6 @@ from harness.errors import HarnessError
 from harness.hooks import FINAL_NORM_PATHS, capture
 from harness.pooling import masked_mean
 
-pytestmark = pytest.mark.gpu
-
 
 @dataclass(frozen=True)
 class Target:

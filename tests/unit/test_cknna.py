@@ -12,8 +12,6 @@ from harness.knn import knn
 from tests.dense_reference import (dense_biased_cka, dense_cknna, dense_mutual_knn,
                                    dense_unbiased_cka, hsic_unbiased)
 
-pytestmark = pytest.mark.unit
-
 
 def unit_rows(x):
     return torch.nn.functional.normalize(x, dim=1)

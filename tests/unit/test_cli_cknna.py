@@ -9,8 +9,6 @@ import torch
 from harness.cli import main
 from tests.dense_reference import dense_cknna, dense_mutual_knn
 
-pytestmark = pytest.mark.unit
-
 N = 60
 
 

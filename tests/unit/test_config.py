@@ -10,8 +10,6 @@ import pytest
 from harness import config, pipeline
 from harness.errors import HarnessError
 
-pytestmark = pytest.mark.unit
-
 HF = '[[models]]\nname = "m"\nfamily = "hf"\nckpt = "tiny:paligemma"\n'
 
 

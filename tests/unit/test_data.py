@@ -17,8 +17,6 @@ from harness.cli import main
 from harness.errors import HarnessError
 from harness.states import zscore
 
-pytestmark = pytest.mark.unit
-
 N = 12
 TASKS = ["pick up the cup", "", "put the spoon in the pot", "  ", "flip the pot", "",
          "move the corn", "open drawer", "", "close drawer", "wipe", "stack cups"]

@@ -11,8 +11,6 @@ from harness.errors import HarnessError
 from harness.features import extract, shard_ranges
 from tests.fake_extractor import FakeExtractor, expected, samples
 
-pytestmark = pytest.mark.unit
-
 
 def load(path):
     return torch.load(path, weights_only=True)

@@ -7,8 +7,6 @@ from torch import nn
 
 from harness.hooks import HookError, capture, find_module
 
-pytestmark = pytest.mark.unit
-
 
 class TupleOut(nn.Module):
     def forward(self, x):

@@ -4,8 +4,6 @@ import torch
 
 from harness.knn import Neighbours, knn, recall
 
-pytestmark = pytest.mark.unit
-
 
 def by_the_rule(x, k):
     """Brute force in Python: sort others by (-similarity, index)."""

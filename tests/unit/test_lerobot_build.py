@@ -22,8 +22,6 @@ pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 av = pytest.importorskip("av")
 
-pytestmark = pytest.mark.unit
-
 EPISODES, FRAMES, CHUNK_SIZE = 3, 10, 2
 TASKS = {0: "put the cup in the sink", 1: ""}
 

@@ -6,8 +6,6 @@ import torch
 
 from harness.pooling import EmptyMaskError, last_token, masked_mean, pool, token_mask
 
-pytestmark = pytest.mark.unit
-
 
 def test_mean_uses_only_masked_tokens():
     hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])

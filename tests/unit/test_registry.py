@@ -10,8 +10,6 @@ from harness import config
 from harness.cli import build_parser, main
 from harness.extractors import registry
 
-pytestmark = pytest.mark.unit
-
 NOT_OPTIONS = {"help", "ckpt", "data_dir", "output_dir"}  # per-run arguments, not options
 
 

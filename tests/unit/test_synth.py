@@ -12,8 +12,6 @@ from harness import data, synth
 from harness.cknna import permutation_test
 from harness.cli import main
 
-pytestmark = pytest.mark.unit
-
 
 def _files(root):
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}

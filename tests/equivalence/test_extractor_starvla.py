@@ -12,8 +12,6 @@ from harness.hooks import FINAL_NORM_PATHS, capture
 from harness.pooling import masked_mean
 from tests.random_samples import TASKS, random_samples
 
-pytestmark = pytest.mark.unit
-
 FAMILIES = ["qwen2_5_vl", "qwen3_vl"]
 def samples(n=len(TASKS), side=256):
     return random_samples(n, 0, (side, side))

@@ -7,11 +7,7 @@ import json
 import pytest
 import torch
 
-from harness.cli import build_parser, main
-from harness.commands.extract import parse_layers, resolve_dtype
-from harness.errors import HarnessError
-
-pytestmark = pytest.mark.unit
+from harness.cli import main
 
 N = 6
 
@@ -63,29 +59,6 @@ def test_resume_refuses_other_settings(data_dir, tmp_path, capsys):
     assert main(base) == 0
     assert main(base + ["--seed_tokenization", "--resume"]) == 2
     assert "different provenance" in capsys.readouterr().err
-
-
-def test_seed_flag_spellings():
-    parser = build_parser()
-    args = parser.parse_args(["extract", "pi0_lerobot", "--ckpt_path", "HaomingSong/lerobot-pi0-bridge",
-                              "--data_dir", "d", "--output_dir", "o"])
-    assert args.ckpt == "HaomingSong/lerobot-pi0-bridge"
-    args = parser.parse_args(["extract", "spatialvla", "--data-dir", "d", "--output-dir", "o"])
-    assert args.ckpt == "IPEC-COMMUNITY/spatialvla-4b-224-sft-bridge"
-    assert args.unnorm_key == "bridge_orig/1.0.0"
-    with pytest.raises(SystemExit):  # starvla has no default checkpoint
-        parser.parse_args(["extract", "starvla", "--data_dir", "d", "--output_dir", "o"])
-
-
-def test_layers_and_dtype_parsing():
-    assert parse_layers("last") == "last" and parse_layers("all") == "all"
-    assert parse_layers("0, 13,-1") == [0, 13, -1]
-    with pytest.raises(HarnessError):
-        parse_layers("middle")
-    assert resolve_dtype("auto", tiny=True, family="spatialvla") == "float32"
-    assert resolve_dtype("auto", tiny=False, family="spatialvla") == "bfloat16"
-    assert resolve_dtype("auto", tiny=False, family="pi0_lerobot") is None  # checkpoint's own
-    assert resolve_dtype("float16", tiny=False, family="starvla") == "float16"
 
 
 def test_spatialvla_layer_sweep_files(data_dir, tmp_path):

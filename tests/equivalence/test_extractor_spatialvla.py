@@ -11,8 +11,6 @@ from harness.extractors.spatialvla import SpatialVLAExtractor, check_transformer
 from harness.pooling import masked_mean
 from tests.random_samples import TASKS, random_samples
 
-pytestmark = pytest.mark.unit
-
 def samples(n=len(TASKS), seed=0):
     return random_samples(n, seed)
 

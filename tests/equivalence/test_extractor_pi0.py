@@ -12,8 +12,6 @@ from harness.extractors.pi0_lerobot import Pi0LeRobotExtractor
 from harness.pooling import masked_mean
 from tests.random_samples import TASKS, random_samples
 
-pytestmark = pytest.mark.unit
-
 def samples(n=len(TASKS), seed=0):
     return random_samples(n, seed)
 
