@@ -1,6 +1,6 @@
 """The data directory every stage shares: load it, validate it, write it.
 
-Layout (the seed's `cknna_data/`, see FACTS §1): `metadata.json` (per-sample lists
+Layout (the seed's `cknna_data/`, see docs/facts.md §1): `metadata.json` (per-sample lists
 `task_descriptions`, `episode_indices`, `frame_indices` and `num_samples`, `state_keys`),
 `images/{i:06d}.png` (256x256 RGB) and `feats_B.pt`, a float (N, 7) tensor of states.
 

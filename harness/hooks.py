@@ -1,6 +1,6 @@
 """Capture one module's output during a forward, without changing the forward.
 
-Module paths move between transformers releases (FACTS §4), so a capture takes a list of
+Module paths move between transformers releases (docs/facts.md §4), so a capture takes a list of
 candidate dotted paths and uses the first that exists. A hook that never fires is an
 error, not an empty result: a silent hook means features were read from somewhere else.
 """

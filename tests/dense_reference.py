@@ -1,4 +1,4 @@
-"""Dense O(N^3) CKNNA written straight from the formula (FACTS §2, Song et al. eq. 5).
+"""Dense O(N^3) CKNNA written straight from the formula (docs/facts.md §2, Song et al. eq. 5).
 
 Independent of harness/: full N x N kernels, masks and products, float64, so the fast
 engine can be checked against it. Ties are avoided by the tests' inputs."""

@@ -1,7 +1,7 @@
 """Any transformers VLM or LM: `hidden_states` layers, masked-mean pooling mask.
 
 The final layer (`hidden_states[-1]`, the final-norm output in every family we use,
-FACTS §4) by default; or any list of `hidden_states` indices; or all of them in one
+docs/facts.md §4) by default; or any list of `hidden_states` indices; or all of them in one
 forward (a layer sweep). Names of the form `tiny:<family>` load the seeded random-weight
 stand-ins of `harness.extractors.tiny`, so the whole pipeline runs without a hub.
 

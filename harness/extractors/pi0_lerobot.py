@@ -1,6 +1,6 @@
 """LeRobot Pi0 (PaliGemma + Gemma action expert): prefill-only, final-norm features.
 
-Traps handled here (../../FACTS.md §3):
+Traps handled here (docs/facts.md §3):
 - never `select_action` (its action queue skips the model on most calls); run the prefix
   forward only, as the policy's own prefill does;
 - the norm hook must equal the prefix output the forward returns (free check; raise);

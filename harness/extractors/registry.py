@@ -161,3 +161,30 @@ def final_norm_paths() -> dict[str, tuple[str, ...]]:
         for model_type, paths in spec.final_norm_paths.items():
             out.setdefault(model_type, paths)
     return out
+
+
+def options_markdown() -> str:
+    """The options table of every family, as docs/families.md shows it (a test keeps the
+    page equal to this): `python -c "from harness.extractors.registry import
+    options_markdown; print(options_markdown())"`."""
+    def cell(o: Option) -> str:
+        kind = {int: "int", float: "float", str: "str", bool: "bool", list: "list of str",
+                LAYERS: "layers"}[o.type]
+        choices = f" ({' / '.join(map(str, o.choices))})" if o.choices else ""
+        default = "" if o.default in (None, [], False) else f"`{o.default}`"
+        what = o.help.replace("|", "\\|")
+        return f"| `{o.name}` | {kind}{choices} | {default} | {what} |"
+
+    lines = ["All families: `--ckpt`, `--data_dir`, `--output_dir`, and", "",
+             "| option | type | default | what |", "|---|---|---|---|"]
+    lines += [cell(o) for o in COMMON_OPTIONS]
+    for spec in families().values():
+        ckpt = f"`{spec.default_ckpt}`" if spec.default_ckpt else "none (required)"
+        lines += ["", f"`{spec.name}`: {spec.help}. Default checkpoint: {ckpt}; stand-in: "
+                  f"{spec.stand_in_help}.", ""]
+        if spec.options:
+            lines += ["| option | type | default | what |", "|---|---|---|---|"]
+            lines += [cell(o) for o in spec.options]
+        else:
+            lines.append("No options of its own.")
+    return "\n".join(lines) + "\n"

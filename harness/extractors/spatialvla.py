@@ -1,6 +1,6 @@
 """SpatialVLA (PaliGemma2 + ZoeDepth, custom remote code): `hidden_states[-1]` masked mean.
 
-Traps handled here (../../FACTS.md §3): the remote code only runs on transformers
+Traps handled here (docs/facts.md §3): the remote code only runs on transformers
 [4.47.0, 4.49); eager attention is pinned (flash-attention-2 would make the prompt
 causal and change the features); the processor gets `do_normalize=False` (the model
 normalises pixels itself) and `unnorm_key` (selects the camera intrinsics);

@@ -1,7 +1,7 @@
 """StarVLA (Qwen2.5-VL / Qwen3-VL backbones) and plain HF Qwen-VL: `hidden_states[-1]`
 masked mean, fed the way StarVLA feeds its VLM at inference.
 
-What differs from a generic HF VLM (FACTS §3): the CoT grounding prompt through the chat
+What differs from a generic HF VLM (docs/facts.md §3): the CoT grounding prompt through the chat
 template, images resized to 224x224 first (256x256 would change the number of image
 tokens), left padding, and in transformers 5 the `mm_token_type_ids` without which
 Qwen2.5-VL silently drops to 1-D positions (Qwen3-VL raises). A StarVLA framework

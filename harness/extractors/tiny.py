@@ -3,7 +3,7 @@
 Nothing can be downloaded in CI, yet the extraction code must be exercised on the real
 transformers architectures. Each `tiny_<family>()` returns `(model, processor)`: the model
 built from a config (vocab 1024, hidden 64, 2 layers, 4 heads, head_dim 16; SigLIP /
-Qwen vision on 32x32 images, patch 8; FACTS §4), in eval mode with eager attention, and
+Qwen vision on 32x32 images, patch 8; docs/facts.md §4), in eval mode with eager attention, and
 a `TinyProcessor` that is called like a transformers processor
 (`processor(images=..., text=..., padding=True, return_tensors="pt")`).
 

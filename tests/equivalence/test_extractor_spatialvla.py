@@ -1,5 +1,5 @@
 """SpatialVLA extractor on its stand-in (tiny PaliGemma2 + SpatialVLA-style processor):
-the real code path, each trap of FACTS §3, pooling masks and batch invariance."""
+the real code path, each trap of docs/facts.md §3, pooling masks and batch invariance."""
 from __future__ import annotations
 
 import pytest

@@ -55,7 +55,7 @@ TARGETS = {
                       os.environ.get("HARNESS_STARVLA_LABEL", "starvla"), None),
 }
 STAND_IN_DIM = 64
-REAL_IMAGE_TOKENS = 256  # SpatialVLA and Pi0 at 224x224 (FACTS §3)
+REAL_IMAGE_TOKENS = 256  # SpatialVLA and Pi0 at 224x224 (docs/facts.md §3)
 BATCH = int(os.environ.get("HARNESS_GPU_BATCH", 8))
 N_CHECK = 3  # samples re-run alone
 

@@ -106,7 +106,7 @@ def test_rotated_copy_beats_every_permutation():
     assert result["z_score"] > 10
 
 
-# ------------------------------------------------------------ properties (FACTS §2)
+# ------------------------------------------------------------ properties (docs/facts.md §2)
 
 
 @st.composite
@@ -247,7 +247,7 @@ def test_degenerate_self_similarity_is_nan_with_a_warning():
         assert C._ratio(0.1, 0.2, 0.3) == pytest.approx(0.1 / (math.sqrt(0.06) + 1e-6))
 
 
-# ------------------------------------------------------------ what the metric is NOT (FACTS §2)
+# ------------------------------------------------------------ what the metric is NOT (docs/facts.md §2)
 
 
 def small_pair(seed, n=6, da=2, db=2):

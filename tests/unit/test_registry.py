@@ -63,3 +63,11 @@ def test_final_norm_paths_come_from_the_specs():
     assert FINAL_NORM_PATHS["paligemma"][0] == "model.language_model.norm"
     assert set(FINAL_NORM_PATHS) >= {"gemma", "gemma2", "paligemma", "paligemma2",
                                      "qwen2_5_vl", "qwen3_vl"}
+
+
+def test_docs_options_table_is_generated_from_the_registry():
+    from pathlib import Path
+    page = (Path(__file__).resolve().parents[2] / "docs" / "families.md").read_text()
+    start = page.index("-->\n", page.index("<!-- options table")) + len("-->\n")
+    end = page.index("<!-- end of options table -->")
+    assert page[start:end].strip() == registry.options_markdown().strip()
