@@ -105,7 +105,7 @@ def _layers_value(value):
     try:
         return layers_flag(value)
     except HarnessError as err:
-        raise ValueError(str(err).removeprefix("--").removeprefix("layers: ")) from None
+        raise ValueError(str(err)) from None
 
 
 def _annotation(o: Option):

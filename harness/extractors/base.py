@@ -69,8 +69,26 @@ class Extractor(abc.ABC):
         """Run the model (no grad) and return hidden states + pooling mask."""
 
     @abc.abstractmethod
+    def describe(self) -> dict:
+        """What only this family knows about how its features are made (JSON-able, except
+        that `dtype` may be a torch.dtype)."""
+
+    def attention_implementation(self) -> str | None:
+        """The attention implementation of the modules that ran (None: not recorded)."""
+        return None
+
     def provenance(self) -> dict:
-        """How the features are made, as a JSON-able dict."""
+        """How the features are made, built here once for every family: the family's own
+        record, dtype spelled one way, the attention implementation read from the modules
+        that ran (not the one asked for)."""
+        from harness.extractors.compat import dtype_name
+
+        record = {"family": self.family, **self.describe()}
+        record["dtype"] = dtype_name(record.get("dtype"))
+        attention = self.attention_implementation()
+        if attention is not None:
+            record["attn_implementation"] = attention
+        return record
 
 
 REQUIRED = ("family", "load", "build_inputs", "forward", "provenance")

@@ -18,21 +18,16 @@ import torch
 
 from harness.errors import HarnessError
 from harness.extractors.base import FINAL, Extractor, HiddenStates, Sample, to_device
-from harness.extractors.registry import Common, FamilySpec, Option
+from harness.extractors.compat import attention_in_use, dtype_kwarg
+from harness.extractors.registry import Common, FamilySpec, Option, parse_layers
 from harness.pooling import TOKENS, token_mask
 
 TINY_PREFIX = "tiny:"
 
 
 def _layer_spec(layers) -> str | list[int]:
-    if layers is None or layers == FINAL:
-        return FINAL
-    if layers == "all":
-        return "all"
-    try:
-        return [int(i) for i in layers]
-    except (TypeError, ValueError):
-        raise HarnessError(f"layers must be 'last', 'all' or a list of integers, got {layers!r}") from None
+    """'last' | 'all' | [int, ...]: parsed by the registry's one parser."""
+    return FINAL if layers is None else parse_layers(layers)
 
 
 class HfVlmExtractor(Extractor):
@@ -111,16 +106,19 @@ class HfVlmExtractor(Extractor):
                           self.image_token_id, self.tokens)
         return HiddenStates(layers=layers, mask=mask)
 
-    def provenance(self) -> dict:
+    def attention_implementation(self) -> str | None:
+        return attention_in_use(self.model)
+
+    def describe(self) -> dict:
         cfg = self.model.config
         return {
-            "family": self.family, "model": self.model_id, "revision": self.revision,
+            "model": self.model_id, "revision": self.revision,
             "seed": self.seed if self.model_id.startswith(TINY_PREFIX) else None,
             "class": type(self.model).__name__, "model_type": getattr(cfg, "model_type", None),
             "extraction_point": "hidden_states[-1] (post final norm)",
             "layers": self.layer_spec, "hidden_size": self.hidden_dim,
-            "pooling_tokens": self.tokens, "dtype": str(self.dtype).replace("torch.", ""),
-            "attn_implementation": self.attn, "padding_side": getattr(self.tokenizer, "padding_side", None),
+            "pooling_tokens": self.tokens, "dtype": self.dtype,
+            "padding_side": getattr(self.tokenizer, "padding_side", None),
             "position_ids": "model default" if self._position_offset is None
             else f"cumsum(attention_mask) - 1 + {self._position_offset}",
             "prompt_template": getattr(self.processor, "prompt_template", None) or self.prompt_template,
@@ -188,7 +186,6 @@ class HfVlmExtractor(Extractor):
     def _from_pretrained(self):
         import transformers
         common = dict(revision=self.revision)
-        dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
         try:
             processor = transformers.AutoProcessor.from_pretrained(self.model_id, **common)
         except Exception as err:
@@ -200,7 +197,7 @@ class HfVlmExtractor(Extractor):
                 continue
             try:
                 model = auto.from_pretrained(self.model_id, attn_implementation=self.attn,
-                                             **{dtype_key: self.dtype}, **common)
+                                             **dtype_kwarg(self.dtype), **common)
                 return model, processor
             except (ValueError, KeyError, OSError) as err:
                 errors.append(f"{name}: {err}")

@@ -289,17 +289,17 @@ class Pi0LeRobotExtractor(Extractor):
                                "the hooked module is not the final norm of this forward")
         return HiddenStates(layers={"last": hidden}, mask=pad_masks.bool())
 
-    def provenance(self) -> dict:
+    def describe(self) -> dict:
         policy = self.policy
         pwe = policy.model.paligemma_with_expert
         norm = dict(pwe.named_modules())[self.norm_path]
         return {
-            "family": self.family, "model": self.name, "revision": self.revision,
+            "model": self.name, "revision": self.revision,
             "api": self.api, "api_source": self.api_source, "class": type(policy).__name__,
             "extraction_point": f"{self.extraction_point}: paligemma_with_expert.{self.norm_path}",
-            "pooling": "masked mean (prefix_pad_masks)",
+            "pooling_mask": "prefix_pad_masks",
             "hidden_size": int(norm.weight.shape[0]) if hasattr(norm, "weight") else None,
-            "dtype": str(self._lm_dtype(pwe)), "image_key": self.image_key,
+            "dtype": self._lm_dtype(pwe), "image_key": self.image_key,
             "image_keys_in_config": list(policy.config.image_features),
             "tokenization": "seed (no newline, truncation)" if self.seed_tokenization
             else "prepare_language (task + newline, right pad)",

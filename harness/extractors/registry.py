@@ -92,7 +92,7 @@ def parse_layers(value) -> str | list[int]:
     if isinstance(value, (list, tuple)):
         if all(isinstance(v, int) and not isinstance(v, bool) for v in value) and value:
             return list(value)
-        raise HarnessError(f"layers: expected a non-empty list of integers, got {value!r}")
+        raise HarnessError(f"layers must be a non-empty list of integers, got {value!r}")
     text = str(value).strip()
     if text in ("last", "all"):
         return text
@@ -101,7 +101,7 @@ def parse_layers(value) -> str | list[int]:
     except ValueError:
         out = []
     if not out:
-        raise HarnessError(f"--layers: expected 'last', 'all' or integers, got {value!r}")
+        raise HarnessError(f"layers must be 'last', 'all' or integers (e.g. 0,13,-1), got {value!r}")
     return out
 
 

@@ -15,6 +15,7 @@ import torch
 
 from harness.errors import HarnessError
 from harness.extractors.base import FINAL, Extractor, HiddenStates, to_device
+from harness.extractors.compat import attention_in_use, dtype_kwarg, transformers_version
 from harness.extractors.registry import Common, FamilySpec, Option
 
 DEFAULT_CKPT = "IPEC-COMMUNITY/spatialvla-4b-224-sft-bridge"
@@ -25,9 +26,7 @@ ATTN = "eager"
 TEXT_MODEL_TYPES = ("gemma2", "gemma")
 
 
-def installed_transformers() -> str:
-    import transformers
-    return transformers.__version__
+installed_transformers = transformers_version  # tests replace it
 
 
 def check_transformers_version(version: str | None = None) -> str:
@@ -45,22 +44,8 @@ def check_transformers_version(version: str | None = None) -> str:
 
 
 def attn_implementation(model) -> str | None:
-    """The attention the language model will actually run. Read from the decoder itself:
-    in 4.47 its config is a copy of `config.text_config` (which may say otherwise) and its
-    attention classes are fixed when it is built, so their names are checked too."""
-    found = set()
-    for lm in (m for m in model.modules()
-               if getattr(getattr(m, "config", None), "model_type", None) in TEXT_MODEL_TYPES):
-        found.add(getattr(lm.config, "_attn_implementation", None))
-        for module in lm.modules():
-            name = type(module).__name__
-            if name.endswith("Attention") and ("Flash" in name or "Sdpa" in name):
-                found.add("flash_attention_2" if "Flash" in name else "sdpa")
-    found.discard(None)
-    if not found:  # no recognisable decoder: trust the top-level config
-        cfg = getattr(model, "config", None)
-        return getattr(getattr(cfg, "text_config", cfg), "_attn_implementation", None)
-    return found.pop() if len(found) == 1 else "+".join(sorted(found))
+    """The attention SpatialVLA's Gemma2 decoder actually runs (see compat)."""
+    return attention_in_use(model, TEXT_MODEL_TYPES)
 
 
 class SpatialVLAExtractor(Extractor):
@@ -87,12 +72,12 @@ class SpatialVLAExtractor(Extractor):
     # -- protocol ---------------------------------------------------------------
     def load(self) -> "SpatialVLAExtractor":
         if self.model is None:
-            check_transformers_version()
+            version = check_transformers_version()
             from transformers import AutoModel, AutoProcessor
             common = dict(trust_remote_code=True, revision=self.revision)
             self.processor = AutoProcessor.from_pretrained(self.ckpt, **common)
             self.model = AutoModel.from_pretrained(
-                self.ckpt, torch_dtype=self.dtype, attn_implementation=ATTN, **common)
+                self.ckpt, attn_implementation=ATTN, **dtype_kwarg(self.dtype, version), **common)
         # Cast only a model not already in self.dtype: `.to(dtype)` also casts float
         # buffers, and rotary `inv_freq` (kept float32 by from_pretrained) would turn bf16.
         if next(self.model.parameters()).dtype != self.dtype:
@@ -129,16 +114,19 @@ class SpatialVLAExtractor(Extractor):
             layers[str(i % len(hidden))] = hidden[i]
         return HiddenStates(layers=layers, mask=inputs["attention_mask"].bool())
 
-    def provenance(self) -> dict:
+    def attention_implementation(self) -> str | None:
+        return attn_implementation(self.model)
+
+    def describe(self) -> dict:
         cfg = self.model.config
         text = getattr(cfg, "text_config", cfg)
         return {
-            "family": self.family, "model": self.ckpt, "revision": self.revision,
+            "model": self.ckpt, "revision": self.revision,
             "stand_in": self.stand_in, "class": type(self.model).__name__,
             "extraction_point": self.extraction_point, "layers": [FINAL, *map(str, self.layers)],
-            "pooling": "masked mean (attention_mask)",
-            "hidden_size": getattr(text, "hidden_size", None), "dtype": str(self.dtype),
-            "attn_implementation": attn_implementation(self.model), "use_cache": False,
+            "pooling_mask": "attention_mask",
+            "hidden_size": getattr(text, "hidden_size", None), "dtype": self.dtype,
+            "use_cache": False,
             "padding_side": getattr(getattr(self.processor, "tokenizer", None), "padding_side", None),
             "processor_kwargs": {"unnorm_key": self.unnorm_key, "do_normalize": False},
             "position_ids": self.positions if self._takes_positions else "model default",

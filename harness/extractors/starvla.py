@@ -16,6 +16,7 @@ import torch
 
 from harness.errors import HarnessError
 from harness.extractors import tiny
+from harness.extractors.compat import transformers_major
 from harness.extractors.hf_vlm import TINY_PREFIX, HfVlmExtractor
 from harness.extractors.registry import Common, FamilySpec, Option
 
@@ -103,14 +104,14 @@ class StarVLAExtractor(HfVlmExtractor):
 
     def build_inputs(self, samples) -> dict:
         inputs = super().build_inputs(samples)
-        if tiny.transformers_major() >= 5 and "mm_token_type_ids" not in inputs:
+        if transformers_major() >= 5 and "mm_token_type_ids" not in inputs:
             image = inputs["input_ids"] == self.image_token_id
             inputs["mm_token_type_ids"] = image.long()  # 1 = image token, 0 = text
         return inputs
 
-    def provenance(self) -> dict:
-        out = super().provenance()
-        out.update(family=self.family, source=self.source, cot_prompt=self.cot_prompt,
+    def describe(self) -> dict:
+        out = super().describe()
+        out.update(source=self.source, cot_prompt=self.cot_prompt,
                    prompt_template=self.prompt_template,
                    processor_template=getattr(self.processor, "prompt_template", None)
                    or ("chat template" if self.chat_template else None),

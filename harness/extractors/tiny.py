@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from harness.errors import HarnessError
+from harness.extractors.compat import transformers_major  # noqa: F401  (also tiny.transformers_major)
 
 VOCAB = 1024
 HIDDEN = 64
@@ -49,9 +50,6 @@ _CLASSES = {  # family -> (config class, model class) names in transformers
 }
 
 
-def transformers_major() -> int:
-    import transformers
-    return int(transformers.__version__.split(".")[0])
 
 
 def unavailable(family: str) -> str | None:

@@ -207,7 +207,7 @@ def test_explicit_dtype_casts_weights_not_rotary_buffers(ckpt):
     assert {p.dtype for p in ex.policy.parameters()} == {torch.bfloat16}
     rotary = {b.dtype for n, b in ex.policy.named_buffers() if n.endswith("inv_freq")}
     assert rotary == {torch.float32}
-    assert ex.provenance()["dtype"] == "torch.bfloat16"
+    assert ex.provenance()["dtype"] == "bfloat16"
     assert torch.isfinite(pooled(ex, samples(2))).all()
 
 

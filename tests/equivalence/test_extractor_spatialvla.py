@@ -186,4 +186,4 @@ def test_real_load_path_arguments(monkeypatch):
     rotary = {n: b.dtype for n, b in ex.model.named_buffers() if n.endswith("inv_freq")}
     assert rotary and set(rotary.values()) == {torch.float32}  # not cast after loading
     prov = ex.provenance()
-    assert prov["attn_implementation"] == "eager" and prov["dtype"] == "torch.bfloat16"
+    assert prov["attn_implementation"] == "eager" and prov["dtype"] == "bfloat16"

@@ -66,7 +66,7 @@ def test_top_level_problems_name_the_key(tmp_path, line, needle):
     ('options = { batch_size = "4" }', "models[0].options.batch_size: Input should be a valid integer"),
     ('options = { chat_template = "false" }', "models[0].options.chat_template: Input should be a valid boolean"),
     ('options = { tokens = "al" }', "models[0].options.tokens: Input should be 'all', 'image' or 'text'"),
-    ('options = { layers = "middle" }', "models[0].options.layers: expected 'last', 'all'"),
+    ('options = { layers = "middle" }', "models[0].options.layers: layers must be 'last', 'all'"),
     ('options = { unnorm_key = "x" }', "models[0].options.unnorm_key: unknown key"),
     ('options = 3', "models[0].options: Input should be a valid dictionary"),
     ('ckpts = "x"', "models[0].ckpts: unknown key (did you mean 'ckpt'?)"),
