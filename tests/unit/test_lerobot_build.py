@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from harness import data
 from harness.cli import main
@@ -99,7 +100,7 @@ def _check_samples(out, pairs):
     assert torch.equal(loaded.states, torch.tensor(expected_states, dtype=torch.float32))
     assert loaded.tasks == [TASKS[e % 2] for e, _ in pairs]
     for row, (e, f) in enumerate(pairs):
-        with data.Image.open(loaded.image_path(row)) as im:
+        with Image.open(loaded.image_path(row)) as im:
             assert im.size == (256, 256) and im.mode == "RGB"
             mean = np.asarray(im, dtype=np.float64).reshape(-1, 3).mean(axis=0)
         assert np.abs(mean - colour(e, f)).max() < 8, (row, e, f, mean)
@@ -165,7 +166,7 @@ def test_frame_past_the_video_end_falls_back_loudly(tmp_path):
     with pytest.warns(RuntimeWarning, match="past the end"):
         meta = build_from_lerobot(src, tmp_path / "out", n=30, seed=0, chunks=[0, 1])
     assert meta["frame_fallbacks"] == [{"episode_index": 1, "frame_indices": [7, 8, 9]}]
-    with data.Image.open(tmp_path / "out" / "images" / "000019.png") as im:  # episode 1, frame 9
+    with Image.open(tmp_path / "out" / "images" / "000019.png") as im:  # episode 1, frame 9
         mean = np.asarray(im, dtype=np.float64).reshape(-1, 3).mean(axis=0)
     assert np.abs(mean - colour(1, 6)).max() < 8
 
