@@ -1,6 +1,7 @@
 """Capture one module's output during a forward, without changing the forward.
 
-Module paths move between transformers releases (docs/facts.md §4), so a capture takes a list of
+Module paths move between transformers releases (docs/facts.md §4; each family declares
+its final-norm paths in its registry spec), so a capture takes a list of
 candidate dotted paths and uses the first that exists. A hook that never fires is an
 error, not an empty result: a silent hook means features were read from somewhere else.
 """
@@ -13,15 +14,6 @@ from typing import Iterator, Sequence
 import torch
 
 from harness.errors import HarnessError
-
-
-def __getattr__(name: str):
-    """`FINAL_NORM_PATHS` (model_type -> final-norm paths, newest layout first) is declared
-    by each family's spec in the registry; read lazily, since extractors import this module."""
-    if name == "FINAL_NORM_PATHS":
-        from harness.extractors.registry import final_norm_paths
-        return final_norm_paths()
-    raise AttributeError(name)
 
 
 class HookError(HarnessError):

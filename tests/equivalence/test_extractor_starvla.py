@@ -8,7 +8,10 @@ import torch
 from harness.errors import HarnessError
 from harness.extractors import starvla, tiny
 from harness.extractors.starvla import COT_PROMPT, StarVLAExtractor
-from harness.hooks import FINAL_NORM_PATHS, capture
+from harness.extractors.registry import final_norm_paths
+from harness.hooks import capture
+
+FINAL_NORM_PATHS = final_norm_paths()
 from harness.pooling import masked_mean
 from tests.random_samples import TASKS, random_samples
 

@@ -13,7 +13,10 @@ import torch
 
 from harness.extractors import tiny
 from harness.extractors.hf_vlm import HfVlmExtractor
-from harness.hooks import FINAL_NORM_PATHS, capture
+from harness.extractors.registry import final_norm_paths
+from harness.hooks import capture
+
+FINAL_NORM_PATHS = final_norm_paths()
 from harness.pooling import masked_mean
 from tests.fake_extractor import image_samples
 

@@ -33,7 +33,10 @@ from harness import data as data_mod
 from harness import features
 from harness.commands.extract import build_extractor
 from harness.errors import HarnessError
-from harness.hooks import FINAL_NORM_PATHS, capture
+from harness.extractors.registry import final_norm_paths
+from harness.hooks import capture
+
+FINAL_NORM_PATHS = final_norm_paths()
 from harness.pooling import masked_mean
 
 

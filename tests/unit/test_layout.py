@@ -31,3 +31,40 @@ def test_no_unit_test_builds_a_model():
     offenders = [p.name for p in UNIT.glob("test_*.py")
                  if p.name != Path(__file__).name and builds.search(p.read_text())]
     assert offenders == []
+
+
+# Lower rank = further downhill; a module may import its own rank or lower ranks only.
+RANKS = {
+    "errors": 0, "io": 0, "states": 0, "provenance": 0, "pooling": 0, "hooks": 0,
+    "data": 1, "synth": 1, "lerobot_build": 1,
+    "extractors": 2,
+    "features": 3,
+    "knn": 4, "cknna": 4,
+    "results": 5, "report": 5,
+    "config": 6,
+    "pipeline": 7,
+    "commands": 8, "cli": 8, "__main__": 8, "__init__": 8,
+}
+
+
+def _rank(module: str) -> int:
+    return RANKS[module.split(".")[1] if "." in module else module]
+
+
+def test_the_architecture_reads_downhill():
+    """data -> extractors -> features -> metrics -> results/report; config, pipeline and
+    the commands only wire (docs/architecture.md). Every import, at any depth, counts."""
+    import ast
+    package = UNIT.parents[1] / "harness"
+    uphill = []
+    for path in package.rglob("*.py"):
+        module = ".".join(("harness",) + path.relative_to(package).with_suffix("").parts)
+        if _rank(module if module.count(".") else "harness.__init__") == 8:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            for target in targets:
+                if target.startswith("harness.") and _rank(target) > _rank(module):
+                    uphill.append(f"{module} imports {target}")
+    assert uphill == []

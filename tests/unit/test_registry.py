@@ -59,7 +59,7 @@ def test_bad_layers_are_refused(value):
 
 
 def test_final_norm_paths_come_from_the_specs():
-    from harness.hooks import FINAL_NORM_PATHS
+    FINAL_NORM_PATHS = registry.final_norm_paths()
     assert FINAL_NORM_PATHS["paligemma"][0] == "model.language_model.norm"
     assert set(FINAL_NORM_PATHS) >= {"gemma", "gemma2", "paligemma", "paligemma2",
                                      "qwen2_5_vl", "qwen3_vl"}
