@@ -67,6 +67,12 @@ class HfVlmExtractor(Extractor):
                 attn=self.attn)
         elif self.model is None:
             self.model, self.processor = self._from_pretrained()
+        self._place_model()
+        self._position_offset = self._positions_policy()
+        return self
+
+    def _place_model(self) -> None:
+        """Padding side, dtype, device and eval mode of a loaded model; its hidden size."""
         tok = self.tokenizer
         if self.padding_side is not None and tok is not None:
             tok.padding_side = self.padding_side
@@ -78,8 +84,6 @@ class HfVlmExtractor(Extractor):
         cfg = self.model.config
         text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         self.hidden_dim = getattr(text, "hidden_size", None)
-        self._position_offset = self._positions_policy()
-        return self
 
     def build_inputs(self, samples: Sequence[Sample]) -> dict:
         texts = [self._prompt(task) for _, _, task in samples]

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import inspect
 
-import torch
 
 from harness.errors import HarnessError
-from harness.extractors.base import FINAL, Extractor, HiddenStates, to_device
+from harness.extractors.base import FINAL, to_device
 from harness.extractors.compat import attention_in_use, dtype_kwarg, transformers_version
+from harness.extractors.hf_vlm import HfVlmExtractor
 from harness.extractors.registry import Common, FamilySpec, Option
 
 DEFAULT_CKPT = "IPEC-COMMUNITY/spatialvla-4b-224-sft-bridge"
@@ -48,24 +48,23 @@ def attn_implementation(model) -> str | None:
     return attention_in_use(model, TEXT_MODEL_TYPES)
 
 
-class SpatialVLAExtractor(Extractor):
-    """Loads the checkpoint (or takes a ready model + processor, as the stand-ins do) and
-    turns (index, image, task) samples into final-layer hidden states + attention mask."""
+class SpatialVLAExtractor(HfVlmExtractor):
+    """`HfVlmExtractor` (hidden_states of a PaliGemma-style model, layer sweeps, pooling
+    mask) with SpatialVLA's loading, version gate, processor call and attention check.
+    Loads the checkpoint, or takes a ready model + processor as the stand-ins do."""
 
-    family = "spatialvla"
-    hidden_dim = HIDDEN_SIZE
     extraction_point = "hidden_states[-1] (post final norm, Gemma2)"
 
     def __init__(self, ckpt: str = DEFAULT_CKPT, *, device: str = "cpu", dtype: str = "bfloat16",
                  unnorm_key: str = UNNORM_KEY, revision: str | None = None,
                  positions: str = "mask", layers=(), model=None, processor=None):
-        if positions not in ("mask", "model"):
-            raise HarnessError(f"positions must be 'mask' or 'model', got {positions!r}")
-        self.ckpt, self.device, self.revision = ckpt, torch.device(device), revision
-        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        self.unnorm_key, self.positions = unnorm_key, positions
-        self.layers = tuple(int(i) for i in layers)  # extra hidden_states indices (sweep)
-        self.model, self.processor = model, processor
+        if not isinstance(layers, str):  # () or indices: the final layer plus those
+            layers = list(layers) or FINAL
+        super().__init__(ckpt, layers=layers, device=device,
+                         dtype=dtype, attn_implementation=ATTN, revision=revision,
+                         positions=positions, model=model, processor=processor)
+        self.family, self.ckpt = "spatialvla", ckpt
+        self.unnorm_key = unnorm_key
         self.stand_in = model is not None
         self._takes_positions = False
 
@@ -78,11 +77,7 @@ class SpatialVLAExtractor(Extractor):
             self.processor = AutoProcessor.from_pretrained(self.ckpt, **common)
             self.model = AutoModel.from_pretrained(
                 self.ckpt, attn_implementation=ATTN, **dtype_kwarg(self.dtype, version), **common)
-        # Cast only a model not already in self.dtype: `.to(dtype)` also casts float
-        # buffers, and rotary `inv_freq` (kept float32 by from_pretrained) would turn bf16.
-        if next(self.model.parameters()).dtype != self.dtype:
-            self.model.to(dtype=self.dtype)
-        self.model.to(self.device).eval()
+        self._place_model()
         if getattr(self.model.config, "use_cache", None):
             self.model.config.use_cache = False
         impl = attn_implementation(self.model)
@@ -105,15 +100,6 @@ class SpatialVLAExtractor(Extractor):
             inputs["position_ids"] = mask.cumsum(-1).clamp(min=1)
         return inputs
 
-    @torch.inference_mode()
-    def forward(self, inputs: dict) -> HiddenStates:
-        out = self.model(**inputs, output_hidden_states=True, use_cache=False, return_dict=True)
-        hidden = out.hidden_states
-        layers = {FINAL: hidden[-1]}
-        for i in self.layers:
-            layers[str(i % len(hidden))] = hidden[i]
-        return HiddenStates(layers=layers, mask=inputs["attention_mask"].bool())
-
     def attention_implementation(self) -> str | None:
         return attn_implementation(self.model)
 
@@ -123,7 +109,7 @@ class SpatialVLAExtractor(Extractor):
         return {
             "model": self.ckpt, "revision": self.revision,
             "stand_in": self.stand_in, "class": type(self.model).__name__,
-            "extraction_point": self.extraction_point, "layers": [FINAL, *map(str, self.layers)],
+            "extraction_point": self.extraction_point, "layers": self.layer_spec,
             "pooling_mask": "attention_mask",
             "hidden_size": getattr(text, "hidden_size", None), "dtype": self.dtype,
             "use_cache": False,
@@ -135,10 +121,8 @@ class SpatialVLAExtractor(Extractor):
 
 
 def _build(common: Common, opts: dict, stack) -> SpatialVLAExtractor:
-    if common.layers == "all":
-        raise HarnessError("spatialvla: give explicit --layers indices (e.g. 0,13,26)")
     kw = dict(device=common.device, dtype=common.dtype, unnorm_key=opts["unnorm_key"],
-              revision=common.revision, layers=() if common.layers == "last" else common.layers)
+              revision=common.revision, layers=common.layers)
     if common.tiny:
         from harness.extractors.standins import tiny_spatialvla
         model, processor = tiny_spatialvla()
