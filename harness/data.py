@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from harness.errors import HarnessError
-from harness.io import atomic_path, write_json
+from harness.io import atomic_path, shareable_dir, write_json
 
 STATE_KEYS = ("x", "y", "z", "roll", "pitch", "yaw", "gripper")
 PER_SAMPLE_KEYS = ("task_descriptions", "episode_indices", "frame_indices")
@@ -456,7 +456,8 @@ def staged_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise HarnessError(f"{out.parent}: cannot create ({err})") from None
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    tmp = shareable_dir(Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial",
+                                              dir=out.parent)))
     try:
         yield tmp
         if out.is_dir() and any(out.iterdir()):

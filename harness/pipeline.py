@@ -19,7 +19,7 @@ from pathlib import Path
 from harness import data as data_mod
 from harness.errors import HarnessError
 from harness.features import FEATS, METADATA
-from harness.io import load_features, write_json
+from harness.io import check_output_dir, load_features, write_json
 
 try:
     import tomllib
@@ -151,6 +151,7 @@ def _model(cfg: Path, base: Path, i: int, m: dict) -> Model:
 
 def check_paths(study: Study) -> None:
     """Fail before any work on a path that cannot be right."""
+    check_output_dir(study.output_dir, "output_dir")
     if study.synthetic is None and not study.data_dir.is_dir():
         raise HarnessError(f"data_dir {study.data_dir}: not a directory")
     for m in study.models:

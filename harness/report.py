@@ -17,6 +17,11 @@ def _fmt(x) -> str:
     return str(x)
 
 
+def nan_note(results: dict) -> str:
+    """Why a number may be NaN, for the `_warning` keys beside the nulls in the JSON."""
+    return "; ".join(results["_meta"]["warnings"]) or "not a finite number"
+
+
 def markdown_table(results: dict) -> str:
     """One row per model: CKNNA (and mutual kNN, p-values) for each k against feats_B."""
     ks = results["_meta"]["k_values"]
@@ -156,7 +161,7 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
     out = Path(out_dir)
     files = {"json": out / "results.json", "markdown": out / "report.md",
              "cknna_vs_k": out / "cknna_vs_k.png"}
-    write_json(files["json"], results)
+    write_json(files["json"], results, nan_note=nan_note(results))
     write_text(files["markdown"], study_markdown(results))
     cknna_vs_k(results, files["cknna_vs_k"])
     if results.get("pairwise"):

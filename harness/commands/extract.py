@@ -190,10 +190,11 @@ def run(args: argparse.Namespace) -> int:
 
     from harness import data as data_mod
     from harness import features
+    from harness.io import check_output_dir
 
     if args.batch_size < 1:
         raise HarnessError(f"--batch_size must be >= 1, got {args.batch_size}")
-    out = Path(args.output_dir)
+    out = check_output_dir(args.output_dir, "--output_dir")
     if not args.resume and any((out / features.SHARD_DIR).glob("shard_*.pt")):
         raise HarnessError(f"{out}: holds shards of an earlier run; pass --resume to finish "
                            "it, or choose an empty output directory")
