@@ -183,9 +183,6 @@ def _int_layers(layers, family: str):
 
 # ------------------------------------------------------------------ running
 def run(args: argparse.Namespace) -> int:
-    import sys
-    from pathlib import Path
-
     from torch.utils.data import Subset
 
     from harness import data as data_mod
@@ -208,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
     with build_extractor(args) as extractor:
         layers = features.extract(extractor, samples, out, batch_size=args.batch_size,
                                   dataset_fingerprint=data_mod.fingerprint(args.data_dir),
-                                  progress=sys.stderr.isatty())
+                                  progress=True)  # a bar on a terminal, else lines
     if layers is not None:
         shape = tuple(layers["last"].shape)
         print(f"{args.family}: wrote {out / features.FEATS} {shape} and {features.METADATA}")
