@@ -79,8 +79,11 @@ def open_page(url: str, width: int = 1280, height: int = 900):
 
     @contextlib.contextmanager
     def session():
+        browser = chromium_path()
+        if browser is None:
+            raise RuntimeError("no chromium on PATH (apt-get install chromium)")
         profile = tempfile.mkdtemp(prefix="harness-chromium-")
-        proc = subprocess.Popen([chromium_path(), *FLAGS, f"--user-data-dir={profile}",
+        proc = subprocess.Popen([browser, *FLAGS, f"--user-data-dir={profile}",
                                  f"--window-size={width},{height}", "about:blank"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
