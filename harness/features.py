@@ -100,6 +100,8 @@ def _load_shard(path: Path, expected_identity: str) -> dict:
 
 
 class _Silent:
+    """Progress that shows nothing (progress=False)."""
+
     def update(self, n: int) -> None:
         pass
 
