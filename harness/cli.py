@@ -16,8 +16,16 @@ COMMANDS = {
 }
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """Argument mistakes as one line (what is wrong, the allowed values), exit 2: the
+    usage block argparse prints first buries the line that matters."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="harness", description=__doc__)
+    parser = OneLineErrors(prog="harness", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for module_name in COMMANDS.values():
         try:

@@ -11,8 +11,10 @@ merge (rank 0, after a barrier) reads the same files whatever W was.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -23,6 +25,7 @@ from harness.errors import HarnessError
 from harness.extractors.base import FINAL, Sample, check_extractor
 from harness.io import save_tensor, write_json
 from harness.pooling import EmptyMaskError, pool
+from harness.progress import ProgressLines
 
 SHARD_DIR = "shards"
 FEATS = "feats_A.pt"
@@ -96,6 +99,13 @@ def _load_shard(path: Path, expected_identity: str) -> dict:
     return shard
 
 
+class _Silent:
+    """Progress that shows nothing (progress=False)."""
+
+    def update(self, n: int) -> None:
+        pass
+
+
 def _pool_batch(extractor, batch: Sequence[Sample], pooling: str) -> dict[str, torch.Tensor]:
     indices = [int(s[0]) for s in batch]
     hidden = extractor.forward(extractor.build_inputs(batch))
@@ -123,8 +133,22 @@ def _run_shard(extractor, samples, start: int, end: int, batch_size: int, poolin
         indices += [int(s[0]) for s in batch]
         bar.update(len(batch))
     shard = {"indices": torch.tensor(indices, dtype=torch.long), "identity": ident,
+             "batch_size": batch_size,
              "layers": {name: torch.cat(fs).float().contiguous() for name, fs in parts.items()}}
     save_tensor(path, shard)
+
+
+def batch_size_record(shards: list[dict]) -> dict:
+    """Batch size per shard: a resumed run may use another batch size (e.g. after running
+    out of memory), and batching moves pooled values by up to ~5e-7 (padding), so the
+    metadata says which shard was made how (None: a shard older than this record)."""
+    sizes = [s.get("batch_size") for s in shards]
+    distinct = sorted({b for b in sizes if b is not None})
+    if len(distinct) > 1:
+        print(f"note: shards were made with batch sizes {distinct} (resumed with another "
+              "--batch_size); recorded per shard in shard_batch_sizes", file=sys.stderr)
+    return {"batch_size": distinct[0] if len(set(sizes)) == 1 and distinct else distinct,
+            "shard_batch_sizes": sizes}
 
 
 def merge(out_dir: Path, ranges: list[tuple[int, int]], record: dict) -> dict[str, torch.Tensor]:
@@ -142,6 +166,7 @@ def merge(out_dir: Path, ranges: list[tuple[int, int]], record: dict) -> dict[st
         target = FEATS if name == FINAL else f"feats_A_layer{name}.pt"
         save_tensor(Path(out_dir) / target, feats.contiguous())
     final = layers[FINAL]
+    record = dict(record, **batch_size_record(shards))
     meta = dict(record, created=prov.now(), command=prov.command_line(),
                 feats_A_shape=list(final.shape), layer_files=sorted(
                     FEATS if n == FINAL else f"feats_A_layer{n}.pt" for n in layers),
@@ -152,12 +177,14 @@ def merge(out_dir: Path, ranges: list[tuple[int, int]], record: dict) -> dict[st
 
 def extract(extractor, samples: Sequence[Sample], out_dir, *, batch_size: int = 8,
             shard_size: int = 256, pooling: str = "mean", dataset_fingerprint=None,
-            progress: bool = True) -> dict[str, torch.Tensor] | None:
+            progress: bool = True, progress_every_s: float = 2.0
+            ) -> dict[str, torch.Tensor] | None:
     """Pool features of every sample with a loaded `extractor` into `out_dir`.
 
     Resumes: shards already on disk with the same provenance are skipped. Under
     torch.distributed each rank computes its share of shards and rank 0 merges; it returns
-    the merged {layer: (N, D) tensor} there, None on other ranks.
+    the merged {layer: (N, D) tensor} there, None on other ranks. Progress is a tqdm bar
+    on a terminal, else `harness.progress` lines on stderr (every `progress_every_s`).
     """
     from tqdm import tqdm
 
@@ -180,9 +207,15 @@ def extract(extractor, samples: Sequence[Sample], out_dir, *, batch_size: int = 
             _load_shard(path, ident)  # raises on a provenance mismatch
         else:
             todo.append((start, end))
-    total = sum(e - s for s, e in todo)
-    with tqdm(total=total, desc=f"extract {record.get('model')} [rank {rank}/{world}]",
-              unit="sample", disable=not progress, position=rank) as bar:
+    total = sum(e - s for s, e in mine)
+    already = total - sum(e - s for s, e in todo)
+    if progress and sys.stderr.isatty():
+        bar = tqdm(total=total, initial=already, unit="sample", position=rank,
+                   desc=f"extract {record.get('model')} [rank {rank}/{world}]")
+    else:  # a log or a parent process (`harness run`) reads plain lines
+        bar = contextlib.nullcontext(ProgressLines(total, already, every_s=progress_every_s)
+                                     if progress else _Silent())
+    with bar as bar:
         for start, end in todo:
             _run_shard(extractor, samples, start, end, batch_size, pooling, ident,
                        shard_path(out_dir, start, end), bar)

@@ -5,7 +5,9 @@ import contextlib
 import io
 import json
 import os
+import math
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -25,6 +27,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a plain open() would not
     try:
         yield tmp
         os.replace(tmp, path)
@@ -32,9 +35,70 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def write_json(path: str | os.PathLike, obj) -> None:
+def current_umask() -> int:
+    """The process umask (reading it means setting it; it is restored at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def shareable_dir(path: Path) -> Path:
+    """Give a mkdtemp folder (0700) the mode a plain mkdir would have (0777 & ~umask)."""
+    os.chmod(path, 0o777 & ~current_umask())
+    return path
+
+
+def check_output_file(path: str | os.PathLike, what: str) -> Path:
+    """Fail (before any work) when `path` cannot be written as a file: it is a folder,
+    or a part of its folder path is a file or not writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise HarnessError(f"{what} {path}: is a directory")
+    _check_parent(path.parent, what, path)
+    return path
+
+
+def check_output_dir(path: str | os.PathLike, what: str) -> Path:
+    """Fail (before any work) when `path` cannot be (created and) written as a folder."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise HarnessError(f"{what} {path}: exists and is not a directory")
+    _check_parent(path, what, path)
+    return path
+
+
+def _check_parent(folder: Path, what: str, target: Path) -> None:
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise HarnessError(f"{what} {target}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise HarnessError(f"{what} {target}: directory {existing} is not writable")
+
+
+def strict_json(obj, note: str = "not a finite number"):
+    """A copy of `obj` that is strict JSON: a NaN/Inf float becomes null, and in a dict
+    the key `<key>_warning` beside it says why (JavaScript and most parsers reject NaN)."""
+    if isinstance(obj, dict):
+        out = {}
+        for key, value in obj.items():
+            out[key] = strict_json(value, note)
+            if isinstance(value, float) and not math.isfinite(value):
+                out[f"{key}_warning"] = f"{value} written as null: {note}"
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v, note) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(path: str | os.PathLike, obj, nan_note: str = "not a finite number") -> None:
+    """Strict JSON (see `strict_json`), written atomically."""
+    text = json.dumps(strict_json(obj, nan_note), indent=2, allow_nan=False)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, allow_nan=True) + "\n")
+        tmp.write_text(text + "\n")
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -60,7 +124,9 @@ def load_features(path: str | os.PathLike) -> torch.Tensor:
     suffix = path.suffix.lower()
     try:
         if suffix in (".pt", ".pth"):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about pickle protocols on stderr
+                warnings.simplefilter("ignore")
+                obj = torch.load(path, map_location="cpu", weights_only=True)
             if isinstance(obj, dict):
                 if "feats" not in obj:
                     raise HarnessError(f"{path}: dict has no 'feats' key (keys: {sorted(obj)[:8]})")
@@ -81,8 +147,7 @@ def load_features(path: str | os.PathLike) -> torch.Tensor:
     except HarnessError:
         raise
     except Exception as err:  # unreadable or corrupt file
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise HarnessError(f"{path}: cannot read ({type(err).__name__}: {first_line})") from None
+        raise HarnessError(f"{path}: {describe_unreadable(path, err)}") from None
     if not isinstance(obj, torch.Tensor):
         raise HarnessError(f"{path}: expected a tensor, got {type(obj).__name__}")
     if obj.ndim != 2:
@@ -95,3 +160,48 @@ def load_features(path: str | os.PathLike) -> torch.Tensor:
         rows = bad.nonzero().flatten()[:5].tolist()
         raise HarnessError(f"{path}: {int(bad.sum())} rows contain NaN/Inf (first rows {rows})")
     return obj
+
+
+EXPECTED = {".pt": "a torch.save'd (N, D) tensor or dict with a 'feats' tensor",
+            ".pth": "a torch.save'd (N, D) tensor or dict with a 'feats' tensor",
+            ".npy": "a numeric (N, D) numpy array (np.save)",
+            ".safetensors": "a safetensors file with one tensor or one named 'feats'"}
+
+
+def describe_unreadable(path: Path, err: Exception) -> str:
+    """What the file is and what was expected, in one line; never suggests unpickling
+    untrusted objects (torch's own message does)."""
+    expected = EXPECTED[path.suffix.lower()]
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        found = "is empty (0 bytes)"
+    elif head.startswith(b"PK\x03\x04") and path.suffix.lower() in (".pt", ".pth"):
+        found = ("is a torch archive holding Python objects other than tensors "
+                 "(e.g. numpy arrays or custom classes), which are not loaded, for safety"
+                 if "weights only" in str(err).lower() else "is a damaged torch archive")
+    elif head[:1] == b"\x80" and path.suffix.lower() in (".pt", ".pth"):
+        found = ("is a plain Python pickle, not a torch tensor file; pickles are not loaded, "
+                 "for safety" if "weights only" in str(err).lower()
+                 else "is a damaged or truncated torch/pickle file")
+    elif head.startswith(b"\x93NUMPY") and path.suffix.lower() == ".npy":
+        found = ("is a numpy file of Python objects, which are not loaded, for safety"
+                 if "allow_pickle" in str(err) else "is a damaged or truncated numpy file")
+    elif _is_text(head):
+        found = "is a text file"
+    else:
+        found = f"is not in that format ({type(err).__name__}: {_first_line(err)})"
+    return f"{found}; expected {expected}"
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:120] if text else "no detail"
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(c.isprintable() or c in "\n\r\t" for c in text)

@@ -18,12 +18,13 @@ from typing import Optional
 
 from harness import config as config_mod
 from harness import data as data_mod
+from harness import progress
 from harness import states as states_mod
 from harness.config import LaxPath, ModelEntry, StudyConfig
 from harness.errors import HarnessError
 from harness.extractors.registry import families
 from harness.features import FEATS, METADATA
-from harness.io import load_features, write_json
+from harness.io import check_output_dir, load_features, write_json
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 REQUEST = "pipeline_request.json"
@@ -72,6 +73,10 @@ def load_config(path: str | os.PathLike, output_dir: Path | None = None) -> Stud
 def check_paths(study: Study) -> None:
     """Fail before any work on a path that cannot be right, naming every such path."""
     problems = []
+    try:
+        check_output_dir(study.output_dir, "output_dir")
+    except HarnessError as err:
+        problems.append(str(err))
     if study.synthetic is None and not study.data_dir.is_dir():
         problems.append(f"data_dir {study.data_dir}: not a directory")
     for i, m in enumerate(study.models):
@@ -174,16 +179,29 @@ def extract_model(study: Study, m: Model, fingerprint: str, log) -> dict:
         [str(PROJECT_ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     log(f"extract {m.name}: {' '.join(cmd[1:])}")
     start = time.perf_counter()
-    with open(out / "extract.log", "w") as log_file:
-        proc = subprocess.run(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                              cwd=os.getcwd())
+    returncode = run_logged(cmd, env, out / "extract.log",
+                            lambda line: log(f"extract {m.name}: {line}"))
     seconds = round(time.perf_counter() - start, 1)
-    if proc.returncode != 0:
+    if returncode != 0:
         tail = (out / "extract.log").read_text(errors="replace").strip().splitlines()[-5:]
-        log(f"extract {m.name}: FAILED (exit {proc.returncode}); see {out / 'extract.log'}")
-        return {"status": "failed", "exit_code": proc.returncode, "seconds": seconds,
+        log(f"extract {m.name}: FAILED (exit {returncode}); see {out / 'extract.log'}")
+        return {"status": "failed", "exit_code": returncode, "seconds": seconds,
                 "log": str(out / "extract.log"), "error": "\n".join(tail)}
     return {"status": "extracted", "seconds": seconds, "feats_A_path": str(out / FEATS)}
+
+
+def run_logged(cmd: list[str], env: dict, log_path: Path, relay) -> int:
+    """Run `cmd`, writing all its output to `log_path` as it comes and passing its
+    progress lines (`harness.progress`) to `relay`; returns the exit status."""
+    with open(log_path, "w") as log_file, subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
+            text=True, errors="replace", bufsize=1) as proc:
+        for line in proc.stdout:
+            log_file.write(line)
+            log_file.flush()
+            if progress.parse(line):
+                relay(line.strip())
+    return proc.returncode
 
 
 def _layer_files(feats_path: Path) -> dict[str, Path]:

@@ -1,4 +1,7 @@
-"""Human-readable views of a results JSON: a markdown table and a heatmap PNG."""
+"""Human-readable views of a results JSON: markdown tables, figures, and the report files.
+
+`report.md` links its figures; `report.html` (see `harness.report_html`) is the same
+report with the figures embedded, one file to send to a colleague."""
 from __future__ import annotations
 
 import math
@@ -17,22 +20,66 @@ def _fmt(x) -> str:
     return str(x)
 
 
-def markdown_table(results: dict) -> str:
-    """One row per model: CKNNA (and mutual kNN, p-values) for each k against feats_B."""
+def nan_note(results: dict) -> str:
+    """Why a number may be NaN, for the `_warning` keys beside the nulls in the JSON."""
+    return "; ".join(results["_meta"].get("warnings", [])) or "not a finite number"
+
+
+def p_text(p, draws: int | None) -> str:
+    """A p-value; the smallest a permutation test can give, 1/(draws+1), is a bound: no
+    shuffle reached the observed value, and more draws would give a smaller p."""
+    if p is None or draws is None:
+        return _fmt(p)
+    if math.isclose(p, 1 / (draws + 1), rel_tol=1e-9):
+        return f"p < 1/{draws + 1}"
+    return _fmt(p)
+
+
+def interval_text(sub: dict | None) -> str:
+    if not sub:
+        return ""
+    return f"[{_fmt(sub['low'])}, {_fmt(sub['high'])}]"
+
+
+def _columns(results: dict) -> list[tuple[str, callable]]:
+    """(header, entry -> cell text) for every number present in some model's entry."""
     ks = results["_meta"]["k_values"]
-    models = results["models"]
+    models = list(results["models"].values())
+    has = lambda key: any(key in m for m in models)  # noqa: E731
+    detail = lambda m, k, part: m.get("details", {}).get(f"k{k}", {}).get(part)  # noqa: E731
     cols = []
     for k in ks:
-        cols.append((f"CKNNA k={k}", f"cknna_k{k}"))
-        if any(f"mutual_knn_k{k}" in m for m in models.values()):
-            cols.append((f"mkNN k={k}", f"mutual_knn_k{k}"))
-        if any(f"p_value_k{k}" in m for m in models.values()):
-            cols.append((f"p k={k}", f"p_value_k{k}"))
+        cols.append((f"CKNNA k={k}", lambda m, k=k: _fmt(m.get(f"cknna_k{k}"))))
+        if has(f"mutual_knn_k{k}"):
+            cols.append((f"mkNN k={k}", lambda m, k=k: _fmt(m.get(f"mutual_knn_k{k}"))))
+        if has(f"p_value_k{k}"):
+            cols.append((f"p k={k}", lambda m, k=k: p_text(
+                m.get(f"p_value_k{k}"), (detail(m, k, "permutation") or {}).get("n_permutations"))))
+        if any(detail(m, k, "subsample") for m in models):
+            level = next(detail(m, k, "subsample")["level"] for m in models
+                         if detail(m, k, "subsample"))
+            cols.append((f"{level:.0%} subsample interval k={k}",
+                         lambda m, k=k: interval_text(detail(m, k, "subsample"))))
+    for key, header in (("cka_unbiased", "CKA (unbiased)"), ("cka_biased", "CKA (biased)")):
+        if has(key):
+            cols.append((header, lambda m, key=key: _fmt(m.get(key))))
+    return cols
+
+
+def markdown_table(results: dict) -> str:
+    """One row per model: CKNNA for each k against feats_B, with mutual kNN, p-values,
+    subsample intervals and CKA where computed; then the pairwise matrices."""
+    ks = results["_meta"]["k_values"]
+    models = results["models"]
+    cols = _columns(results)
     lines = ["| model | dim | " + " | ".join(c[0] for c in cols) + " |",
              "|---|---:|" + "---:|" * len(cols)]
     for label, m in models.items():
-        cells = [_fmt(m.get(key)) for _, key in cols]
+        cells = [cell(m) for _, cell in cols]
         lines.append(f"| {label} | {m.get('feats_A_dim', '')} | " + " | ".join(cells) + " |")
+    notes = table_notes(results)
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
     pairwise = results.get("pairwise")
     if pairwise:
         labels = pairwise["labels"]
@@ -45,22 +92,22 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def heatmap(matrix: list[list[float]], labels: list[str], path: str | Path, title: str) -> None:
-    """Model x model heatmap, written atomically; needs matplotlib (a core dependency)."""
-    plt = _plt()
-    size = 1.2 + 0.9 * len(labels)
-    fig, ax = plt.subplots(figsize=(size + 1.5, size))
-    image = ax.imshow(matrix, cmap="viridis")
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
-    for i, row in enumerate(matrix):
-        for j, value in enumerate(row):
-            ax.text(j, i, _fmt(value), ha="center", va="center", color="white", fontsize=8)
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    _save(fig, Path(path))
-    plt.close(fig)
+def table_notes(results: dict) -> list[str]:
+    """How to read the p-value and interval columns, when they are there."""
+    meta, notes = results["_meta"], []
+    if meta.get("permutations"):
+        draws = meta["permutations"]
+        notes.append(f"p = (1 + #shuffles with CKNNA >= observed) / (1 + {draws}); "
+                     f"'p < 1/{draws + 1}' means no shuffle of the states reached the observed "
+                     "value (more permutations would resolve smaller p)")
+    sub = meta.get("subsample")
+    if sub:
+        notes.append(f"subsample interval: percentile interval of CKNNA over {sub['draws']} "
+                     f"random subsets of {sub['fraction']:g}·N samples (CKNNA at that size)")
+    return notes
+
+
+# ------------------------------------------------------------------ figures
 
 
 def _plt():
@@ -75,16 +122,40 @@ def _plt():
 
 def _save(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    _plt().close(fig)
 
 
-def _finish(plt, fig, ax, xlabel: str, ylabel: str, path) -> None:
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize=7)
+def text_colour(rgba) -> str:
+    """Black or white, whichever contrasts more with a cell of colour `rgba`."""
+    def linear(c):
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+    r, g, b = (linear(c) for c in rgba[:3])
+    luminance = 0.2126 * r + 0.7152 * g + 0.0722 * b
+    return "black" if (luminance + 0.05) / 0.05 > 1.05 / (luminance + 0.05) else "white"
+
+
+def heatmap_figure(matrix: list[list[float]], labels: list[str], title: str):
+    plt = _plt()
+    size = 1.2 + 0.9 * len(labels)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    values = [[float("nan") if v is None else v for v in row] for row in matrix]
+    image = ax.imshow(values, cmap="viridis")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    for i, row in enumerate(values):
+        for j, value in enumerate(row):
+            colour = "black" if math.isnan(value) else text_colour(image.cmap(image.norm(value)))
+            ax.text(j, i, _fmt(value), ha="center", va="center", color=colour, fontsize=8)
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    _save(fig, Path(path))
-    plt.close(fig)
+    return fig
+
+
+def heatmap(matrix: list[list[float]], labels: list[str], path: str | Path, title: str) -> None:
+    """Model x model heatmap, written atomically; needs matplotlib (a core dependency)."""
+    _save(heatmap_figure(matrix, labels, title), Path(path))
 
 
 def heatmap_k(ks: list[int]) -> int:
@@ -92,35 +163,87 @@ def heatmap_k(ks: list[int]) -> int:
     return 10 if 10 in ks else ks[0]
 
 
-def cknna_vs_k(results: dict, path: str | Path) -> None:
-    """CKNNA against k, one line per model (with the permutation null mean when present)."""
+def _legend_outside(ax) -> None:
+    """Legend right of the axes, so it never hides a line."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+
+
+def cknna_vs_k_figure(results: dict):
+    """CKNNA against k, one line per model. Each model's permutation null (mean ± std)
+    is a dotted error bar in its colour, set beside the others at each k: the nulls of
+    different models are nearly equal, so lines through them would lie on each other."""
     plt = _plt()
     ks = results["_meta"]["k_values"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, m in results["models"].items():
-        line, = ax.plot(ks, [m[f"cknna_k{k}"] for k in ks], marker="o", label=label)
-        null = [m["details"][f"k{k}"].get("permutation", {}).get("null_mean") for k in ks]
-        if all(v is not None for v in null):
-            ax.plot(ks, null, linestyle=":", color=line.get_color())
-    ax.set_title("CKNNA vs k (dotted: permutation null mean)")
-    _finish(plt, fig, ax, "k", "CKNNA(model, states)", path)
+    models = results["models"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    x = list(range(len(ks)))
+    width = 0.5 / max(len(models), 1)
+    for i, (label, m) in enumerate(models.items()):
+        line, = ax.plot(x, [m[f"cknna_k{k}"] for k in ks], marker="o", label=label)
+        nulls = [m["details"][f"k{k}"].get("permutation") for k in ks]
+        if all(nulls):
+            shift = (i - (len(models) - 1) / 2) * width
+            bars = ax.errorbar([p + shift for p in x], [n["null_mean"] for n in nulls],
+                               yerr=[n["null_std"] for n in nulls], fmt="x", capsize=2,
+                               color=line.get_color(), label=f"{label}: null mean ± std")
+            bars[-1][0].set_linestyle(":")
+    ax.set_xticks(x, [str(k) for k in ks])
+    ax.set_title("CKNNA vs k (x: permutation null mean ± std, beside each k per model)")
+    ax.set_xlabel("k (neighbours)")
+    ax.set_ylabel("CKNNA(model, states)")
+    _legend_outside(ax)
+    return fig
 
 
-def layer_curves(results: dict, path: str | Path) -> None:
+def cknna_vs_k(results: dict, path: str | Path) -> None:
+    _save(cknna_vs_k_figure(results), Path(path))
+
+
+def layer_curves_figure(results: dict):
     """Per-layer CKNNA against the states for every model whose layers were swept."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     for label, by_layer in results["layers"].items():
         names = sorted(by_layer, key=lambda n: int(n) if n.lstrip("-").isdigit() else 10**6)
         for k in results["_meta"]["k_values"]:
             ax.plot(range(len(names)), [by_layer[n][f"k{k}"] for n in names], marker="o",
                     label=f"{label} k={k}")
         ax.set_xticks(range(len(names)), names)
-    _finish(plt, fig, ax, "hidden_states index", "CKNNA(layer, states)", path)
+    ax.set_title("CKNNA of each layer against the states")
+    ax.set_xlabel("hidden_states index")
+    ax.set_ylabel("CKNNA(layer, states)")
+    _legend_outside(ax)
+    return fig
 
 
-def study_markdown(results: dict) -> str:
-    """The study report: notice, per-model status, the tables, and where numbers came from."""
+def layer_curves(results: dict, path: str | Path) -> None:
+    _save(layer_curves_figure(results), Path(path))
+
+
+# ------------------------------------------------------------------ report files
+
+FIGURE_CAPTIONS = {
+    "cknna_vs_k": "CKNNA against k for each model, with each model's permutation null mean",
+    "heatmap": "CKNNA(row, column) between models",
+    "layers": "CKNNA of each layer against the states",
+}
+
+
+def report_files(results: dict, out_dir: str | Path) -> dict[str, Path]:
+    """The files `write_report` writes for these results, by name, in report order."""
+    out = Path(out_dir)
+    files = {"json": out / "results.json", "markdown": out / "report.md",
+             "html": out / "report.html", "cknna_vs_k": out / "cknna_vs_k.png"}
+    if results.get("pairwise"):
+        files["heatmap"] = out / "heatmap.png"
+    if results.get("layers"):
+        files["layers"] = out / "layers.png"
+    return files
+
+
+def study_markdown(results: dict, figures: dict[str, str] | None = None) -> str:
+    """The study report: notice, per-model status, the tables, the figures (`{name:
+    relative path}`), and where the numbers came from."""
     meta, study = results["_meta"], results["_meta"].get("study", {})
     lines = ["# CKNNA study report", ""]
     if study.get("notice"):
@@ -146,25 +269,32 @@ def study_markdown(results: dict) -> str:
         lines += [f"| {n} | " + " | ".join(_fmt(v[f"k{k}"]) for k in ks) + " |"
                   for n, v in by_layer.items()]
         lines.append("")
+    if figures:
+        lines += ["## Figures", ""]
+        for name, rel in figures.items():
+            lines += [f"![{FIGURE_CAPTIONS[name]}]({rel})", ""]
+    if meta.get("warnings"):
+        lines += ["## Warnings", ""] + [f"- {w}" for w in meta["warnings"]] + [""]
     return "\n".join(lines)
 
 
 def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
-    """results.json, report.md and the figures, each written atomically."""
+    """results.json, the figures, report.md (linking them) and report.html (embedding
+    them), each written atomically; returns `report_files`."""
     from harness.io import write_json, write_text
+    from harness.report_html import markdown_to_html
 
-    out = Path(out_dir)
-    files = {"json": out / "results.json", "markdown": out / "report.md",
-             "cknna_vs_k": out / "cknna_vs_k.png"}
-    write_json(files["json"], results)
-    write_text(files["markdown"], study_markdown(results))
+    files = report_files(results, out_dir)
+    write_json(files["json"], results, nan_note=nan_note(results))
     cknna_vs_k(results, files["cknna_vs_k"])
-    if results.get("pairwise"):
+    if "heatmap" in files:
         k = heatmap_k(results["_meta"]["k_values"])
-        files["heatmap"] = out / "heatmap.png"
         heatmap(results["pairwise"][f"cknna_k{k}"], results["pairwise"]["labels"],
                 files["heatmap"], f"CKNNA(row, column), k={k}")
-    if results.get("layers"):
-        files["layers"] = out / "layers.png"
+    if "layers" in files:
         layer_curves(results, files["layers"])
+    figures = {name: path.name for name, path in files.items() if name in FIGURE_CAPTIONS}
+    markdown = study_markdown(results, figures)
+    write_text(files["markdown"], markdown)
+    write_text(files["html"], markdown_to_html(markdown, Path(out_dir), "CKNNA study report"))
     return files

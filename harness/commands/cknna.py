@@ -11,9 +11,9 @@ from pathlib import Path
 
 from harness.commands import resolve_device
 from harness.errors import HarnessError
-from harness.io import load_features, write_json
+from harness.io import check_output_file, load_features, write_json
 from harness.knn import BACKENDS
-from harness.report import heatmap, heatmap_k, markdown_table
+from harness.report import heatmap, heatmap_k, markdown_table, nan_note
 from harness.results import Settings, compute
 from harness.states import normalised, standardised
 from harness.states import record as preprocessing_record
@@ -76,8 +76,10 @@ def _check_args(args, n: int) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    if args.output and Path(args.output).is_dir():
-        raise HarnessError(f"--output {args.output}: is a directory")
+    if args.output:
+        check_output_file(args.output, "--output")
+    if args.heatmap:
+        check_output_file(args.heatmap, "--heatmap")
     # Read and validate every file before any metric is computed.
     b_path = Path(args.feats_B)
     feats_b = load_features(b_path)
@@ -105,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         heatmap(results["pairwise"][f"cknna_k{k}"], list(models), args.heatmap,
                 f"CKNNA(row, column), k={k}")
     if args.output:
-        write_json(args.output, results)
+        write_json(args.output, results, nan_note=nan_note(results))
         print(f"[cknna] wrote {args.output}", file=sys.stderr)
     print(table, end="")
     return 0

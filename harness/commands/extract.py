@@ -76,17 +76,15 @@ def build_extractor(args: argparse.Namespace) -> Iterator[object]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-    from pathlib import Path
-
     from torch.utils.data import Subset
 
     from harness import data as data_mod
     from harness import features
+    from harness.io import check_output_dir
 
     if args.batch_size < 1:
         raise HarnessError(f"--batch_size must be >= 1, got {args.batch_size}")
-    out = Path(args.output_dir)
+    out = check_output_dir(args.output_dir, "--output_dir")
     if not args.resume and any((out / features.SHARD_DIR).glob("shard_*.pt")):
         raise HarnessError(f"{out}: holds shards of an earlier run; pass --resume to finish "
                            "it, or choose an empty output directory")
@@ -100,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     with build_extractor(args) as extractor:
         layers = features.extract(extractor, samples, out, batch_size=args.batch_size,
                                   dataset_fingerprint=data_mod.fingerprint(args.data_dir),
-                                  progress=sys.stderr.isatty())
+                                  progress=True)  # a bar on a terminal, else lines
     if layers is not None:
         shape = tuple(layers["last"].shape)
         print(f"{args.family}: wrote {out / features.FEATS} {shape} and {features.METADATA}")

@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 
+LABELS = {"json": "results", "markdown": "report", "html": "report (HTML, figures embedded)"}
+
+
 def register(sub) -> None:
     p = sub.add_parser("run", help="data check -> extraction -> metrics -> report",
                        description=__doc__)
@@ -21,6 +24,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from harness import pipeline
+    from harness.report import report_files
 
     out = Path(args.output_dir) if args.output_dir else None
     if args.config:
@@ -30,11 +34,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"[run] built-in demo. {pipeline.STAND_IN_NOTICE}", file=sys.stderr)
     results = pipeline.run_study(study)
     failed = [n for n, s in results["_meta"]["study"]["models"].items() if s["status"] == "failed"]
-    report = study.output_dir / "report.md"
+    files = report_files(results, study.output_dir)
+    report = files["markdown"]
     if study.stand_ins:
         print(pipeline.STAND_IN_NOTICE)
-    print(f"report: {report}")
-    print(f"results: {study.output_dir / 'results.json'}")
+    for name, path in files.items():
+        print(f"{LABELS.get(name, 'figure')}: {path}")
     if failed:
         print(f"failed models: {', '.join(failed)} (details in {report})")
         return 1

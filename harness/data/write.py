@@ -14,7 +14,7 @@ from PIL import Image
 
 from harness.data.layout import image_name
 from harness.errors import HarnessError
-from harness.io import atomic_path, save_tensor, write_json
+from harness.io import atomic_path, save_tensor, shareable_dir, write_json
 
 
 @contextlib.contextmanager
@@ -36,7 +36,8 @@ def staged_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise HarnessError(f"{out.parent}: cannot create ({err})") from None
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    tmp = shareable_dir(Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial",
+                                              dir=out.parent)))
     try:
         yield tmp
         if out.is_dir() and any(out.iterdir()):

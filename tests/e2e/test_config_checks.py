@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness.cli import main
 from harness.synth import generate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,3 +96,16 @@ def test_a_toml_list_of_layers_runs(tmp_path, data_dir):
     assert meta["layer_files"] == ["feats_A.pt", "feats_A_layer0.pt", "feats_A_layer1.pt"]
     res = json.loads((out / "results.json").read_text())
     assert set(res["layers"]["paligemma"]) == {"0", "1"}
+
+
+def test_extract_and_run_check_their_output_dirs_first(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    bad = str(tmp_path / "afile" / "out")
+    assert main(["extract", "hf", "--ckpt", "tiny", "--data_dir", str(tmp_path / "nodata"),
+                 "--output_dir", bad]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--output_dir" in err[0] and "afile is a file" in err[0], err
+    assert main(["run", "--output_dir", bad]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "output_dir" in err[0] and "afile is a file" in err[0], err
+    assert not (tmp_path / "nodata").exists()

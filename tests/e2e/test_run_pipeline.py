@@ -1,4 +1,6 @@
 """`python -m harness run` end to end, at the CLI level, in temporary directories."""
+import contextlib
+import io
 import json
 import re
 
@@ -22,6 +24,36 @@ def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     code = main(["run", "--output_dir", str(out)])
     return out, code
+
+
+@pytest.fixture(scope="module")
+def demo_console(demo):
+    """stdout and stderr of a second run (features reused) and of the first one's log."""
+    out, _ = demo
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(["run", "--output_dir", str(out)])
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+def test_run_prints_where_every_file_is(demo, demo_console):
+    out, _ = demo
+    code, stdout, _ = demo_console
+    assert code == 0
+    for label, name in [("report", "report.md"), ("report (HTML, figures embedded)", "report.html"),
+                        ("results", "results.json"), ("figure", "cknna_vs_k.png"),
+                        ("figure", "heatmap.png"), ("figure", "layers.png")]:
+        assert f"{label}: {out / name}\n" in stdout, name
+        assert (out / name).is_file()
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3 and "RANDOM-WEIGHT" in html
+
+
+def test_extraction_progress_is_logged_for_every_model(demo):
+    out, _ = demo
+    for name in DEMO_MODELS:
+        log = (out / "features" / name / "extract.log").read_text()
+        assert re.search(r"^progress: 200/200 samples, [\d.]+/s, 0s left$", log, re.M), name
 
 
 def test_demo_writes_a_consistent_report(demo, capsys):
@@ -105,7 +137,11 @@ def test_a_failing_model_leaves_the_others_complete(tmp_path, small_data, capsys
     assert res["_meta"]["preprocessing"]["feats_B_zscored"] is True
     report = (out / "report.md").read_text()
     assert re.search(r"\| broken \| failed \|.*no_such_family", report)
-    assert "failed models: broken" in capsys.readouterr().out
+    console = capsys.readouterr()
+    assert "failed models: broken" in console.out
+    # The extraction's progress reached the console, named by model, as it went.
+    assert re.search(r"^\[run\] extract good: progress: 40/40 samples, [\d.]+/s, 0s left$",
+                     console.err, re.M), console.err
 
 
 @pytest.mark.parametrize("problem", ["data_dir", "feats", "python"])

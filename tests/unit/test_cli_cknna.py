@@ -178,7 +178,11 @@ def test_degenerate_result_is_nan_with_a_warning(tmp_path, capsys):
     out = tmp_path / "r.json"
     assert run_cli("--feats_A", tmp_path / "m" / "feats_A.pt", "--feats_B", tmp_path / "b.pt",
                    "--topk", 1, "--output", out) == 0
-    res = json.loads(out.read_text())
-    assert math.isnan(res["models"]["m"]["cknna_k1"])
+    text = out.read_text()
+    # Strict JSON: a bare NaN token is rejected by JavaScript parsers.
+    res = json.loads(text, parse_constant=lambda token: pytest.fail(f"non-JSON token {token}"))
+    entry = res["models"]["m"]
+    assert entry["cknna_k1"] is None and "degenerate" in entry["cknna_k1_warning"]
+    assert entry["details"]["k1"]["cknna"] is None
     assert any("degenerate" in w for w in res["_meta"]["warnings"])
     assert "degenerate" in capsys.readouterr().err

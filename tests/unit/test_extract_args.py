@@ -30,3 +30,17 @@ def test_layers_and_dtype_parsing():
     assert resolve_dtype("auto", tiny=False, family="spatialvla") == "bfloat16"
     assert resolve_dtype("auto", tiny=False, family="pi0_lerobot") is None  # checkpoint's own
     assert resolve_dtype("float16", tiny=False, family="starvla") == "float16"
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "float8", "int8"])
+def test_a_dtype_outside_the_family_schema_is_one_line(dtype, tmp_path, capsys):
+    """Allowed values come from the registry's option declaration; no traceback, no usage."""
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["extract", "hf", "--dtype", dtype, "--ckpt", "tiny",
+                                   "--data_dir", str(tmp_path),
+                                   "--output_dir", str(tmp_path / "out")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert f"invalid choice: '{dtype}'" in err[0] and "bfloat16" in err[0] and "float32" in err[0]
+    assert not (tmp_path / "out").exists()

@@ -55,7 +55,7 @@ def test_every_format_reads_to_the_same_matrix(tmp_path):
 
 @pytest.mark.parametrize("make,needle", [
     (lambda p: None, "no such file"),
-    (lambda p: p.write_bytes(b"not a torch file"), "cannot read"),
+    (lambda p: p.write_bytes(b"not a torch file"), "is a text file; expected"),
     (lambda p: torch.save({"x": X}, p), "no 'feats' key"),
     (lambda p: torch.save(X[0], p), "expected a 2-D"),
     (lambda p: torch.save(torch.ones(3, 2, dtype=torch.bool), p), "expected numbers"),

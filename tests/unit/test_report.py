@@ -1,68 +1,123 @@
-"""`harness.report`: the markdown views show the JSON's numbers, failures and notice;
-figures are written as PNG files."""
+"""The report a researcher reads: tables, figures, report.md and the self-contained HTML."""
 from __future__ import annotations
 
-import math
+import base64
+import re
 
-from harness import report
+import matplotlib
+import pytest
 
-RESULTS = {
-    "_meta": {"N": 40, "k_values": [5, 10], "permutations": 20, "seed": 0,
-              "preprocessing": {"feats_B_zscored": True},
-              "knn": {"tie_rule": "lower index first"}, "git": "abc", "versions": {},
-              "study": {"notice": "STAND-INS", "data_dir": "d", "dataset_fingerprint": "sha256:1",
-                        "config": "study.toml",
-                        "models": {"a": {"status": "extracted", "feats_A_path": "a/feats_A.pt"},
-                                   "b": {"status": "extracted", "feats_A_path": "b/feats_A.pt"},
-                                   "c": {"status": "failed", "error": "boom\nKeyError: x"}}}},
-    "models": {"a": {"feats_A_dim": 8, "cknna_k5": 0.123456, "cknna_k10": 0.25,
-                     "mutual_knn_k5": 0.5, "mutual_knn_k10": 0.4, "p_value_k5": 0.0476,
-                     "p_value_k10": 0.0476,
-                     "details": {"k5": {"permutation": {"null_mean": 0.01}},
-                                 "k10": {"permutation": {"null_mean": 0.02}}}},
-               "b": {"feats_A_dim": 4, "cknna_k5": float("nan"), "cknna_k10": 0.00012,
-                     "mutual_knn_k5": 0.1, "mutual_knn_k10": 0.2, "p_value_k5": 1.0,
-                     "p_value_k10": 0.5, "details": {"k5": {}, "k10": {}}}},
-    "pairwise": {"labels": ["a", "b"], "cknna_k5": [[1.0, 0.2], [0.3, 1.0]],
-                 "cknna_k10": [[1.0, 0.25], [0.35, 1.0]]},
-    "layers": {"a": {"0": {"k5": 0.01, "k10": 0.02}, "3": {"k5": 0.1, "k10": 0.2}}},
-}
+matplotlib.use("Agg")
+
+from harness import report  # noqa: E402
+from tests.report_fixture import full_results  # noqa: E402
+
+pytestmark = pytest.mark.unit
 
 
-def _row(text: str, label: str) -> list[str]:
-    line = next(x for x in text.splitlines() if x.startswith(f"| {label} |"))
-    return [c.strip() for c in line.strip("|").split("|")]
+@pytest.fixture(scope="module")
+def results():
+    return full_results()
 
 
-def test_table_shows_the_json_numbers():
-    table = report.markdown_table(RESULTS)
-    header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
-    assert header == ["model", "dim", "CKNNA k=5", "mkNN k=5", "p k=5", "CKNNA k=10",
-                      "mkNN k=10", "p k=10"]
-    assert _row(table, "a") == ["a", "8", "0.1235", "0.5000", "0.0476", "0.2500", "0.4000", "0.0476"]
-    b = _row(table, "b")
-    assert b[2] == "NaN" and b[5] == "1.20e-04"  # NaN shown, small values not rounded to 0
-    assert "CKNNA(row, column), k=5" in table and "| a | 1.0000 | 0.2000 |" in table
+def test_smallest_p_value_is_shown_as_a_bound():
+    assert report.p_text(1 / 101, 100) == "p < 1/101"
+    assert report.p_text(2 / 101, 100) == "0.0198"
+    assert report.p_text(1.0, 100) == "1.0000"
+    assert report.p_text(None, None) == ""
 
 
-def test_study_report_lists_status_notice_and_layers():
-    text = report.study_markdown(RESULTS)
-    assert "**STAND-INS**" in text and "z-scored: True" in text and "(40 samples" in text
-    assert _row(text, "c")[:2] == ["c", "failed"] and "KeyError: x" in _row(text, "c")[2]
-    assert "## Per-layer CKNNA: a" in text and "| 3 | 0.1000 | 0.2000 |" in text
+def test_table_has_intervals_cka_and_p_floor(results):
+    table = report.markdown_table(results)
+    header = table.splitlines()[0]
+    for column in ("95% subsample interval k=5", "95% subsample interval k=10",
+                   "CKA (unbiased)", "CKA (biased)", "p k=10"):
+        assert column in header, column
+    row = next(x for x in table.splitlines() if x.startswith("| related-model |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    by_header = dict(zip([c.strip() for c in header.strip("|").split("|")], cells))
+    entry = results["models"]["related-model"]
+    sub = entry["details"]["k10"]["subsample"]
+    assert by_header["95% subsample interval k=10"] == f"[{sub['low']:.4f}, {sub['high']:.4f}]"
+    assert by_header["CKA (unbiased)"] == f"{entry['cka_unbiased']:.4f}"
+    # States scaled into the features: no shuffle comes close, so p is at its floor.
+    assert entry["p_value_k10"] == pytest.approx(1 / 31)
+    assert by_header["p k=10"] == "p < 1/31"
+    assert "'p < 1/31' means no shuffle" in table
 
 
-def test_heatmap_k_prefers_ten():
-    assert report.heatmap_k([5, 10, 20]) == 10
-    assert report.heatmap_k([5, 20]) == 5
+def test_printed_cknna_table_shows_intervals_and_cka(tmp_path, capsys):
+    import torch
+
+    from harness.cli import main
+    g = torch.Generator().manual_seed(1)
+    torch.save(torch.randn(40, 7, generator=g), tmp_path / "b.pt")
+    (tmp_path / "m").mkdir()
+    torch.save(torch.randn(40, 6, generator=g), tmp_path / "m" / "feats_A.pt")
+    assert main(["cknna", "--feats_A", str(tmp_path / "m" / "feats_A.pt"), "--feats_B",
+                 str(tmp_path / "b.pt"), "--topk", "5", "--subsample", "8", "--also_cka"]) == 0
+    out = capsys.readouterr().out
+    assert "95% subsample interval k=5" in out and "CKA (unbiased)" in out
+    assert re.search(r"\| \[-?\d\.\d{4}, -?\d\.\d{4}\] \|", out)
 
 
-def test_write_report_writes_every_file(tmp_path):
-    files = report.write_report(RESULTS, tmp_path)
-    assert set(files) == {"json", "markdown", "cknna_vs_k", "heatmap", "layers"}
-    for path in files.values():
-        assert path.is_file() and path.stat().st_size > 0
-    for key in ("cknna_vs_k", "heatmap", "layers"):
-        assert files[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
-    assert math.isnan(RESULTS["models"]["b"]["cknna_k5"])  # input not modified
+def contrast(a, b) -> float:
+    """WCAG contrast ratio of two colours."""
+    from matplotlib.colors import to_rgb
+
+    def lum(c):
+        lin = [x / 12.92 if x <= 0.04045 else ((x + 0.055) / 1.055) ** 2.4 for x in to_rgb(c)]
+        return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+    hi, lo = sorted((lum(a), lum(b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def test_heatmap_annotations_are_readable_on_every_cell():
+    matrix = [[1.0, 0.5, 0.0], [0.2, 1.0, 0.8], [0.65, 0.35, 1.0]]
+    fig = report.heatmap_figure(matrix, ["a", "b", "c"], "t")
+    ax = fig.axes[0]
+    image = ax.images[0]
+    assert len(ax.texts) == 9
+    for text in ax.texts:
+        j, i = (round(v) for v in text.get_position())
+        cell = image.cmap(image.norm(matrix[i][j]))
+        assert contrast(text.get_color(), cell) >= 4.5, (text.get_text(), text.get_color())
+
+
+def test_null_means_have_legend_entries_and_do_not_overlap(results):
+    fig = report.cknna_vs_k_figure(results)
+    ax = fig.axes[0]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    for label in results["models"]:
+        assert label in legend and f"{label}: null mean ± std" in legend
+    # Each model's null markers sit at their own x positions.
+    nulls = [c for c in ax.containers]
+    xs = [tuple(c.lines[0].get_xdata()) for c in nulls]
+    assert len(nulls) == 2 and len(set(x for pts in xs for x in pts)) == 2 * 2
+    # The legend is outside the plotting area: it hides no line.
+    fig.canvas.draw()
+    box, axes_box = ax.get_legend().get_window_extent(), ax.get_window_extent()
+    assert box.x0 >= axes_box.x1
+
+
+def test_layers_figure_has_a_title(results):
+    fig = report.layer_curves_figure(results)
+    assert fig.axes[0].get_title() == "CKNNA of each layer against the states"
+
+
+def test_report_md_links_figures_and_html_embeds_them(results, tmp_path):
+    files = report.write_report(results, tmp_path)
+    assert set(files) == {"json", "markdown", "html", "cknna_vs_k", "heatmap", "layers"}
+    assert all(p.is_file() for p in files.values())
+    markdown = files["markdown"].read_text()
+    linked = re.findall(r"!\[[^\]]+\]\(([^)]+)\)", markdown)
+    assert linked == ["cknna_vs_k.png", "heatmap.png", "layers.png"]
+    html = files["html"].read_text()
+    images = re.findall(r'<img src="([^"]+)"', html)
+    assert len(images) == 3
+    for src, name in zip(images, linked):  # the very bytes of each figure
+        assert base64.b64decode(src.removeprefix("data:image/png;base64,")) == (
+            tmp_path / name).read_bytes()
+    assert "<script" not in html and "http" not in html.lower().replace("http-equiv", "")
+    separators = [line for line in markdown.splitlines() if line.startswith("|---")]
+    assert html.count("<table>") == len(separators) == 5 and "p &lt; 1/31" in html
