@@ -5,13 +5,17 @@ matrix is never kept: each block of rows is multiplied against all rows, reduced
 top-k, and dropped. One search at the largest k serves every smaller k, because the
 top-k of a row is a prefix of its sorted top-k_max.
 
-Tie rule (deterministic, unlike `torch.topk`): neighbours are ordered by similarity,
-highest first, and among exactly equal similarities the lower sample index wins. A
-sample is never its own neighbour.
+`knn` orders neighbours by similarity, highest first, and among exactly equal
+similarities the lower sample index wins (deterministic, unlike `torch.topk`). That
+order depends on where rows sit, so the metrics use `tie_graph` on top of it: lists
+re-scored in float64, and neighbours tied at the k-th place sharing the remaining
+slots (see its docstring and the README). A sample is never its own neighbour, nor,
+when `groups` are given, a sample of its own group.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,11 +33,15 @@ BACKENDS = ("torch", "faiss-flat", "faiss-hnsw")
 
 @dataclass(frozen=True)
 class Neighbours:
-    """Each row's neighbours, best first: indices (N, k) int64 and similarities (N, k)."""
+    """Each row's neighbours, best first: indices (N, k) int64 and similarities (N, k).
+
+    `beyond` (float64, (N,)), set by `rescore`, bounds from above the true similarity of
+    every candidate not in the row's list (-inf when the list holds them all)."""
 
     indices: torch.Tensor
     values: torch.Tensor
     exact: bool = True
+    beyond: torch.Tensor | None = None
 
     @property
     def k(self) -> int:
@@ -42,7 +50,10 @@ class Neighbours:
     def prefix(self, k: int) -> "Neighbours":
         if k > self.k:
             raise ValueError(f"asked for k={k} but only {self.k} neighbours were searched")
-        return Neighbours(self.indices[:, :k], self.values[:, :k], self.exact)
+        beyond = None
+        if self.beyond is not None:
+            beyond = self.beyond if k == self.k else torch.maximum(self.beyond, self.values[:, k])
+        return Neighbours(self.indices[:, :k], self.values[:, :k], self.exact, beyond)
 
 
 @contextlib.contextmanager
@@ -89,7 +100,16 @@ def _merge(best, values, indices, k):
     return values[:, :k], indices[:, :k]
 
 
-def _search_rows(x: torch.Tensor, k: int, block_rows: int | None) -> Neighbours:
+def _mask_same_group(gram: torch.Tensor, groups: torch.Tensor | None, row0: int, col0: int) -> None:
+    """Pairs in one group are never neighbours: their similarities become -inf."""
+    if groups is not None:
+        rows = groups[row0:row0 + gram.shape[0]]
+        cols = groups[col0:col0 + gram.shape[1]]
+        gram.masked_fill_(rows.unsqueeze(1) == cols.unsqueeze(0), float("-inf"))
+
+
+def _search_rows(x: torch.Tensor, k: int, block_rows: int | None,
+                 groups: torch.Tensor | None = None) -> Neighbours:
     """Row blocks against all rows: one wide top-k per row. Best when D is small and the
     top-k, not the product, dominates (e.g. 7-D states)."""
     n = x.shape[0]
@@ -100,11 +120,13 @@ def _search_rows(x: torch.Tensor, k: int, block_rows: int | None) -> Neighbours:
         for s in range(0, n, block):
             gram = x[s:s + block] @ x.T
             gram[:, s:s + block].fill_diagonal_(float("-inf"))
+            _mask_same_group(gram, groups, s, 0)
             out_v[s:s + block], out_i[s:s + block] = _block_topk(gram, k)
     return Neighbours(out_i, out_v)
 
 
-def _search_symmetric(x: torch.Tensor, k: int, block_rows: int | None) -> Neighbours:
+def _search_symmetric(x: torch.Tensor, k: int, block_rows: int | None,
+                      groups: torch.Tensor | None = None) -> Neighbours:
     """Gram blocks (I, J) with J >= I only: block (I, J) gives rows I their candidates
     among columns J, and its transpose gives rows J theirs among columns I, so each
     inner product is computed once. Best when D is large and the product dominates."""
@@ -122,6 +144,7 @@ def _search_symmetric(x: torch.Tensor, k: int, block_rows: int | None) -> Neighb
                 gram = rows @ x[t:t + block].T
                 if bi == bj:
                     gram.fill_diagonal_(float("-inf"))
+                _mask_same_group(gram, groups, s, t)
                 v, i = _block_topk(gram, k)
                 best[bi] = _merge(best[bi], v, i + t, k)
                 if bj != bi:
@@ -159,27 +182,34 @@ def _search_faiss(x: torch.Tensor, k: int, approximate: bool, hnsw_m: int = 32,
 
 
 def knn(x: torch.Tensor, k: int, *, backend: str = "torch", strategy: str = "auto",
-        block_rows: int | None = None) -> Neighbours:
+        block_rows: int | None = None, groups: torch.Tensor | None = None) -> Neighbours:
     """The k most similar other rows of `x` (inner product), best first, ties to lower index.
 
     Both torch strategies give identical lists; `auto` picks the faster one for the
     width. `faiss-flat` is exact but breaks boundary ties its own way; `faiss-hnsw` is
-    approximate (measure it with `recall`)."""
+    approximate (measure it with `recall`). With `groups` (N integer labels) rows of one
+    group are never neighbours; a row with fewer than k others outside its group gets
+    -inf similarities at the end of its list."""
     n = x.shape[0]
     if not 1 <= k <= n - 1:
         raise ValueError(f"k={k} must be in [1, N-1] = [1, {n - 1}]")
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
     if backend == "torch":
+        if groups is not None:
+            groups = groups.to(x.device)
         if strategy == "symmetric" or (strategy == "auto" and x.shape[1] >= SYMMETRIC_MIN_DIM):
-            return _search_symmetric(x, k, block_rows)
-        return _search_rows(x, k, block_rows)
+            return _search_symmetric(x, k, block_rows, groups)
+        return _search_rows(x, k, block_rows, groups)
+    if groups is not None:
+        raise ValueError(f"excluding same-group neighbours needs the torch kNN backend, not {backend!r}")
     if backend in ("faiss-flat", "faiss-hnsw"):
         return _search_faiss(x, k, approximate=backend == "faiss-hnsw")
     raise ValueError(f"unknown kNN backend {backend!r}; choose from {BACKENDS}")
 
 
-def knn_among(x: torch.Tensor, queries: torch.Tensor, subset: torch.Tensor, k: int) -> Neighbours:
+def knn_among(x: torch.Tensor, queries: torch.Tensor, subset: torch.Tensor, k: int,
+              groups: torch.Tensor | None = None) -> Neighbours:
     """Exact neighbours of rows `queries` among rows `subset` only (indices into `subset`);
     used when a subsample leaves a row with too few neighbours from its long list."""
     sub = x[subset]
@@ -188,6 +218,8 @@ def knn_among(x: torch.Tensor, queries: torch.Tensor, subset: torch.Tensor, k: i
     with _exact_matmul():
         gram = x[queries] @ sub.T  # few rows: only a subsample's short-list misses
     gram[torch.arange(len(queries), device=x.device), local[queries]] = float("-inf")
+    if groups is not None:
+        gram.masked_fill_(groups[queries].unsqueeze(1) == groups[subset].unsqueeze(0), float("-inf"))
     values, indices = _block_topk(gram, k)
     return Neighbours(indices, values)
 
@@ -196,3 +228,132 @@ def recall(found: Neighbours, exact: Neighbours) -> float:
     """Fraction of the exact neighbours that `found` also lists (same k)."""
     hits = (found.indices.unsqueeze(2) == exact.indices.unsqueeze(1)).any(dim=2)
     return hits.float().mean().item()
+
+
+# ---------------------------------------------------------------- order-invariant ties
+
+# Similarities within TIE_RTOL * |x_i| * max|x_j| of each other (after float64 re-scoring)
+# are one tie: float64 rounding of a D-term product stays far below it for any D here.
+TIE_RTOL = 1e-11
+RESCORE_ELEMENTS = 1 << 22  # float64 elements gathered per re-scoring chunk (32 MB)
+# A weighted graph larger than this is refused rather than filling memory.
+MAX_GRAPH_EDGES = 50_000_000
+
+
+def _product_error(x: torch.Tensor) -> float:
+    """Bound on |fl(x_i . x_j) - x_i . x_j| / (|x_i| |x_j|) for the search's dtype (gamma_D)."""
+    nu = x.shape[1] * torch.finfo(x.dtype).eps / 2
+    return nu / (1 - nu) if nu < 1 else math.inf
+
+
+def rescore(x: torch.Tensor, nb: Neighbours) -> Neighbours:
+    """`nb` with float64 similarities, re-sorted by them, and `beyond` set.
+
+    The search's float32 products round duplicate rows differently depending on where they
+    sit in a block; re-scoring each listed pair in float64 makes equal rows equal (to
+    TIE_RTOL). Anything the search did not list scored at most the list's last float32
+    value, so its true similarity is at most that plus the float32 error bound."""
+    x64 = x.double()
+    n, length = nb.indices.shape
+    values = torch.empty(n, length, dtype=torch.float64, device=x.device)
+    chunk = max(1, RESCORE_ELEMENTS // max(1, length * x.shape[1]))
+    for s in range(0, n, chunk):
+        rows = x64[s:s + chunk]
+        values[s:s + chunk] = torch.bmm(x64[nb.indices[s:s + chunk]], rows.unsqueeze(2)).squeeze(2)
+    values.masked_fill_(nb.values == float("-inf"), float("-inf"))
+    values, indices = _order_ties(values, nb.indices)
+    norms = x64.norm(dim=1)
+    last = nb.values[:, -1].double()
+    beyond = last + _product_error(x) * norms * norms.max()
+    beyond = beyond.masked_fill(last == float("-inf"), float("-inf"))
+    if length == n - 1:
+        beyond = torch.full_like(beyond, float("-inf"))
+    return Neighbours(indices, values, nb.exact, beyond)
+
+
+@dataclass(frozen=True)
+class Graph:
+    """A weighted kNN graph: row src[e] has neighbour dst[e] with weight[e] in (0, 1] and
+    similarity val[e] (float64); each row's weights sum to k. `tied_rows` counts rows
+    whose tie at the k-th place crosses it (some tied neighbours in, some out)."""
+
+    src: torch.Tensor
+    dst: torch.Tensor
+    val: torch.Tensor
+    weight: torch.Tensor
+    n: int
+    k: int
+    tied_rows: int
+
+
+def _tie_weights(values: torch.Tensor, k: int, tol: torch.Tensor):
+    """Per-row weights on sorted-or-not similarity rows: 1 above the k-th value's tie,
+    (k - above) / tied on the tie, 0 below; and the k-th value itself."""
+    kth = values.topk(k, dim=1).values[:, -1]
+    above = values > (kth + tol).unsqueeze(1)
+    tied = (values - kth.unsqueeze(1)).abs() <= tol.unsqueeze(1)
+    n_above, n_tied = above.sum(1), tied.sum(1)
+    share = (k - n_above).double() / n_tied.clamp_min(1).double()
+    weights = above.double() + tied.double() * share.unsqueeze(1)
+    crossing = n_above + n_tied > k
+    return weights, kth, crossing
+
+
+def tie_graph(x: torch.Tensor, scored: Neighbours, k: int, *, universe: torch.Tensor | None = None,
+              groups: torch.Tensor | None = None) -> Graph:
+    """The order-invariant kNN graph at k from re-scored lists (`rescore`).
+
+    Row i's k-th largest similarity s defines its tie: every candidate within
+    tol = TIE_RTOL |x_i| max|x_j| of s. Candidates above the tie get weight 1; the tied
+    ones share the remaining slots, (k - #above) / #tied each; the rest 0. Only
+    similarities enter, so a joint reordering of the samples cannot change the graph.
+    Rows whose tie may continue past their list (`scored.beyond` >= s - tol) are scored
+    again in float64 against every candidate. `universe` (sorted sample indices) restricts
+    the candidates to a subset; `scored`'s indices are then local to it and its rows are
+    the subset's. `groups` drops same-group candidates in those re-scans."""
+    n = scored.indices.shape[0]
+    device = scored.indices.device
+    norms = x.double().norm(dim=1)
+    members = universe if universe is not None else torch.arange(x.shape[0], device=device)
+    tol = TIE_RTOL * norms[members] * norms[members].max()
+    weights, kth, crossing = _tie_weights(scored.values, k, tol)
+    unsafe = scored.beyond >= kth - tol if scored.beyond is not None else torch.zeros_like(crossing)
+    unsafe |= kth == float("-inf")
+    keep = (weights > 0) & ~unsafe.unsqueeze(1)
+    rows = torch.arange(n, device=device).unsqueeze(1).expand_as(keep)
+    parts = [(rows[keep], scored.indices[keep], scored.values[keep], weights[keep])]
+    redo = unsafe.nonzero().flatten()
+    if len(redo):
+        parts += _rescan(x, members, redo, k, tol, groups)
+        crossing = crossing.clone()
+        crossing[redo] = False
+        for src, _, _, w in parts[1:]:
+            partial = src[w < 1].unique()
+            crossing[partial] = True
+    src, dst, val, weight = (torch.cat(p) for p in zip(*parts))
+    return Graph(src, dst, val, weight, n, k, int(crossing.sum()))
+
+
+def _rescan(x, members, redo, k, tol, groups):
+    """Float64 similarities of rows `redo` (local) to every member, as weighted edges."""
+    x64 = x.double()
+    cand = x64[members]
+    chunk = max(1, RESCORE_ELEMENTS // max(1, len(members)))
+    out, total = [], 0
+    for s in range(0, len(redo), chunk):
+        local_rows = redo[s:s + chunk]
+        sims = x64[members[local_rows]] @ cand.T
+        sims[torch.arange(len(local_rows), device=sims.device), local_rows] = float("-inf")
+        if groups is not None:
+            sims.masked_fill_(groups[members[local_rows]].unsqueeze(1) == groups[members].unsqueeze(0),
+                              float("-inf"))
+        if k > sims.shape[1] or (sims.topk(k, dim=1).values[:, -1] == float("-inf")).any():
+            raise ValueError(f"k={k}: some rows have fewer than k candidate neighbours")
+        weights, _, _ = _tie_weights(sims, k, tol[local_rows])
+        r, c = (weights > 0).nonzero(as_tuple=True)
+        total += len(r)
+        if total > MAX_GRAPH_EDGES:
+            raise ValueError(f"k={k}: ties make the neighbour graph larger than {MAX_GRAPH_EDGES} "
+                             "edges (most rows tie with most others); the data are degenerate")
+        out.append((local_rows[r], c, sims[r, c], weights[r, c]))
+    return out

@@ -31,7 +31,7 @@ def markdown_table(results: dict) -> str:
     lines = ["| model | dim | " + " | ".join(c[0] for c in cols) + " |",
              "|---|---:|" + "---:|" * len(cols)]
     for label, m in models.items():
-        cells = [_fmt(m.get(key)) for _, key in cols]
+        cells = ["NaN" if key in m and m[key] is None else _fmt(m.get(key)) for _, key in cols]
         lines.append(f"| {label} | {m.get('feats_A_dim', '')} | " + " | ".join(cells) + " |")
     pairwise = results.get("pairwise")
     if pairwise:
@@ -48,6 +48,7 @@ def markdown_table(results: dict) -> str:
 def heatmap(matrix: list[list[float]], labels: list[str], path: str | Path, title: str) -> None:
     """Model x model heatmap, written atomically; needs matplotlib (extra `plot`)."""
     plt = _plt()
+    matrix = [[float("nan") if v is None else v for v in row] for row in matrix]  # JSON nulls
     size = 1.2 + 0.9 * len(labels)
     fig, ax = plt.subplots(figsize=(size + 1.5, size))
     image = ax.imshow(matrix, cmap="viridis")
