@@ -92,6 +92,8 @@ def null_draws(sa: Space, sb: Space, observed: Scores, n_permutations: int, seed
     k, n = observed.k, sa.x.shape[0]
     denom = _denominator(observed)
     null = torch.empty(n_permutations, dtype=torch.float64)
+    if sa.degenerate or sb.degenerate:
+        return null.fill_(float("nan"))
     device = sa.x.device
     if sa.ties == "index":
         na, b_index = sa.neighbours.prefix(k), _EdgeIndex(sb.neighbours.prefix(k))
