@@ -62,6 +62,8 @@ class Study:
     synthetic: dict | None = None  # {"n": N, "seed": S}: build data_dir if absent
     stand_ins: bool = False
     config_path: Path | None = None
+    group_by: str = "episode"  # per-sample groups from metadata ("none": samples independent)
+    compare: bool = False  # paired model comparisons (200 shared subsets)
 
     @property
     def features_dir(self) -> Path:
@@ -77,6 +79,10 @@ DEFAULT_MODELS = [
     Model("starvla-qwen3-vl-tiny", "starvla", "tiny:qwen3_vl"),
     Model("paligemma-tiny-layer-sweep", "hf", "tiny:paligemma", options={"layers": "all"}),
 ]
+
+
+GROUP_BY = ("episode", "none")
+COMPARE_DRAWS = 200
 
 
 def default_study(output_dir: Path) -> Study:
@@ -105,7 +111,7 @@ def load_config(path: str | os.PathLike, output_dir: Path | None = None) -> Stud
         raise HarnessError(f"{path}: not valid TOML ({err})") from None
     base = path.resolve().parent
     known = {"data_dir", "output_dir", "k_values", "permutations", "seed", "zscore_states",
-             "drop_empty_tasks", "models"}
+             "drop_empty_tasks", "models", "group_by", "compare"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise HarnessError(f"{path}: unknown keys {unknown} (known: {sorted(known)})")
@@ -118,12 +124,18 @@ def load_config(path: str | os.PathLike, output_dir: Path | None = None) -> Stud
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise HarnessError(f"{path}: model names used twice: {dupes}")
+    group_by = raw.get("group_by", "episode")
+    if group_by not in GROUP_BY:
+        raise HarnessError(f"{path}: group_by = {group_by!r}; choose from {list(GROUP_BY)}")
+    if not isinstance(raw.get("compare", False), bool):
+        raise HarnessError(f"{path}: compare must be true or false")
     out = output_dir or _path(base, raw.get("output_dir", "harness_out/study"), f"{path}: output_dir")
     return Study(data_dir=_path(base, raw["data_dir"], f"{path}: data_dir"), output_dir=out,
                  models=models, ks=list(raw.get("k_values", [5, 10, 20])),
                  permutations=int(raw.get("permutations", 200)), seed=int(raw.get("seed", 0)),
                  zscore_states=bool(raw.get("zscore_states", False)),
-                 drop_empty_tasks=bool(raw.get("drop_empty_tasks", False)), config_path=path)
+                 drop_empty_tasks=bool(raw.get("drop_empty_tasks", False)), config_path=path,
+                 group_by=group_by, compare=raw.get("compare", False))
 
 
 def _model(cfg: Path, base: Path, i: int, m: dict) -> Model:
@@ -256,6 +268,8 @@ def _layer_files(feats_path: Path) -> dict[str, Path]:
 
 def run_study(study: Study, log=None) -> dict:
     """All phases; returns the results dict (also written under output_dir)."""
+    import torch
+
     from harness.commands.cknna import normalised, standardised
     from harness.report import write_report
     from harness.results import Settings, compute
@@ -298,8 +312,17 @@ def run_study(study: Study, log=None) -> dict:
     if not models:
         raise HarnessError("no model produced features; see the extract.log files under "
                            f"{study.features_dir}")
+    groups = None
+    if study.group_by == "episode" and data.episodes:
+        groups = torch.tensor(data.episodes, dtype=torch.long)
+        log(f"metrics: {len(set(data.episodes))} episodes; permutations and subsets move whole "
+            "episodes; CKNNA also without same-episode neighbours")
+    compare = study.compare and len(models) > 1
     settings = Settings(ks=study.ks, permutations=study.permutations, seed=study.seed,
-                        pairwise=len(models) > 1)
+                        pairwise=len(models) > 1, groups=groups,
+                        groups_source="metadata.json episode_indices" if groups is not None else None,
+                        side_by_side=groups is not None, compare=compare,
+                        subsample_draws=COMPARE_DRAWS if compare else 0)
     preprocessing = {"row_l2_normalised": True, "feats_B_zscored": zrecord is not None,
                      "feats_B_zscore": zrecord, "data_options": options}
     extra = {"study": {"config": str(study.config_path) if study.config_path else "built-in demo",

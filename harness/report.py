@@ -45,6 +45,58 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def comparison_markdown(results: dict) -> str:
+    """Models ranked by CKNNA at each k, and every pair's paired difference with its
+    interval: a ranking the data support is one whose intervals exclude 0."""
+    comparisons = results.get("comparisons")
+    if not comparisons:
+        return ""
+    lines = []
+    for key, rows in comparisons.items():
+        k = key.removeprefix("k")
+        models = results["models"]
+        ranked = sorted(models, key=lambda m: -math.inf if models[m].get(f"cknna_k{k}") is None
+                        else models[m][f"cknna_k{k}"], reverse=True)
+        first = rows[0] if rows else {}
+        lines += ["", f"Ranking by CKNNA, k={k} (paired {first.get('level', 0.95):.0%} intervals "
+                      f"from {first.get('n_draws')} shared subsets of {first.get('fraction')} of "
+                      f"the {'groups' if first.get('whole_groups') else 'samples'})", "",
+                  "| rank | model | CKNNA | subset interval |", "|---:|---|---:|---|"]
+        for rank, m in enumerate(ranked, 1):
+            sub = models[m].get("details", {}).get(f"k{k}", {}).get("subsample") or {}
+            lines.append(f"| {rank} | {m} | {_fmt(models[m].get(f'cknna_k{k}'))} | "
+                         f"[{_fmt(sub.get('low'))}, {_fmt(sub.get('high'))}] |")
+        lines += ["", "| a | b | CKNNA(a) - CKNNA(b) | interval | excludes 0 |",
+                  "|---|---|---:|---|---|"]
+        for r in rows:
+            lo, hi = r["interval"]
+            lines.append(f"| {r['a']} | {r['b']} | {_fmt(r['difference'])} | "
+                         f"[{_fmt(lo)}, {_fmt(hi)}] | {'yes' if r['excludes_zero'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def same_group_markdown(results: dict) -> str:
+    """CKNNA with and without same-group (e.g. same-episode) neighbours, side by side."""
+    models = results["models"]
+    if not any("other_same_group_setting" in m for m in models.values()):
+        return ""
+    ks = results["_meta"]["k_values"]
+    excluded_main = (results["_meta"].get("groups") or {}).get("exclude_same_group", False)
+    lines = ["| model | " + " | ".join(f"k={k} with | k={k} without" for k in ks) + " |",
+             "|---|" + "---:|---:|" * len(ks)]
+    for label, m in models.items():
+        other = m.get("other_same_group_setting")
+        if other is None:
+            continue
+        cells = []
+        for k in ks:
+            with_, without = (other[f"cknna_k{k}"], m[f"cknna_k{k}"]) if excluded_main else (
+                m[f"cknna_k{k}"], other[f"cknna_k{k}"])
+            cells += [_fmt(with_), _fmt(without)]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def heatmap(matrix: list[list[float]], labels: list[str], path: str | Path, title: str) -> None:
     """Model x model heatmap, written atomically; needs matplotlib (extra `plot`)."""
     plt = _plt()
@@ -139,6 +191,13 @@ def study_markdown(results: dict) -> str:
             st.get("feats_A_path", ""))
         lines.append(f"| {name} | {st['status']} | {detail} |")
     lines += ["", "## CKNNA against the states", "", markdown_table(results)]
+    if same_group_markdown(results):
+        lines += ["## With and without same-episode neighbours", "",
+                  "Frames of one episode share scene and task, so both spaces can pair them up; "
+                  "'without' never lets two samples of one group be neighbours.", "",
+                  same_group_markdown(results)]
+    if comparison_markdown(results):
+        lines += ["## Model comparisons", comparison_markdown(results)]
     ks = meta["k_values"]
     for label, by_layer in results.get("layers", {}).items():
         lines += [f"## Per-layer CKNNA: {label}", "",

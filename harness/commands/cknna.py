@@ -17,7 +17,7 @@ from harness.errors import HarnessError
 from harness.io import load_features, write_json
 from harness.cknna import TIES, all_rows_equal
 from harness.knn import BACKENDS
-from harness.report import heatmap, heatmap_k, markdown_table
+from harness.report import comparison_markdown, heatmap, heatmap_k, markdown_table
 from harness.results import Settings, compute, l2_rows
 
 
@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
     preprocessing = {"row_l2_normalised": True, "feats_B_zscored": record is not None,
                      "feats_B_zscore": record}
     results = compute(models, feats_b, str(b_path), settings, preprocessing)
-    table = markdown_table(results)
+    table = markdown_table(results) + comparison_markdown(results)
     if args.heatmap:
         k = heatmap_k(ks)
         heatmap(results["pairwise"][f"cknna_k{k}"], list(models), args.heatmap,
