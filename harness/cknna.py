@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from harness.knn import Graph, Neighbours, knn, rescore, tie_graph
+from harness.knn import TIE_MARGIN, Graph, Neighbours, knn, tie_graph
 
 EPS = 1e-6  # the reference's denominator term; part of its value
 
@@ -177,17 +177,19 @@ class Space:
     def __post_init__(self):
         _check_ties(self.ties)
         self.degenerate = all_rows_equal(self.x)
+        length = self.k_search
+        if self.ties == "shared":  # room for the tie zone below the largest k
+            length = min(self.x.shape[0] - 1, length + TIE_MARGIN)
         given = self.neighbours
-        if given is None or given.k < self.k_search:
-            given = knn(self.x, self.k_search, groups=self.groups, **self.knn_options)
+        if given is None or given.k < length:
+            given = knn(self.x, length, groups=self.groups, **self.knn_options)
         self.neighbours = given
-        self.scored = rescore(self.x, given) if self.ties == "shared" and not self.degenerate else None
 
     def graph(self, k: int) -> Graph:
         """The tie graph at k over all samples (cached); the whole list is used, since
         its tail tells where a tie at the k-th place ends."""
         if k not in self._graphs:
-            self._graphs[k] = tie_graph(self.x, self.scored, k, groups=self.groups)
+            self._graphs[k] = tie_graph(self.x, self.neighbours, k, groups=self.groups)
         return self._graphs[k]
 
 

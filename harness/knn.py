@@ -7,9 +7,9 @@ top-k of a row is a prefix of its sorted top-k_max.
 
 `knn` orders neighbours by similarity, highest first, and among exactly equal
 similarities the lower sample index wins (deterministic, unlike `torch.topk`). That
-order depends on where rows sit, so the metrics use `tie_graph` on top of it: lists
-re-scored in float64, and neighbours tied at the k-th place sharing the remaining
-slots (see its docstring and the README). A sample is never its own neighbour, nor,
+order depends on where rows sit, so the metrics use `tie_graph` on top of it:
+neighbours tied at the k-th place (decided in float64) share the remaining slots (see
+its docstring and the README). A sample is never its own neighbour, nor,
 when `groups` are given, a sample of its own group.
 """
 from __future__ import annotations
@@ -33,15 +33,11 @@ BACKENDS = ("torch", "faiss-flat", "faiss-hnsw")
 
 @dataclass(frozen=True)
 class Neighbours:
-    """Each row's neighbours, best first: indices (N, k) int64 and similarities (N, k).
-
-    `beyond` (float64, (N,)), set by `rescore`, bounds from above the true similarity of
-    every candidate not in the row's list (-inf when the list holds them all)."""
+    """Each row's neighbours, best first: indices (N, k) int64 and similarities (N, k)."""
 
     indices: torch.Tensor
     values: torch.Tensor
     exact: bool = True
-    beyond: torch.Tensor | None = None
 
     @property
     def k(self) -> int:
@@ -50,10 +46,7 @@ class Neighbours:
     def prefix(self, k: int) -> "Neighbours":
         if k > self.k:
             raise ValueError(f"asked for k={k} but only {self.k} neighbours were searched")
-        beyond = None
-        if self.beyond is not None:
-            beyond = self.beyond if k == self.k else torch.maximum(self.beyond, self.values[:, k])
-        return Neighbours(self.indices[:, :k], self.values[:, :k], self.exact, beyond)
+        return Neighbours(self.indices[:, :k], self.values[:, :k], self.exact)
 
 
 @contextlib.contextmanager
@@ -232,43 +225,20 @@ def recall(found: Neighbours, exact: Neighbours) -> float:
 
 # ---------------------------------------------------------------- order-invariant ties
 
-# Similarities within TIE_RTOL * |x_i| * max|x_j| of each other (after float64 re-scoring)
-# are one tie: float64 rounding of a D-term product stays far below it for any D here.
+# Similarities within TIE_RTOL * |x_i| * max|x_j| of each other (computed in float64) are
+# one tie: float64 rounding of a D-term product stays far below it for any D here.
 TIE_RTOL = 1e-11
-RESCORE_ELEMENTS = 1 << 22  # float64 elements gathered per re-scoring chunk (32 MB)
+# Extra list length searched beyond the largest k, so a tie zone rarely runs off the list.
+TIE_MARGIN = 8
+RESCAN_ELEMENTS = 1 << 22  # float64 similarities per re-scan chunk (32 MB)
 # A weighted graph larger than this is refused rather than filling memory.
 MAX_GRAPH_EDGES = 50_000_000
 
 
-def _product_error(x: torch.Tensor) -> float:
-    """Bound on |fl(x_i . x_j) - x_i . x_j| / (|x_i| |x_j|) for the search's dtype (gamma_D)."""
+def product_error(x: torch.Tensor) -> float:
+    """gamma_D: bound on |fl(x_i . x_j) - x_i . x_j| / (|x_i| |x_j|) in the search's dtype."""
     nu = x.shape[1] * torch.finfo(x.dtype).eps / 2
     return nu / (1 - nu) if nu < 1 else math.inf
-
-
-def rescore(x: torch.Tensor, nb: Neighbours) -> Neighbours:
-    """`nb` with float64 similarities, re-sorted by them, and `beyond` set.
-
-    The search's float32 products round duplicate rows differently depending on where they
-    sit in a block; re-scoring each listed pair in float64 makes equal rows equal (to
-    TIE_RTOL). Anything the search did not list scored at most the list's last float32
-    value, so its true similarity is at most that plus the float32 error bound."""
-    x64 = x.double()
-    n, length = nb.indices.shape
-    values = torch.empty(n, length, dtype=torch.float64, device=x.device)
-    chunk = max(1, RESCORE_ELEMENTS // max(1, length * x.shape[1]))
-    for s in range(0, n, chunk):
-        rows = x64[s:s + chunk]
-        values[s:s + chunk] = torch.bmm(x64[nb.indices[s:s + chunk]], rows.unsqueeze(2)).squeeze(2)
-    values.masked_fill_(nb.values == float("-inf"), float("-inf"))
-    values, indices = _order_ties(values, nb.indices)
-    norms = x64.norm(dim=1)
-    last = nb.values[:, -1].double()
-    beyond = last + _product_error(x) * norms * norms.max()
-    beyond = beyond.masked_fill(last == float("-inf"), float("-inf"))
-    if length == n - 1:
-        beyond = torch.full_like(beyond, float("-inf"))
-    return Neighbours(indices, values, nb.exact, beyond)
 
 
 @dataclass(frozen=True)
@@ -286,60 +256,93 @@ class Graph:
     tied_rows: int
 
 
-def _tie_weights(values: torch.Tensor, k: int, tol: torch.Tensor):
-    """Per-row weights on sorted-or-not similarity rows: 1 above the k-th value's tie,
-    (k - above) / tied on the tie, 0 below; and the k-th value itself."""
-    kth = values.topk(k, dim=1).values[:, -1]
-    above = values > (kth + tol).unsqueeze(1)
-    tied = (values - kth.unsqueeze(1)).abs() <= tol.unsqueeze(1)
-    n_above, n_tied = above.sum(1), tied.sum(1)
-    share = (k - n_above).double() / n_tied.clamp_min(1).double()
+def _weights(exact: torch.Tensor, zone: torch.Tensor, n_above: torch.Tensor, k: int,
+             tol: torch.Tensor):
+    """Tie weights of each row from float64 similarities `exact` (valid inside `zone`)
+    and the number of candidates known to be above the zone: the k-th largest value s
+    lies in the zone; within tol of s is tied; above the tie weighs 1, the tied share
+    the remaining slots. Returns weights (0 outside the zone's relevant part) and the
+    rows whose tie crosses the k-th place."""
+    ranked = exact.masked_fill(~zone, float("-inf")).sort(dim=1, descending=True).values
+    need = (k - n_above - 1).clamp(0, exact.shape[1] - 1)
+    s = ranked.gather(1, need.unsqueeze(1))
+    above = zone & (exact > s + tol.unsqueeze(1))
+    tied = zone & ((exact - s).abs() <= tol.unsqueeze(1))
+    n_up, n_tied = n_above + above.sum(1), tied.sum(1)
+    share = (k - n_up).double() / n_tied.clamp_min(1).double()
     weights = above.double() + tied.double() * share.unsqueeze(1)
-    crossing = n_above + n_tied > k
-    return weights, kth, crossing
+    return weights, n_up + n_tied > k
 
 
-def tie_graph(x: torch.Tensor, scored: Neighbours, k: int, *, universe: torch.Tensor | None = None,
-              groups: torch.Tensor | None = None) -> Graph:
-    """The order-invariant kNN graph at k from re-scored lists (`rescore`).
+def _dot64(x64: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Float64 x_rows[e] . x_cols[e], pair by pair, in chunks."""
+    out = torch.empty(len(rows), dtype=torch.float64, device=x64.device)
+    chunk = max(1, RESCAN_ELEMENTS // x64.shape[1])
+    for s in range(0, len(rows), chunk):
+        out[s:s + chunk] = (x64[rows[s:s + chunk]] * x64[cols[s:s + chunk]]).sum(1)
+    return out
 
-    Row i's k-th largest similarity s defines its tie: every candidate within
-    tol = TIE_RTOL |x_i| max|x_j| of s. Candidates above the tie get weight 1; the tied
-    ones share the remaining slots, (k - #above) / #tied each; the rest 0. Only
+
+def tie_graph(x: torch.Tensor, nb: Neighbours, k: int, *, universe: torch.Tensor | None = None,
+              groups: torch.Tensor | None = None, last: torch.Tensor | None = None) -> Graph:
+    """The order-invariant kNN graph at k from a search's lists (`knn`, any tie order).
+
+    Definition: row i's k-th largest similarity s; every candidate within
+    tol = TIE_RTOL |x_i| max|x_j| of s is tied; candidates above the tie weigh 1, the
+    tied ones share the remaining slots, (k - #above) / #tied each; the rest 0. Only
     similarities enter, so a joint reordering of the samples cannot change the graph.
-    Rows whose tie may continue past their list (`scored.beyond` >= s - tol) are scored
-    again in float64 against every candidate. `universe` (sorted sample indices) restricts
-    the candidates to a subset; `scored`'s indices are then local to it and its rows are
-    the subset's. `groups` drops same-group candidates in those re-scans."""
-    n = scored.indices.shape[0]
-    device = scored.indices.device
-    norms = x.double().norm(dim=1)
+
+    The search's (float32) values are within beta = gamma_D |x_i| max|x_j| of the truth,
+    so only candidates whose value is within 2 beta + tol of the listed k-th value can be
+    tied or cross it: those are scored again in float64 (two copies of one row then get
+    the same value wherever they sat in a block), the rest keep the search's values.
+    A row whose zone may run past its list (`last`, default its last listed value, is in
+    the zone) is scored again in float64 against every candidate. `universe` (sorted
+    sample indices) restricts the candidates to a subset: `nb`'s rows are then the
+    subset's and its indices local, with -inf for entries outside it. `groups` drops
+    same-group candidates in those re-scans."""
+    n, length = nb.indices.shape
+    device = nb.indices.device
     members = universe if universe is not None else torch.arange(x.shape[0], device=device)
-    tol = TIE_RTOL * norms[members] * norms[members].max()
-    weights, kth, crossing = _tie_weights(scored.values, k, tol)
-    unsafe = scored.beyond >= kth - tol if scored.beyond is not None else torch.zeros_like(crossing)
-    unsafe |= kth == float("-inf")
+    x64 = x.double()
+    norms = x64.norm(dim=1)
+    scale = norms[members] * norms[members].max()
+    tol = TIE_RTOL * scale
+    reach = 2 * product_error(x) * scale + tol
+    values = nb.values.double()
+    kth = values[:, k - 1]
+    hi, lo = kth + reach, kth - reach
+    above = values > hi.unsqueeze(1)
+    zone = (values >= lo.unsqueeze(1)) & ~above
+    last = values[:, -1] if last is None else last.double()
+    unsafe = (last >= lo) | (kth == float("-inf"))
+    if length == len(members) - 1 and universe is None:
+        unsafe &= kth == float("-inf")
+    zone &= ~unsafe.unsqueeze(1)
+    r, c = zone.nonzero(as_tuple=True)
+    exact = torch.zeros_like(values)
+    exact[r, c] = _dot64(x64, members[r], members[nb.indices[r, c]])
+    weights, crossing = _weights(exact, zone, above.sum(1), k, tol)
+    weights = weights + above.double()
     keep = (weights > 0) & ~unsafe.unsqueeze(1)
     rows = torch.arange(n, device=device).unsqueeze(1).expand_as(keep)
-    parts = [(rows[keep], scored.indices[keep], scored.values[keep], weights[keep])]
+    vals = torch.where(zone, exact, values)
+    parts = [(rows[keep], nb.indices[keep], vals[keep], weights[keep])]
+    crossing = crossing & ~unsafe
     redo = unsafe.nonzero().flatten()
     if len(redo):
-        parts += _rescan(x, members, redo, k, tol, groups)
-        crossing = crossing.clone()
-        crossing[redo] = False
-        for src, _, _, w in parts[1:]:
-            partial = src[w < 1].unique()
-            crossing[partial] = True
+        rescanned, crossed = _rescan(x64, members, redo, k, tol, groups)
+        parts += rescanned
+        crossing[redo] = crossed
     src, dst, val, weight = (torch.cat(p) for p in zip(*parts))
     return Graph(src, dst, val, weight, n, k, int(crossing.sum()))
 
 
-def _rescan(x, members, redo, k, tol, groups):
+def _rescan(x64, members, redo, k, tol, groups):
     """Float64 similarities of rows `redo` (local) to every member, as weighted edges."""
-    x64 = x.double()
     cand = x64[members]
-    chunk = max(1, RESCORE_ELEMENTS // max(1, len(members)))
-    out, total = [], 0
+    chunk = max(1, RESCAN_ELEMENTS // max(1, len(members)))
+    out, crossed, total = [], [], 0
     for s in range(0, len(redo), chunk):
         local_rows = redo[s:s + chunk]
         sims = x64[members[local_rows]] @ cand.T
@@ -349,11 +352,13 @@ def _rescan(x, members, redo, k, tol, groups):
                               float("-inf"))
         if k > sims.shape[1] or (sims.topk(k, dim=1).values[:, -1] == float("-inf")).any():
             raise ValueError(f"k={k}: some rows have fewer than k candidate neighbours")
-        weights, _, _ = _tie_weights(sims, k, tol[local_rows])
+        none_above = torch.zeros(len(local_rows), dtype=torch.long, device=sims.device)
+        weights, cross = _weights(sims, sims > float("-inf"), none_above, k, tol[local_rows])
         r, c = (weights > 0).nonzero(as_tuple=True)
         total += len(r)
         if total > MAX_GRAPH_EDGES:
             raise ValueError(f"k={k}: ties make the neighbour graph larger than {MAX_GRAPH_EDGES} "
                              "edges (most rows tie with most others); the data are degenerate")
         out.append((local_rows[r], c, sims[r, c], weights[r, c]))
-    return out
+        crossed.append(cross)
+    return out, torch.cat(crossed)

@@ -15,7 +15,7 @@ import torch
 from harness.cknna import (EPS, Scores, Space, _check, _EdgeIndex, _hsic_on_edges, _weighted_hsic,
                            scores_from_graphs, scores_from_neighbours, self_terms, shared_edges,
                            space_scores)
-from harness.knn import Graph, Neighbours, _order_ties, knn, knn_among, tie_graph
+from harness.knn import Graph, Neighbours, knn_among, tie_graph
 
 # ---------------------------------------------------------------- draws
 
@@ -179,23 +179,27 @@ def _subsample_neighbours(x: torch.Tensor, long: Neighbours, subset: torch.Tenso
     return Neighbours(out_i, out_v, long.exact), len(short)
 
 
-def restrict(scored: Neighbours, subset: torch.Tensor) -> Neighbours:
-    """Re-scored lists of the subset's rows, kept to subset members (local indices); other
-    entries become -inf at the end. `beyond` still bounds every unlisted candidate."""
-    local = torch.full((scored.indices.shape[0],), -1, dtype=torch.long, device=subset.device)
+def restrict(nb: Neighbours, subset: torch.Tensor) -> tuple[Neighbours, torch.Tensor]:
+    """A search's lists for the subset's rows, kept to subset members (local indices; other
+    entries become -inf at the end), and per row the value bounding every unlisted
+    candidate (the full list's last value; -inf when it held every sample)."""
+    n = nb.indices.shape[0]
+    local = torch.full((n,), -1, dtype=torch.long, device=subset.device)
     local[subset] = torch.arange(len(subset), device=subset.device)
-    idx = local[scored.indices[subset]]
-    values = scored.values[subset].masked_fill(idx < 0, float("-inf"))
-    values, idx = _order_ties(values, idx.clamp_min(0))
-    return Neighbours(idx, values, scored.exact, scored.beyond[subset])
+    idx = local[nb.indices[subset]]
+    values = nb.values[subset].masked_fill(idx < 0, float("-inf"))
+    order = values.argsort(dim=1, descending=True, stable=True)
+    last = nb.values[subset, -1]
+    if nb.k == n - 1:
+        last = torch.full_like(last, float("-inf"))
+    return Neighbours(idx.clamp_min(0).gather(1, order), values.gather(1, order), nb.exact), last
 
 
 def subset_graph(space: Space, subset: torch.Tensor, k: int) -> tuple[Graph, int]:
     """A space's tie graph at k within a subset, and how many rows were scanned again."""
-    scored = restrict(space.scored, subset)
-    graph = tie_graph(space.x, scored, k, universe=subset, groups=space.groups)
-    kth = scored.values[:, k - 1]
-    return graph, int(((scored.beyond >= kth) | (kth == float("-inf"))).sum())
+    nb, last = restrict(space.neighbours, subset)
+    graph = tie_graph(space.x, nb, k, universe=subset, groups=space.groups, last=last)
+    return graph, int((nb.values[:, k - 1] == float("-inf")).sum())
 
 
 def subset_scores(sa: Space, sb: Space, subset: torch.Tensor, k: int) -> tuple[Scores, int]:
@@ -358,7 +362,7 @@ def align(feats_a: torch.Tensor, feats_b: torch.Tensor, ks, *, permutations: int
     excluded = groups if exclude_same_group else None
 
     def space(x, given):
-        if given is not None and given.neighbours.k >= k_search and given.ties == ties:
+        if given is not None and given.k_search >= k_search and given.ties == ties:
             return given
         return Space(x, k_search, ties, excluded, knn_options)
 
