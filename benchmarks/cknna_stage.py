@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from harness import cknna as C  # noqa: E402
+from harness import significance as S  # noqa: E402
 from harness.knn import knn, recall  # noqa: E402
 
 KS = (5, 10, 20)
@@ -64,7 +65,7 @@ def main() -> None:
 
     if args.n <= 20000:
         out["gram_s"], out["gram_extra_mb"], _ = best(lambda: a @ a.T, args.repeats)
-    out["engine_s"], out["engine_extra_mb"], result = best(lambda: C.align(a, b, KS), args.repeats)
+    out["engine_s"], out["engine_extra_mb"], result = best(lambda: S.align(a, b, KS), args.repeats)
     out["cknna"] = {k: r["cknna"] for k, r in result.items()}
     if "gram_s" in out:
         out["engine_over_gram"] = out["engine_s"] / out["gram_s"]
@@ -76,11 +77,11 @@ def main() -> None:
             for k in KS}, 1)
         out["dense_over_engine"] = out["dense_s"] / out["engine_s"]
     if args.permutations:
-        na, nb = knn(a, max(KS)), knn(b, max(KS))
-        observed = C.scores_from_neighbours(na, nb, 10)
+        na, nb = C.Space(a, max(KS)), C.Space(b, max(KS))
+        observed = C.space_scores(na, nb, 10)
         out["permutations"] = args.permutations
         out["permutation_k10_s"], _, _ = best(
-            lambda: C.permutation_null(na, nb, observed, args.permutations), 1)
+            lambda: S.permutation_null(na, nb, observed, args.permutations), 1)
     if args.faiss:
         exact_s, _, exact = best(lambda: knn(a, max(KS)), 1)
         out["knn_a_torch_s"] = exact_s

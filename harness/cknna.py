@@ -6,18 +6,25 @@ the edges of the kNN mask, so here each term is a sum over edges (see `_hsic_on_
 Argument order matters: CKNNA(A, B) != CKNNA(B, A). Inputs are used as given; the
 reference callers L2-normalise rows first (the CLI does too).
 
-Sums run in float64. A result whose self-similarity terms are not positive is NaN with
-a warning (the reference would return a meaningless number or NaN).
+Sums run in float64. A result whose self-similarity terms are not positive (or vanish
+against their own scale), or whose features are all one row, is NaN with a warning (the
+reference would return a meaningless number or NaN).
+
+Ties: by default (`ties="shared"`) the neighbour graphs are `knn.tie_graph`s, where
+neighbours tied at the k-th place share the remaining slots; M = min(w_A, w_B) edge by
+edge, so CKNNA and mutual kNN depend on similarities only and a joint reordering of the
+samples leaves them unchanged. `ties="index"` is the earlier rule (lower index wins).
+Significance (null, subsampling, comparisons) lives in `harness.significance`.
 """
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from harness.knn import Neighbours, knn, knn_among
+from harness.knn import TIE_MARGIN, Graph, Neighbours, knn, tie_graph
 
 EPS = 1e-6  # the reference's denominator term; part of its value
 
@@ -132,18 +139,154 @@ def scores_from_neighbours(na: Neighbours, nb: Neighbours, k: int) -> Scores:
     return Scores(k, _ratio(kl, kk, ll), mutual, kl, kk, ll)
 
 
-def cknna(feats_a: torch.Tensor, feats_b: torch.Tensor, topk: int, **knn_options) -> float:
-    """The reference CKNNA(A, B) with k = topk, without any N x N matrix."""
-    _check(feats_a, feats_b, topk)
-    return scores_from_neighbours(knn(feats_a, topk, **knn_options),
-                                  knn(feats_b, topk, **knn_options), topk).cknna
+TIES = ("shared", "index")
+DEGENERATE_RTOL = 1e-9  # self-HSIC below this fraction of its own scale counts as zero
 
 
-def mutual_knn(feats_a: torch.Tensor, feats_b: torch.Tensor, topk: int, **knn_options) -> float:
-    """Mean over samples of |kNN_A(i) ∩ kNN_B(i)| / k, self excluded."""
+def _check_ties(ties: str) -> None:
+    if ties not in TIES:
+        raise ValueError(f"unknown tie rule {ties!r}; choose from {TIES}")
+
+
+def all_rows_equal(x: torch.Tensor) -> bool:
+    """Every row the same up to a few units of rounding (e.g. one direction at many
+    scales, L2-normalised): no neighbour is truly closer than another, so any graph
+    would be built from rounding noise."""
+    if not x.is_floating_point():
+        return bool((x == x[:1]).all())
+    spread = (x - x[:1]).abs().max()
+    return bool(spread <= 8 * torch.finfo(x.dtype).eps * x.abs().max())
+
+
+@dataclass
+class Space:
+    """One feature matrix, its neighbour list searched once (at the largest k needed) and
+    the graphs built from it, so every k, model pair and null draw reuses one search.
+
+    `groups` (N integer labels) given here are excluded: same-group pairs are never
+    neighbours."""
+
+    x: torch.Tensor
+    k_search: int
+    ties: str = "shared"
+    groups: torch.Tensor | None = None
+    knn_options: dict = field(default_factory=dict)
+    neighbours: Neighbours | None = None
+    _graphs: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        _check_ties(self.ties)
+        self.degenerate = all_rows_equal(self.x)
+        length = self.k_search
+        if self.ties == "shared":  # room for the tie zone below the largest k
+            length = min(self.x.shape[0] - 1, length + TIE_MARGIN)
+        given = self.neighbours
+        if given is None or given.k < length:
+            given = knn(self.x, length, groups=self.groups, **self.knn_options)
+        self.neighbours = given
+
+    def graph(self, k: int) -> Graph:
+        """The tie graph at k over all samples (cached); the whole list is used, since
+        its tail tells where a tie at the k-th place ends."""
+        if k not in self._graphs:
+            self._graphs[k] = tie_graph(self.x, self.neighbours, k, groups=self.groups)
+        return self._graphs[k]
+
+
+def _weighted_hsic(src, dst, k_val, l_val, weight, n) -> float:
+    """Unbiased HSIC of M*K and M*L for a weighted mask M (M_ij = weight on edge (i, j)).
+
+    With K~ = M*K, L~ = M*L (zero diagonal): tr(K~L~) = sum over edges whose reverse is an
+    edge of M_ij M_ji K_ij L_ij; 1'K~1 = sum M K; 1'L~1 = sum M L;
+    1'K~L~1 = sum_l (K~ into l)(L~ out of l)."""
+    kw, lw = weight * k_val.double(), weight * l_val.double()
+    keys = src * n + dst
+    order = keys.argsort()
+    ordered = keys[order]
+    reverse = dst * n + src
+    pos = torch.searchsorted(ordered, reverse).clamp_max_(max(len(keys) - 1, 0))
+    has_reverse = ordered[pos] == reverse if len(keys) else reverse == -1
+    trace = (kw * l_val.double() * weight[order[pos]])[has_reverse].sum()
+    k_into = torch.zeros(n, dtype=torch.float64, device=kw.device).index_add_(0, dst, kw)
+    l_out = torch.zeros(n, dtype=torch.float64, device=kw.device).index_add_(0, src, lw)
+    cross = (k_into * l_out).sum()
+    hsic = trace + kw.sum() * lw.sum() / ((n - 1) * (n - 2)) - 2 * cross / (n - 2)
+    return (hsic / (n * (n - 3))).item()
+
+
+def _self_scale(g: Graph) -> float:
+    """Size of the trace term of a self-HSIC, against which a near-zero value is zero."""
+    return ((g.weight * g.val) ** 2).sum().item() / (g.n * (g.n - 3))
+
+
+def shared_edges(ga: Graph, gb: Graph):
+    """Edges in both graphs with M = min(w_A, w_B): (src, dst, K, L, M)."""
+    n = ga.n
+    b_keys = gb.src * n + gb.dst
+    order = b_keys.argsort()
+    ordered = b_keys[order]
+    keys = ga.src * n + ga.dst
+    pos = torch.searchsorted(ordered, keys).clamp_max_(max(len(ordered) - 1, 0))
+    hit = ordered[pos] == keys
+    at = order[pos[hit]]
+    return (ga.src[hit], ga.dst[hit], ga.val[hit], gb.val[at],
+            torch.minimum(ga.weight[hit], gb.weight[at]))
+
+
+def self_terms(g: Graph) -> tuple[float, float]:
+    """sim(X, X) on a graph, and its scale (for the degeneracy test)."""
+    return _weighted_hsic(g.src, g.dst, g.val, g.val, g.weight, g.n), _self_scale(g)
+
+
+def scores_from_graphs(ga: Graph, gb: Graph, self_a=None, self_b=None) -> Scores:
+    """CKNNA and mutual kNN at k from two tie graphs (self terms may be passed in)."""
+    k, n = ga.k, ga.n
+    src, dst, kv, lv, m = shared_edges(ga, gb)
+    kl = _weighted_hsic(src, dst, kv, lv, m, n)
+    kk, kk_scale = self_a or self_terms(ga)
+    ll, ll_scale = self_b or self_terms(gb)
+    mutual = (m.sum() / (k * n)).item()
+    if kk <= DEGENERATE_RTOL * kk_scale or ll <= DEGENERATE_RTOL * ll_scale:
+        return Scores(k, _ratio(kl, min(kk, 0.0), min(ll, 0.0)), mutual, kl, kk, ll)
+    return Scores(k, _ratio(kl, kk, ll), mutual, kl, kk, ll)
+
+
+def degenerate_scores(k: int, which: str) -> Scores:
+    """NaN scores (with a warning) when a space's rows are all equal."""
+    warnings.warn(f"CKNNA is degenerate: every row of {which} is the same (after L2 "
+                  "normalisation), so no neighbour is closer than another: reported as NaN",
+                  RuntimeWarning, stacklevel=3)
+    nan = float("nan")
+    return Scores(k, nan, nan, nan, nan, nan)
+
+
+def space_scores(sa: Space, sb: Space, k: int) -> Scores:
+    """Scores at k for two spaces under their tie rule."""
+    if sa.degenerate or sb.degenerate:
+        return degenerate_scores(k, "A" if sa.degenerate else "B")
+    if sa.ties == "index":
+        return scores_from_neighbours(sa.neighbours, sb.neighbours, k)
+    return scores_from_graphs(sa.graph(k), sb.graph(k))
+
+
+def _spaces(feats_a, feats_b, topk, ties, groups, knn_options):
     _check(feats_a, feats_b, topk)
-    return scores_from_neighbours(knn(feats_a, topk, **knn_options),
-                                  knn(feats_b, topk, **knn_options), topk).mutual_knn
+    return (Space(feats_a, topk, ties, groups, knn_options),
+            Space(feats_b, topk, ties, groups, knn_options))
+
+
+def cknna(feats_a: torch.Tensor, feats_b: torch.Tensor, topk: int, *, ties: str = "shared",
+          groups: torch.Tensor | None = None, **knn_options) -> float:
+    """CKNNA(A, B) with k = topk, without any N x N matrix; equals the reference on
+    tie-free data. `groups`: same-group pairs are never neighbours."""
+    return space_scores(*_spaces(feats_a, feats_b, topk, ties, groups, knn_options), topk).cknna
+
+
+def mutual_knn(feats_a: torch.Tensor, feats_b: torch.Tensor, topk: int, *, ties: str = "shared",
+               groups: torch.Tensor | None = None, **knn_options) -> float:
+    """Mean over samples of |kNN_A(i) ∩ kNN_B(i)| / k (tie weights: sum of min(w_A, w_B))."""
+    return space_scores(*_spaces(feats_a, feats_b, topk, ties, groups, knn_options),
+                        topk).mutual_knn
 
 
 def _linear_hsic_unbiased(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -178,174 +321,3 @@ def _cka_unbiased(x: torch.Tensor, y: torch.Tensor) -> float:
     return kl / math.sqrt(kk * ll)
 
 
-# ---------------------------------------------------------------- significance
-
-
-def _permuted(nb: Neighbours, perm: torch.Tensor, inverse: torch.Tensor) -> Neighbours:
-    """Neighbour lists of X[perm] from those of X: relabel, no new search."""
-    return Neighbours(inverse[nb.indices[perm]], nb.values[perm], nb.exact)
-
-
-def null_draws(na: Neighbours, nb: Neighbours, observed: Scores, n_permutations: int,
-               seed: int = 0) -> torch.Tensor:
-    """CKNNA(A[p], B) for p = randperm(N) drawn in turn from a generator seeded `seed`.
-
-    CKNNA(A[p], B) = CKNNA(A, B[p^-1]): A's lists are relabelled (no new search) and B's
-    sorted edge index is built once. sim(K,K) and sim(L,L) do not change under a shuffle;
-    only sim(K, L) is redone."""
-    k = observed.k
-    na, nb = na.prefix(k), nb.prefix(k)
-    n = na.indices.shape[0]
-    b_index = _EdgeIndex(nb)
-    gen = torch.Generator().manual_seed(seed)
-    null = torch.empty(n_permutations, dtype=torch.float64)
-    denom = math.sqrt(observed.sim_kk * observed.sim_ll) + EPS if (
-        observed.sim_kk > 0 and observed.sim_ll > 0) else float("nan")
-    for d in range(n_permutations):
-        perm = torch.randperm(n, generator=gen).to(na.indices.device)
-        inverse = torch.empty_like(perm)
-        inverse[perm] = torch.arange(n, device=perm.device)
-        shared, _ = b_index.shared(_permuted(na, perm, inverse))
-        null[d] = _hsic_on_edges(shared) / denom
-    return null
-
-
-def permutation_null(na: Neighbours, nb: Neighbours, observed: Scores, n_permutations: int,
-                     seed: int = 0) -> dict:
-    """Summary of `null_draws`; p-value = (1 + #{null >= observed}) / (1 + draws)."""
-    return summarise_null(observed.cknna, null_draws(na, nb, observed, n_permutations, seed), seed)
-
-
-def summarise_null(observed: float, null: torch.Tensor, seed: int) -> dict:
-    mean, std = null.mean().item(), null.std().item()
-    exceed = int((null >= observed).sum())
-    return {
-        "n_permutations": len(null),
-        "seed": seed,
-        "null_mean": mean,
-        "null_std": std,
-        "p_value": (1 + exceed) / (1 + len(null)),
-        # Excess over what shuffled (unrelated) states score: chance is not zero.
-        "cknna_minus_null_mean": observed - mean,
-        "z_score": (observed - mean) / std if std > 0 else float("nan"),
-    }
-
-
-def permutation_test(feats_a: torch.Tensor, feats_b: torch.Tensor, topk: int,
-                     n_permutations: int = 1000, seed: int = 0) -> dict:
-    """Observed CKNNA and its permutation null (see `permutation_null`)."""
-    _check(feats_a, feats_b, topk)
-    na, nb = knn(feats_a, topk), knn(feats_b, topk)
-    observed = scores_from_neighbours(na, nb, topk)
-    return {"observed": observed.cknna, **permutation_null(na, nb, observed, n_permutations, seed)}
-
-
-def long_list_length(k: int, fraction: float, n: int) -> int:
-    """List length that keeps >= k survivors per row for most subsamples of `fraction`."""
-    return min(n - 1, int(math.ceil(3 * k / fraction)) + 8)
-
-
-def _subsample_neighbours(x: torch.Tensor, long: Neighbours, subset: torch.Tensor,
-                          k: int) -> tuple[Neighbours, int]:
-    """Top-k within `subset` (local indices), from the long lists; rows whose long list
-    keeps fewer than k members of the subset are searched again exactly."""
-    n = long.indices.shape[0]
-    local = torch.full((n,), -1, dtype=torch.long, device=long.indices.device)
-    local[subset] = torch.arange(len(subset), device=local.device)
-    idx, val = long.indices[subset], long.values[subset]
-    member = local[idx] >= 0
-    rank = member.cumsum(dim=1)
-    take = member & (rank <= k)
-    enough = take.sum(dim=1) == k
-    out_i = torch.empty(len(subset), k, dtype=torch.long, device=idx.device)
-    out_v = torch.empty(len(subset), k, dtype=val.dtype, device=val.device)
-    out_i[enough] = local[idx[enough][take[enough]]].view(-1, k)
-    out_v[enough] = val[enough][take[enough]].view(-1, k)
-    short = (~enough).nonzero().flatten()
-    if len(short):
-        redo = knn_among(x, subset[short], subset, k)
-        out_i[short], out_v[short] = redo.indices, redo.values
-    return Neighbours(out_i, out_v, long.exact), len(short)
-
-
-def subsample_draws(feats_a: torch.Tensor, feats_b: torch.Tensor, topk: int, *,
-                    n_draws: int, fraction: float, seed: int = 0,
-                    long_a: Neighbours | None = None, long_b: Neighbours | None = None):
-    """CKNNA on `n_draws` random subsets of round(fraction * N) samples (sorted subsets of
-    randperm(N) from a generator seeded `seed`), and how many rows needed a new search."""
-    _check(feats_a, feats_b, topk)
-    n = feats_a.shape[0]
-    m = int(round(fraction * n))
-    if not (0 < fraction < 1) or m < 4 or topk > m - 1:
-        raise ValueError(f"fraction={fraction} leaves {m} samples: need >= 4 and > k={topk}")
-    length = long_list_length(topk, fraction, n)
-    long_a = long_a if long_a is not None and long_a.k >= length else knn(feats_a, length)
-    long_b = long_b if long_b is not None and long_b.k >= length else knn(feats_b, length)
-    gen = torch.Generator().manual_seed(seed)
-    values, redone = [], 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        for _ in range(n_draws):
-            subset = torch.randperm(n, generator=gen)[:m].sort().values.to(feats_a.device)
-            sa, ra = _subsample_neighbours(feats_a, long_a, subset, topk)
-            sb, rb = _subsample_neighbours(feats_b, long_b, subset, topk)
-            redone += ra + rb
-            values.append(scores_from_neighbours(sa, sb, topk).cknna)
-    return torch.tensor(values, dtype=torch.float64), redone
-
-
-def subsample_interval(feats_a: torch.Tensor, feats_b: torch.Tensor, topk: int, *,
-                       n_draws: int = 200, fraction: float = 0.8, level: float = 0.95,
-                       seed: int = 0, long_a: Neighbours | None = None,
-                       long_b: Neighbours | None = None) -> dict:
-    """Percentile interval of CKNNA over random subsets of fraction * N samples.
-
-    It describes the spread of CKNNA at the smaller size m = fraction * N (kNN graphs
-    depend on N), reusing long neighbour lists instead of new Gram products."""
-    vals, redone = subsample_draws(feats_a, feats_b, topk, n_draws=n_draws, fraction=fraction,
-                                   seed=seed, long_a=long_a, long_b=long_b)
-    finite = vals[~vals.isnan()]
-    alpha = (1 - level) / 2
-    lo, hi = (torch.quantile(finite, torch.tensor([alpha, 1 - alpha], dtype=torch.float64)).tolist()
-              if len(finite) else (float("nan"), float("nan")))
-    return {"n_draws": n_draws, "fraction": fraction,
-            "subsample_size": int(round(fraction * feats_a.shape[0])), "level": level,
-            "seed": seed, "low": lo, "high": hi,
-            "mean": finite.mean().item() if len(finite) else float("nan"),
-            "std": finite.std().item() if len(finite) > 1 else float("nan"),
-            "nan_draws": int(vals.isnan().sum()), "rows_searched_again": redone}
-
-
-# ---------------------------------------------------------------- one-pass driver
-
-
-def align(feats_a: torch.Tensor, feats_b: torch.Tensor, ks, *, permutations: int = 0,
-          subsample_draws: int = 0, subsample_fraction: float = 0.8, seed: int = 0,
-          neighbours_a: Neighbours | None = None, neighbours_b: Neighbours | None = None,
-          **knn_options) -> dict[int, dict]:
-    """Every k's CKNNA and mutual kNN (and optional null / interval) from one kNN search
-    per matrix at max(ks). Lists already searched (`neighbours_a/_b`) are reused, so
-    many models can share B's search and a pairwise matrix A's."""
-    ks = sorted(set(int(k) for k in ks))
-    for k in ks:
-        _check(feats_a, feats_b, k)
-    k_search = ks[-1]
-    if subsample_draws:
-        k_search = max(k_search, long_list_length(ks[-1], subsample_fraction, feats_a.shape[0]))
-    def search(x, given):
-        return given if given is not None and given.k >= k_search else knn(x, k_search, **knn_options)
-
-    na, nb = search(feats_a, neighbours_a), search(feats_b, neighbours_b)
-    results = {}
-    for k in ks:
-        s = scores_from_neighbours(na, nb, k)
-        row = {"cknna": s.cknna, "mutual_knn": s.mutual_knn,
-               "sim_kl": s.sim_kl, "sim_kk": s.sim_kk, "sim_ll": s.sim_ll}
-        if permutations:
-            row["permutation"] = permutation_null(na, nb, s, permutations, seed)
-        if subsample_draws:
-            row["subsample"] = subsample_interval(
-                feats_a, feats_b, k, n_draws=subsample_draws, fraction=subsample_fraction,
-                seed=seed, long_a=na, long_b=nb)
-        results[k] = row
-    return results

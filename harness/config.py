@@ -87,6 +87,8 @@ class StudyConfig(_Strict):
     seed: StrictInt = 0
     zscore_states: bool = False
     drop_empty_tasks: bool = False
+    group_by: Literal["episode", "none"] = "episode"  # per-sample groups from metadata
+    compare: bool = False  # paired model comparisons on shared subsets
     models: Annotated[list[ModelEntry], Field(min_length=1)]
 
     @field_validator("models")

@@ -28,6 +28,7 @@ from harness.io import check_output_dir, load_features, write_json
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 REQUEST = "pipeline_request.json"
+COMPARE_DRAWS = 200  # shared subsets behind the paired model comparisons
 STAND_IN_NOTICE = ("These are tiny RANDOM-WEIGHT stand-ins of each model family on synthetic "
                    "data: the numbers exercise the pipeline and mean nothing about real models.")
 
@@ -215,6 +216,8 @@ def _layer_files(feats_path: Path) -> dict[str, Path]:
 
 def run_study(study: Study, log=None) -> dict:
     """All phases; returns the results dict (also written under output_dir)."""
+    import torch
+
     from harness.report import write_report
     from harness.results import Settings, compute
 
@@ -257,8 +260,17 @@ def run_study(study: Study, log=None) -> dict:
     if not models:
         raise HarnessError("no model produced features; see the extract.log files under "
                            f"{study.features_dir}")
+    groups = None
+    if study.group_by == "episode" and data.episodes:
+        groups = torch.tensor(data.episodes, dtype=torch.long)
+        log(f"metrics: {len(set(data.episodes))} episodes; permutations and subsets move whole "
+            "episodes; CKNNA also without same-episode neighbours")
+    compare = study.compare and len(models) > 1
     settings = Settings(ks=study.ks, permutations=study.permutations, seed=study.seed,
-                        pairwise=len(models) > 1)
+                        pairwise=len(models) > 1, groups=groups,
+                        groups_source="metadata.json episode_indices" if groups is not None else None,
+                        side_by_side=groups is not None, compare=compare,
+                        subsample_draws=COMPARE_DRAWS if compare else 0)
     preprocessing = states_mod.record(zrecord, options)
     extra = {"study": {"config": str(study.config_path) if study.config_path else "built-in demo",
                        "data_dir": str(study.data_dir),
@@ -266,8 +278,8 @@ def run_study(study: Study, log=None) -> dict:
                        "stand_ins": study.stand_ins,
                        "notice": STAND_IN_NOTICE if study.stand_ins else None,
                        "models": status}}
-    results = compute(models, states_mod.normalised(states_path, states), str(states_path), settings, preprocessing, extra,
-                      layers=layers)
+    results = compute(models, states_mod.normalised(states_path, states), str(states_path),
+                      settings, preprocessing, extra, layers=layers)
     for name, entry in results["models"].items():
         entry["provenance"] = _provenance(Path(entry["feats_A_path"]))
     write_report(results, study.output_dir)

@@ -41,6 +41,11 @@ def interval_text(sub: dict | None) -> str:
     return f"[{_fmt(sub['low'])}, {_fmt(sub['high'])}]"
 
 
+def _value(m: dict, key: str) -> str:
+    """A model entry's number; a key present as None is a NaN written as JSON null."""
+    return "NaN" if key in m and m[key] is None else _fmt(m.get(key))
+
+
 def _columns(results: dict) -> list[tuple[str, callable]]:
     """(header, entry -> cell text) for every number present in some model's entry."""
     ks = results["_meta"]["k_values"]
@@ -49,9 +54,9 @@ def _columns(results: dict) -> list[tuple[str, callable]]:
     detail = lambda m, k, part: m.get("details", {}).get(f"k{k}", {}).get(part)  # noqa: E731
     cols = []
     for k in ks:
-        cols.append((f"CKNNA k={k}", lambda m, k=k: _fmt(m.get(f"cknna_k{k}"))))
+        cols.append((f"CKNNA k={k}", lambda m, k=k: _value(m, f"cknna_k{k}")))
         if has(f"mutual_knn_k{k}"):
-            cols.append((f"mkNN k={k}", lambda m, k=k: _fmt(m.get(f"mutual_knn_k{k}"))))
+            cols.append((f"mkNN k={k}", lambda m, k=k: _value(m, f"mutual_knn_k{k}")))
         if has(f"p_value_k{k}"):
             cols.append((f"p k={k}", lambda m, k=k: p_text(
                 m.get(f"p_value_k{k}"), (detail(m, k, "permutation") or {}).get("n_permutations"))))
@@ -62,7 +67,7 @@ def _columns(results: dict) -> list[tuple[str, callable]]:
                          lambda m, k=k: interval_text(detail(m, k, "subsample"))))
     for key, header in (("cka_unbiased", "CKA (unbiased)"), ("cka_biased", "CKA (biased)")):
         if has(key):
-            cols.append((header, lambda m, key=key: _fmt(m.get(key))))
+            cols.append((header, lambda m, key=key: _value(m, key)))
     return cols
 
 
@@ -105,6 +110,63 @@ def table_notes(results: dict) -> list[str]:
         notes.append(f"subsample interval: percentile interval of CKNNA over {sub['draws']} "
                      f"random subsets of {sub['fraction']:g}·N samples (CKNNA at that size)")
     return notes
+
+
+def _sortable(x) -> float:
+    """Undefined scores (None or NaN) rank last."""
+    return -math.inf if x is None or math.isnan(x) else x
+
+
+def comparison_markdown(results: dict) -> str:
+    """Models ranked by CKNNA at each k, and every pair's paired difference with its
+    interval: a ranking the data support is one whose intervals exclude 0."""
+    comparisons = results.get("comparisons")
+    if not comparisons:
+        return ""
+    lines = []
+    for key, rows in comparisons.items():
+        k = key.removeprefix("k")
+        models = results["models"]
+        ranked = sorted(models, key=lambda m: _sortable(models[m].get(f"cknna_k{k}")),
+                        reverse=True)
+        first = rows[0] if rows else {}
+        lines += ["", f"Ranking by CKNNA, k={k} (paired {first.get('level', 0.95):.0%} intervals "
+                      f"from {first.get('n_draws')} shared subsets of {first.get('fraction')} of "
+                      f"the {'groups' if first.get('whole_groups') else 'samples'})", "",
+                  "| rank | model | CKNNA | subset interval |", "|---:|---|---:|---|"]
+        for rank, m in enumerate(ranked, 1):
+            sub = models[m].get("details", {}).get(f"k{k}", {}).get("subsample") or {}
+            lines.append(f"| {rank} | {m} | {_fmt(models[m].get(f'cknna_k{k}'))} | "
+                         f"[{_fmt(sub.get('low'))}, {_fmt(sub.get('high'))}] |")
+        lines += ["", "| a | b | CKNNA(a) - CKNNA(b) | interval | excludes 0 |",
+                  "|---|---|---:|---|---|"]
+        for r in rows:
+            lo, hi = r["interval"]
+            lines.append(f"| {r['a']} | {r['b']} | {_fmt(r['difference'])} | "
+                         f"[{_fmt(lo)}, {_fmt(hi)}] | {'yes' if r['excludes_zero'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def same_group_markdown(results: dict) -> str:
+    """CKNNA with and without same-group (e.g. same-episode) neighbours, side by side."""
+    models = results["models"]
+    if not any("other_same_group_setting" in m for m in models.values()):
+        return ""
+    ks = results["_meta"]["k_values"]
+    excluded_main = (results["_meta"].get("groups") or {}).get("exclude_same_group", False)
+    lines = ["| model | " + " | ".join(f"k={k} with | k={k} without" for k in ks) + " |",
+             "|---|" + "---:|---:|" * len(ks)]
+    for label, m in models.items():
+        other = m.get("other_same_group_setting")
+        if other is None:
+            continue
+        cells = []
+        for k in ks:
+            with_, without = (other[f"cknna_k{k}"], m[f"cknna_k{k}"]) if excluded_main else (
+                m[f"cknna_k{k}"], other[f"cknna_k{k}"])
+            cells += [_fmt(with_), _fmt(without)]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------ figures
@@ -261,6 +323,13 @@ def study_markdown(results: dict, figures: dict[str, str] | None = None) -> str:
             st.get("feats_A_path", ""))
         lines.append(f"| {name} | {st['status']} | {detail} |")
     lines += ["", "## CKNNA against the states", "", markdown_table(results)]
+    if same_group_markdown(results):
+        lines += ["## With and without same-episode neighbours", "",
+                  "Frames of one episode share scene and task, so both spaces can pair them up; "
+                  "'without' never lets two samples of one group be neighbours.", "",
+                  same_group_markdown(results)]
+    if comparison_markdown(results):
+        lines += ["## Model comparisons", comparison_markdown(results)]
     ks = meta["k_values"]
     for label, by_layer in results.get("layers", {}).items():
         lines += [f"## Per-layer CKNNA: {label}", "",

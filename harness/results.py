@@ -5,6 +5,7 @@ keeps the seed's keys and nesting; extras sit beside them (details per k, pairwi
 matrix, per-layer scores, provenance), so existing readers keep working."""
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -13,10 +14,18 @@ import torch
 
 from harness import cknna as metrics
 from harness import provenance
-from harness.knn import knn
+from harness import significance
 from harness.states import l2_rows  # noqa: F401  (its home is harness.states)
 
-TIE_RULE = "neighbours ordered by similarity, equal similarities -> lower sample index first"
+TIE_RULES = {
+    "shared": "similarities re-scored in float64; neighbours tied (within 1e-11 relative) at "
+              "the k-th place share the remaining slots, M = min(w_A, w_B): invariant to "
+              "sample order",
+    "index": "neighbours ordered by similarity, equal similarities -> lower sample index first",
+}
+TIE_RULE = TIE_RULES["index"]
+# More rows than this fraction with a tie across the k-th place earns a warning.
+TIED_ROWS_WARNING = 0.05
 
 
 @dataclass
@@ -33,43 +42,77 @@ class Settings:
     cka: bool = False
     backend: str = "torch"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    ties: str = "shared"
+    groups: torch.Tensor | None = None  # per-sample labels (e.g. episodes)
+    groups_source: str | None = None
+    exclude_same_group: bool = False  # same-group pairs are never neighbours
+    side_by_side: bool = False  # with groups: also the other exclusion setting's CKNNA
+    compare: bool = False  # paired differences between models (needs subsample_draws)
 
 
 def _k_search(s: Settings, n: int) -> int:
     k = max(s.ks)
     if s.subsample_draws:
-        k = max(k, metrics.long_list_length(k, s.subsample_fraction, n))
+        k = max(k, significance.long_list_length(k, s.subsample_fraction, n))
     return k
 
 
-def model_entry(a: torch.Tensor, b: torch.Tensor, s: Settings, nb, path: str):
-    """One model's seed-style entry against the states, and its neighbour lists."""
-    options = {"backend": s.backend}
-    na = knn(a, _k_search(s, a.shape[0]), **options)
-    per_k = metrics.align(a, b, s.ks, permutations=s.permutations,
-                          subsample_draws=s.subsample_draws,
-                          subsample_fraction=s.subsample_fraction, seed=s.seed,
-                          neighbours_a=na, neighbours_b=nb, **options)
+def _space(x: torch.Tensor, s: Settings, exclude: bool) -> metrics.Space:
+    groups = s.groups.to(x.device) if exclude and s.groups is not None else None
+    return metrics.Space(x, _k_search(s, x.shape[0]), s.ties, groups, {"backend": s.backend})
+
+
+def model_entry(a: torch.Tensor, b: torch.Tensor, s: Settings, space_b, path: str):
+    """One model's seed-style entry against the states, its space, and (for comparisons)
+    its subsample values per k."""
+    space_a = _space(a, s, s.exclude_same_group)
+    per_k = significance.align(a, b, s.ks, permutations=s.permutations,
+                               subsample_draws=s.subsample_draws,
+                               subsample_fraction=s.subsample_fraction, seed=s.seed,
+                               ties=s.ties, groups=s.groups,
+                               exclude_same_group=s.exclude_same_group,
+                               space_a=space_a, space_b=space_b, keep_draws=s.compare,
+                               backend=s.backend)
+    draws = {k: r.pop("subsample_values") for k, r in per_k.items() if "subsample_values" in r}
     entry = {"feats_A_path": path, "feats_A_dim": int(a.shape[1])}
+    n = a.shape[0]
     for k, r in per_k.items():
         entry[f"cknna_k{k}"] = r["cknna"]
         if s.mutual:
             entry[f"mutual_knn_k{k}"] = r["mutual_knn"]
         if "permutation" in r:
             entry[f"p_value_k{k}"] = r["permutation"]["p_value"]
+        for side in ("A", "B"):
+            tied = r.get(f"tied_rows_{side}", 0)
+            if tied > TIED_ROWS_WARNING * n:
+                warnings.warn(f"k={k}: {tied} of {n} rows of {'feats_A ' + path if side == 'A' else 'feats_B'}"
+                              " have a tie across the k-th neighbour (duplicate rows?); their "
+                              "neighbours share the tied slots", RuntimeWarning, stacklevel=2)
     if s.cka:
         entry["cka_unbiased"] = metrics.cka(a, b, unbiased=True)
         entry["cka_biased"] = metrics.cka(a, b, unbiased=False)
     entry["details"] = {f"k{k}": r for k, r in per_k.items()}
-    return entry, na
+    return entry, space_a, draws
 
 
-def pairwise(labels: list[str], neighbours: list, ks: list[int]) -> dict:
+def other_exclusion(a: torch.Tensor, b: torch.Tensor, s: Settings) -> dict:
+    """CKNNA and mutual kNN per k with the opposite same-group setting, for side by side."""
+    exclude = not s.exclude_same_group
+    sa, sb = (metrics.Space(x, max(s.ks), s.ties, s.groups.to(x.device) if exclude else None,
+                            {"backend": s.backend}) for x in (a, b))
+    out = {"exclude_same_group": exclude}
+    for k in s.ks:
+        sc = metrics.space_scores(sa, sb, k)
+        out[f"cknna_k{k}"], out[f"mutual_knn_k{k}"] = sc.cknna, sc.mutual_knn
+    return out
+
+
+def pairwise(labels: list[str], spaces: list, ks: list[int]) -> dict:
     """CKNNA(model_i, model_j) for every ordered pair, from the lists already searched."""
     out = {"labels": labels, "order": "rows are A, columns are B: CKNNA(row, column)"}
     for k in ks:
-        out[f"cknna_k{k}"] = [[metrics.scores_from_neighbours(a, b, k).cknna for b in neighbours]
-                              for a in neighbours]
+        out[f"cknna_k{k}"] = [[metrics.space_scores(a, b, k).cknna for b in spaces]
+                              for a in spaces]
     return out
 
 
@@ -81,18 +124,27 @@ def compute(models: dict[str, tuple[str, torch.Tensor]], feats_b: torch.Tensor, 
     `layers` ({label: {layer: features}}) adds per-layer CKNNA against the states."""
     n = feats_b.shape[0]
     feats_b = feats_b.to(s.device)
-    nb = knn(feats_b, _k_search(s, n), backend=s.backend)
-    entries, neighbours = {}, []
+    space_b = _space(feats_b, s, s.exclude_same_group)
+    entries, spaces, draws = {}, [], {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
         for label, (path, a) in models.items():
             print(f"[cknna] {label}: N={n}, D={a.shape[1]}, k={s.ks}", file=sys.stderr)
-            entry, na = model_entry(a.to(s.device), feats_b, s, nb, path)
+            entry, space_a, draws[label] = model_entry(a.to(s.device), feats_b, s, space_b, path)
+            if s.side_by_side and s.groups is not None:
+                entry["other_same_group_setting"] = other_exclusion(a.to(s.device), feats_b, s)
             entries[label] = entry
-            neighbours.append(na)
-        matrix = pairwise(list(models), neighbours, s.ks) if s.pairwise else None
-        per_layer = {label: {name: {f"k{k}": r["cknna"] for k, r in metrics.align(
-            x.to(s.device), feats_b, s.ks, neighbours_b=nb, backend=s.backend).items()}
+            spaces.append(space_a)
+        matrix = pairwise(list(models), spaces, s.ks) if s.pairwise else None
+        comparisons = None
+        if s.compare and len(models) > 1:
+            observed = {label: {k: e[f"cknna_k{k}"] for k in s.ks} for label, e in entries.items()}
+            comparisons = significance.compare(list(models), observed, draws, s.ks,
+                                               fraction=s.subsample_fraction, seed=s.seed,
+                                               groups=s.groups is not None)
+        per_layer = {label: {name: {f"k{k}": r["cknna"] for k, r in significance.align(
+            x.to(s.device), feats_b, s.ks, ties=s.ties, groups=s.groups,
+            exclude_same_group=s.exclude_same_group, space_b=space_b, backend=s.backend).items()}
             for name, x in by_layer.items()} for label, by_layer in (layers or {}).items()}
     notes = sorted({str(w.message) for w in caught})
     for note in notes:
@@ -106,8 +158,12 @@ def compute(models: dict[str, tuple[str, torch.Tensor]], feats_b: torch.Tensor, 
             "k_values": s.ks,
             "metric": "CKNNA (platonic-rep unbiased form, 1e-6 denominator term)",
             "preprocessing": preprocessing,
-            "knn": {"backend": s.backend, "tie_rule": TIE_RULE, "self_excluded": True,
-                    "device": str(s.device)},
+            "knn": {"backend": s.backend, "tie_rule": TIE_RULES[s.ties], "ties": s.ties,
+                    "self_excluded": True, "device": str(s.device)},
+            "groups": {"source": s.groups_source, "n_groups": int(s.groups.unique().numel()),
+                       "exclude_same_group": s.exclude_same_group,
+                       "permutations_and_subsets": "whole groups"}
+            if s.groups is not None else None,
             "permutations": s.permutations,
             "subsample": {"draws": s.subsample_draws, "fraction": s.subsample_fraction}
             if s.subsample_draws else None,
@@ -122,6 +178,8 @@ def compute(models: dict[str, tuple[str, torch.Tensor]], feats_b: torch.Tensor, 
     }
     if matrix:
         results["pairwise"] = matrix
+    if comparisons:
+        results["comparisons"] = comparisons
     if per_layer:
         results["layers"] = per_layer
-    return results
+    return results  # NaN stays a float here; io.write_json writes null + a warning

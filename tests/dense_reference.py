@@ -59,3 +59,46 @@ def dense_biased_cka(A, B):
         return (X * Y).sum()
 
     return (hsic(K, L) / torch.sqrt(hsic(K, K) * hsic(L, L))).item()
+
+
+# ------------------------------------------------------------ the shared-tie definition
+# Written from the README's definition, independently of harness/knn.py: full float64
+# kernels, one row at a time, no lists, no re-scoring, no safety margins.
+
+
+def shared_tie_weights(K, k, rtol=1e-11, exclude=None):
+    """W[i, j] = 1 if K_ij is above row i's k-th largest value s by more than tol, the
+    remaining slots shared equally among those within tol of s, else 0 (self and
+    `exclude`d pairs never count). tol = rtol * |x_i| * max_j |x_j| = rtol * sqrt(K_ii max K_jj)."""
+    n = K.shape[0]
+    diag = K.diagonal().clone()
+    W = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        others = [j for j in range(n) if j != i and not (exclude is not None and exclude[i, j])]
+        vals = torch.tensor([K[i, j].item() for j in others], dtype=torch.float64)
+        s = sorted(vals.tolist(), reverse=True)[k - 1]
+        tol = rtol * (diag[i] * diag.max()).sqrt().item()
+        above = [j for j, v in zip(others, vals.tolist()) if v > s + tol]
+        tied = [j for j, v in zip(others, vals.tolist()) if abs(v - s) <= tol]
+        for j in above:
+            W[i, j] = 1.0
+        for j in tied:
+            W[i, j] = (k - len(above)) / len(tied)
+    return W
+
+
+def dense_shared_scores(A, B, k, groups=None):
+    """(CKNNA, mutual kNN) with M = min(W_A, W_B) and the reference's HSIC and 1e-6."""
+    A, B = A.double(), B.double()
+    K, L = A @ A.T, B @ B.T
+    exclude = None
+    if groups is not None:
+        g = torch.as_tensor(groups)
+        exclude = g.unsqueeze(0) == g.unsqueeze(1)
+    WA, WB = shared_tie_weights(K, k, exclude=exclude), shared_tie_weights(L, k, exclude=exclude)
+    M = torch.minimum(WA, WB)
+    kl = hsic_unbiased(M * K, M * L)
+    kk = hsic_unbiased(WA * K, WA * K)
+    ll = hsic_unbiased(WB * L, WB * L)
+    cknna = (kl / (torch.sqrt(kk * ll) + 1e-6)).item()
+    return cknna, (M.sum() / (k * K.shape[0])).item()

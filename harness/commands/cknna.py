@@ -5,15 +5,18 @@ nothing is written unless all of it succeeds."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
+import torch
 
+from harness.cknna import TIES, all_rows_equal
 from harness.commands import resolve_device
 from harness.errors import HarnessError
 from harness.io import check_output_file, load_features, write_json
 from harness.knn import BACKENDS
-from harness.report import heatmap, heatmap_k, markdown_table, nan_note
+from harness.report import comparison_markdown, heatmap, heatmap_k, markdown_table, nan_note
 from harness.results import Settings, compute
 from harness.states import normalised, standardised
 from harness.states import record as preprocessing_record
@@ -42,7 +45,72 @@ def register(sub) -> None:
     p.add_argument("--also_cka", action="store_true", help="also linear CKA (unbiased, biased)")
     p.add_argument("--knn_backend", choices=BACKENDS, default="torch")
     p.add_argument("--heatmap", metavar="F.png", help="model x model heatmap (implies --pairwise)")
+    p.add_argument("--ties", choices=TIES, default="shared",
+                   help="shared (default): neighbours tied at the k-th place share the "
+                        "remaining slots, order-invariant; index: lower sample index wins")
+    p.add_argument("--groups", metavar="FILE",
+                   help="per-sample group labels (e.g. episode indices): a 1-D integer "
+                        ".pt/.npy/.safetensors tensor or JSON list of length N; permutations "
+                        "and subsets then move whole groups")
+    p.add_argument("--exclude_same_group", action="store_true",
+                   help="pairs in one group are never neighbours, in either space (needs --groups)")
+    p.add_argument("--compare", action="store_true",
+                   help="paired CKNNA differences between models with intervals from the same "
+                        "subsets (implies --subsample 200 unless given)")
     p.set_defaults(func=run)
+
+
+def distinct(path, x: torch.Tensor) -> torch.Tensor:
+    """Normalised rows that are not all one row (then no neighbour graph exists)."""
+    if all_rows_equal(x):
+        raise HarnessError(f"{path}: all {x.shape[0]} rows are identical after L2 "
+                           "normalisation; the neighbour graph (and CKNNA) is undefined")
+    return x
+
+
+def load_groups(path, n: int) -> torch.Tensor:
+    """Per-sample integer labels from a JSON list or a 1-D integer tensor file."""
+    path = Path(path)
+    if not path.is_file():
+        raise HarnessError(f"--groups {path}: file not found")
+    if path.suffix == ".json":
+        try:
+            raw = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise HarnessError(f"--groups {path}: not valid JSON ({err})") from None
+        if not isinstance(raw, list) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                for v in raw):
+            raise HarnessError(f"--groups {path}: must be a JSON list of integers")
+        groups = torch.tensor(raw, dtype=torch.long)
+    else:
+        groups = _tensor_file(path)
+        if groups.is_floating_point() or groups.is_complex() or groups.dtype == torch.bool:
+            raise HarnessError(f"--groups {path}: must hold integers, not {groups.dtype}")
+        groups = groups.long()
+    if groups.ndim != 1 or len(groups) != n:
+        raise HarnessError(f"--groups {path}: shape {tuple(groups.shape)}; need 1-D of length N={n}")
+    return groups
+
+
+def _tensor_file(path: Path) -> torch.Tensor:
+    try:
+        if path.suffix == ".npy":
+            import numpy as np
+            return torch.from_numpy(np.load(path, allow_pickle=False))
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            tensors = load_file(str(path))
+            if len(tensors) != 1:
+                raise HarnessError(f"--groups {path}: holds {len(tensors)} tensors; need one")
+            return next(iter(tensors.values()))
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except HarnessError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's input error
+        raise HarnessError(f"--groups {path}: cannot read ({type(err).__name__}: {err})") from None
+    if not isinstance(obj, torch.Tensor):
+        raise HarnessError(f"--groups {path}: holds a {type(obj).__name__}, not a tensor")
+    return obj
 
 
 def labels_for(paths: list[Path]) -> list[str]:
@@ -71,7 +139,26 @@ def _check_args(args, n: int) -> list[int]:
     if args.subsample and max(args.topk) > m - 1:
         raise HarnessError(f"--subsample_fraction {args.subsample_fraction}: subsets of "
                            f"{m} are too small for k={max(args.topk)}")
+    if args.exclude_same_group and not args.groups:
+        raise HarnessError("--exclude_same_group needs --groups FILE")
+    if args.exclude_same_group and args.knn_backend != "torch":
+        raise HarnessError(f"--exclude_same_group needs --knn_backend torch, not {args.knn_backend}")
+    if args.compare and len(args.feats_A) < 2:
+        raise HarnessError("--compare needs at least two --feats_A models")
     return sorted(set(args.topk))
+
+
+def _check_groups(args, groups: torch.Tensor, ks: list[int]) -> None:
+    n = len(groups)
+    largest = int(torch.unique(groups, return_counts=True)[1].max())
+    if args.exclude_same_group and max(ks) > n - largest:
+        raise HarnessError(f"--groups {args.groups}: a group of {largest} samples leaves "
+                           f"{n - largest} candidates, fewer than k={max(ks)}")
+    if args.subsample:
+        n_groups = len(groups.unique())
+        if round(args.subsample_fraction * n_groups) < 1:
+            raise HarnessError(f"--subsample_fraction {args.subsample_fraction}: draws no "
+                               f"whole group of {n_groups}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,23 +172,30 @@ def run(args: argparse.Namespace) -> int:
     feats_b = load_features(b_path)
     n = feats_b.shape[0]
     ks = _check_args(args, n)
+    groups = load_groups(args.groups, n) if args.groups else None
+    if groups is not None:
+        _check_groups(args, groups, ks)
     a_paths = [Path(p) for p in args.feats_A]
     models = {}
     for label, path in zip(labels_for(a_paths), a_paths):
         a = load_features(path)
         if a.shape[0] != n:
             raise HarnessError(f"{path}: {a.shape[0]} samples but {b_path} has {n}")
-        models[label] = (str(path), normalised(path, a))
+        models[label] = (str(path), distinct(path, normalised(path, a)))
     record = None
     if args.zscore_B:
         feats_b, record = standardised(b_path, feats_b)
+    feats_b = distinct(b_path, normalised(b_path, feats_b))
+    draws = args.subsample or (200 if args.compare else 0)
     settings = Settings(ks=ks, mutual=args.also_mutual_knn, permutations=args.permutations,
-                        subsample_draws=args.subsample, subsample_fraction=args.subsample_fraction,
+                        subsample_draws=draws, subsample_fraction=args.subsample_fraction,
                         seed=args.seed, pairwise=args.pairwise or bool(args.heatmap),
-                        cka=args.also_cka, backend=args.knn_backend, device=device)
+                        cka=args.also_cka, backend=args.knn_backend, device=device,
+                        ties=args.ties, groups=groups, groups_source=args.groups,
+                        exclude_same_group=args.exclude_same_group, compare=args.compare)
     preprocessing = preprocessing_record(record)
-    results = compute(models, normalised(b_path, feats_b), str(b_path), settings, preprocessing)
-    table = markdown_table(results)
+    results = compute(models, feats_b, str(b_path), settings, preprocessing)
+    table = markdown_table(results) + comparison_markdown(results)
     if args.heatmap:
         k = heatmap_k(ks)
         heatmap(results["pairwise"][f"cknna_k{k}"], list(models), args.heatmap,

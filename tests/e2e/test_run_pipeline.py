@@ -170,3 +170,38 @@ def test_config_errors_name_the_file(tmp_path, capsys):
     assert str(cfg) in err and "family" in err
     assert main(["run", str(tmp_path / "missing.toml")]) == 2
     assert "missing.toml" in capsys.readouterr().err
+
+
+def test_episode_groups_and_comparisons_in_the_report(tmp_path, small_data):
+    from harness import cknna as C
+
+    meta = json.loads((small_data / "metadata.json").read_text())
+    episodes = torch.tensor(meta["episode_indices"])
+    states = torch.load(small_data / "feats_B.pt", weights_only=True)
+    models = []
+    for i, name in enumerate(["near", "far"]):
+        (tmp_path / name).mkdir()
+        g = torch.Generator().manual_seed(i)
+        feats = torch.cat([states * (3.0 if name == "near" else 0.1), torch.randn(40, 8, generator=g)], 1)
+        torch.save(feats, tmp_path / name / "feats_A.pt")
+        models.append({"name": name, "feats": str(tmp_path / name / "feats_A.pt")})
+    cfg = write_config(tmp_path / "study.toml", small_data, models, compare=True)
+    assert main(["run", str(cfg)]) == 0
+    out = tmp_path / "out"
+    res = json.loads((out / "results.json").read_text())
+    assert res["_meta"]["groups"]["n_groups"] == len(episodes.unique())
+    near = res["models"]["near"]
+    a = unit_rows(torch.load(tmp_path / "near" / "feats_A.pt"))
+    assert near["other_same_group_setting"]["cknna_k5"] == pytest.approx(
+        C.cknna(a, unit_rows(states), 5, groups=episodes), abs=1e-12)
+    assert near["cknna_k5"] == pytest.approx(C.cknna(a, unit_rows(states), 5), abs=1e-12)
+    [row] = res["comparisons"]["k10"]
+    assert (row["a"], row["b"], row["n_draws"], row["whole_groups"]) == ("near", "far", 200, True)
+    report = (out / "report.md").read_text()
+    assert "## With and without same-episode neighbours" in report
+    assert "Ranking by CKNNA, k=10" in report and "| 1 | near |" in report
+    none = write_config(tmp_path / "none.toml", small_data, models, group_by="none")
+    assert main(["run", str(none)]) == 0
+    assert json.loads((out / "results.json").read_text())["_meta"]["groups"] is None
+    bad = write_config(tmp_path / "bad.toml", small_data, models, group_by="task")
+    assert main(["run", str(bad)]) == 2

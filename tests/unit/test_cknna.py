@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from harness import cknna as C
+from harness import significance as S
 from harness.knn import knn
 from tests.dense_reference import (dense_biased_cka, dense_cknna, dense_mutual_knn,
                                    dense_unbiased_cka, hsic_unbiased)
@@ -40,7 +41,7 @@ def test_engine_equals_dense_formula(seed, n, da, db, k):
 @pytest.mark.parametrize("seed", range(5))
 def test_one_search_serves_every_k(seed):
     a, b = related_pair(seed, 90, 10, 7)
-    results = C.align(a, b, [3, 7, 20])
+    results = S.align(a, b, [3, 7, 20])
     for k in (3, 7, 20):
         assert results[k]["cknna"] == pytest.approx(dense_cknna(a, b, k), abs=1e-6)
         assert results[k]["mutual_knn"] == pytest.approx(dense_mutual_knn(a, b, k), abs=1e-12)
@@ -93,7 +94,7 @@ def test_independent_states_score_near_their_null(seed):
     g = torch.Generator().manual_seed(200 + seed)
     a = unit_rows(torch.randn(300, 20, generator=g))
     b = unit_rows(torch.randn(300, 7, generator=g))
-    result = C.permutation_test(a, b, 10, n_permutations=200, seed=seed)
+    result = S.permutation_test(a, b, 10, n_permutations=200, seed=seed)
     assert abs(result["z_score"]) < 4
     assert result["p_value"] > 1 / 201
 
@@ -101,7 +102,7 @@ def test_independent_states_score_near_their_null(seed):
 def test_rotated_copy_beats_every_permutation():
     a, _ = related_pair(5, 150, 12, 7)
     q, _ = torch.linalg.qr(torch.randn(12, 12, generator=torch.Generator().manual_seed(1)))
-    result = C.permutation_test(a, a @ q, 10, n_permutations=300, seed=3)
+    result = S.permutation_test(a, a @ q, 10, n_permutations=300, seed=3)
     assert result["p_value"] == pytest.approx(1 / 301)
     assert result["z_score"] > 10
 
@@ -170,8 +171,8 @@ def test_scale_changes_only_the_eps_term(case, scale):
 def test_null_draws_are_cknna_of_shuffled_samples():
     a, b = related_pair(7, 40, 8, 5)
     k = 5
-    na, nb = knn(a, k), knn(b, k)
-    draws = C.null_draws(na, nb, C.scores_from_neighbours(na, nb, k), 6, seed=9)
+    sa, sb = C.Space(a, k), C.Space(b, k)
+    draws = S.null_draws(sa, sb, C.space_scores(sa, sb, k), 6, seed=9)
     gen = torch.Generator().manual_seed(9)
     for value in draws:
         perm = torch.randperm(40, generator=gen)
@@ -180,7 +181,7 @@ def test_null_draws_are_cknna_of_shuffled_samples():
 
 def test_permutation_summary_counts_with_plus_one():
     null = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
-    s = C.summarise_null(0.25, null, seed=0)
+    s = S.summarise_null(0.25, null, seed=0)
     assert s["p_value"] == pytest.approx((1 + 2) / 5)
     assert s["null_mean"] == pytest.approx(0.25)
     assert s["cknna_minus_null_mean"] == pytest.approx(0.0)
@@ -188,13 +189,13 @@ def test_permutation_summary_counts_with_plus_one():
 
 def test_permutation_test_is_seeded():
     a, b = related_pair(3, 60, 8, 5)
-    assert C.permutation_test(a, b, 5, 50, seed=1) == C.permutation_test(a, b, 5, 50, seed=1)
-    assert C.permutation_test(a, b, 5, 50, seed=1) != C.permutation_test(a, b, 5, 50, seed=2)
+    assert S.permutation_test(a, b, 5, 50, seed=1) == S.permutation_test(a, b, 5, 50, seed=1)
+    assert S.permutation_test(a, b, 5, 50, seed=1) != S.permutation_test(a, b, 5, 50, seed=2)
 
 
 def test_subsample_draws_are_cknna_of_the_subsets():
     a, b = related_pair(8, 50, 8, 5)
-    values, _ = C.subsample_draws(a, b, 4, n_draws=5, fraction=0.6, seed=2)
+    values, _ = S.subsample_draws(a, b, 4, n_draws=5, fraction=0.6, seed=2)
     gen = torch.Generator().manual_seed(2)
     for value in values:
         subset = torch.randperm(50, generator=gen)[:30].sort().values
@@ -205,7 +206,7 @@ def test_short_lists_fall_back_to_an_exact_search():
     a, _ = related_pair(4, 60, 6, 3)
     short = knn(a, 6)  # far too short for 5 neighbours within a 25% subset
     subset = torch.randperm(60, generator=torch.Generator().manual_seed(0))[:15].sort().values
-    got, redone = C._subsample_neighbours(a, short, subset, 5)
+    got, redone = S._subsample_neighbours(a, short, subset, 5)
     want = knn(a[subset], 5)
     assert redone > 0
     assert torch.equal(got.indices, want.indices)
@@ -214,7 +215,7 @@ def test_short_lists_fall_back_to_an_exact_search():
 
 def test_interval_brackets_its_draws():
     a, b = related_pair(1, 120, 10, 5)
-    ci = C.subsample_interval(a, b, 10, n_draws=40, fraction=0.8, seed=0)
+    ci = S.subsample_interval(a, b, 10, n_draws=40, fraction=0.8, seed=0)
     assert ci["low"] <= ci["mean"] <= ci["high"]
     assert ci["subsample_size"] == 96 and ci["nan_draws"] == 0
 

@@ -186,3 +186,86 @@ def test_degenerate_result_is_nan_with_a_warning(tmp_path, capsys):
     assert entry["details"]["k1"]["cknna"] is None
     assert any("degenerate" in w for w in res["_meta"]["warnings"])
     assert "degenerate" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------ ties, groups, comparisons
+
+
+def test_identical_rows_are_refused_with_one_line(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    torch.save(torch.ones(20, 5) * 3, tmp_path / "m" / "feats_A.pt")
+    torch.save(torch.randn(20, 7), tmp_path / "b.pt")
+    out = tmp_path / "r.json"
+    assert run_cli("--feats_A", tmp_path / "m" / "feats_A.pt", "--feats_B", tmp_path / "b.pt",
+                   "--topk", 3, "--output", out) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "feats_A.pt" in err[0] and "identical" in err[0]
+    assert not out.exists()
+
+
+def test_groups_exclusion_compare_and_tie_counts_in_the_json(study, capsys):
+    root, paths, states, _ = study
+    groups = [i // 3 for i in range(N)]
+    (root / "groups.json").write_text(json.dumps(groups))
+    out = root / "r.json"
+    assert run_cli("--feats_A", *paths, "--feats_B", root / "feats_B.pt", "--topk", 3, 5,
+                   "--groups", root / "groups.json", "--exclude_same_group", "--compare",
+                   "--subsample", 20, "--subsample_fraction", 0.7, "--permutations", 10,
+                   "--output", out) == 0
+    res = json.loads(out.read_text())
+    meta = res["_meta"]
+    assert meta["groups"]["exclude_same_group"] and meta["groups"]["n_groups"] == N // 3
+    assert meta["knn"]["ties"] == "shared"
+    details = res["models"]["spatialvla"]["details"]["k5"]
+    assert details["tied_rows_A"] == 0 and details["tied_rows_B"] == 0
+    assert details["subsample"]["whole_groups"] and details["permutation"]["groups_respected"]
+    [row] = res["comparisons"]["k5"]
+    assert (row["a"], row["b"], row["level"]) == ("spatialvla", "pi0", 0.95)
+    assert row["difference"] == pytest.approx(res["models"]["spatialvla"]["cknna_k5"]
+                                              - res["models"]["pi0"]["cknna_k5"])
+    assert row["interval"][0] <= row["difference"] <= row["interval"][1]
+    assert "Ranking by CKNNA, k=5" in capsys.readouterr().out
+    # The same numbers as the library with the same groups.
+    from harness import cknna as C
+    b = unit_rows(states)
+    a = unit_rows(torch.load(paths[0]))
+    assert res["models"]["spatialvla"]["cknna_k3"] == pytest.approx(
+        C.cknna(a, b, 3, groups=torch.tensor(groups)), abs=1e-12)
+
+
+def test_compare_implies_subsampling_and_index_ties_are_an_option(study):
+    root, paths, _, _ = study
+    out = root / "r.json"
+    assert run_cli("--feats_A", *paths, "--feats_B", root / "feats_B.pt", "--topk", 5,
+                   "--compare", "--ties", "index", "--output", out) == 0
+    res = json.loads(out.read_text())
+    assert res["comparisons"]["k5"][0]["n_draws"] == 200
+    assert res["_meta"]["knn"]["ties"] == "index"
+
+
+@pytest.mark.parametrize("case", ["wrong length", "floats", "not a list", "exclude without groups",
+                                  "compare one model", "group too big"])
+def test_bad_groups_exit_2_with_one_line(study, capsys, case):
+    root, paths, _, _ = study
+    g = root / "groups.json"
+    extra = ["--groups", g]
+    if case == "wrong length":
+        g.write_text(json.dumps(list(range(N - 1))))
+    elif case == "floats":
+        torch.save(torch.arange(N).float(), root / "g.pt")
+        extra = ["--groups", root / "g.pt"]
+    elif case == "not a list":
+        g.write_text('{"a": 1}')
+    elif case == "exclude without groups":
+        extra = ["--exclude_same_group"]
+    elif case == "compare one model":
+        g.write_text(json.dumps(list(range(N))))
+        extra += ["--compare"]
+        paths = paths[:1]
+    else:
+        g.write_text(json.dumps([0] * (N - 3) + [1, 2, 3]))
+        extra += ["--exclude_same_group"]
+    assert run_cli("--feats_A", *paths, "--feats_B", root / "feats_B.pt", "--topk", 5, *extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ("--groups" in err[0] or "--compare" in err[0]
+                              or "--exclude_same_group" in err[0]), err

@@ -40,7 +40,7 @@ RANKS = {
     "data": 1, "synth": 1, "lerobot_build": 1,
     "extractors": 2,
     "features": 3,
-    "knn": 4, "cknna": 4,
+    "knn": 4, "cknna": 4, "significance": 4,
     "results": 5, "report": 5, "report_html": 5,
     "config": 6,
     "pipeline": 7,

@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageChops
 
 from harness import data, synth
-from harness.cknna import permutation_test
+from harness.significance import permutation_test
 from harness.cli import main
 
 
