@@ -22,6 +22,7 @@ import torch
 
 from harness import provenance as prov
 from harness.errors import HarnessError
+from harness.extra_outputs import Outputs, merge_extras
 from harness.extractors.base import FINAL, Sample, check_extractor
 from harness.io import save_tensor, write_json
 from harness.pooling import EmptyMaskError, pool
@@ -77,12 +78,15 @@ def init_from_env(backend: str | None = None) -> tuple[int, int]:
 
 
 def run_provenance(extractor, pooling: str, dataset_fingerprint, n: int, shard_size: int,
-                   batch_size: int) -> dict:
-    """The extractor's own record plus what the run loop knows."""
+                   batch_size: int, outputs: Outputs | None = None) -> dict:
+    """The extractor's own record plus what the run loop knows (the extra outputs only
+    when asked for, so shards of a plain run keep their identity)."""
     record = dict(extractor.provenance())
     record.update(pooling=pooling, dataset_fingerprint=dataset_fingerprint, n_samples=n,
                   shard_size=shard_size, versions=prov.versions(), git_hash=prov.git_hash(),
                   batch_size=batch_size)
+    if outputs is not None:
+        record.update(outputs.record(extractor))
     return record
 
 
@@ -106,9 +110,12 @@ class _Silent:
         pass
 
 
-def _pool_batch(extractor, batch: Sequence[Sample], pooling: str) -> dict[str, torch.Tensor]:
+def _pool_batch(extractor, batch: Sequence[Sample], pooling: str,
+                outputs: Outputs | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """({layer: pooled}, {extra file stem: pooled, "txt_fallback": [(index, reason)]})."""
     indices = [int(s[0]) for s in batch]
-    hidden = extractor.forward(extractor.build_inputs(batch))
+    inputs = extractor.build_inputs(batch)
+    hidden = extractor.forward(inputs)
     try:
         feats = {name: pool(h, hidden.mask, pooling).cpu() for name, h in hidden.layers.items()}
     except EmptyMaskError as err:
@@ -119,22 +126,35 @@ def _pool_batch(extractor, batch: Sequence[Sample], pooling: str) -> dict[str, t
         if bad:
             raise HarnessError(f"NaN/Inf in layer {name!r} features of sample(s) "
                                f"{[indices[r] for r in bad]}; stopping")
-    return feats
+    extra = outputs.pool(extractor, batch, inputs, hidden, pooling) if outputs else {}
+    for name, f in extra.items():
+        if isinstance(f, torch.Tensor) and not torch.isfinite(f).all():
+            raise HarnessError(f"NaN/Inf in {name} of sample(s) {indices}; stopping")
+    return feats, extra
 
 
 def _run_shard(extractor, samples, start: int, end: int, batch_size: int, pooling: str,
-               ident: str, path: Path, bar) -> None:
+               ident: str, path: Path, bar, outputs: Outputs | None = None) -> None:
     parts: dict[str, list[torch.Tensor]] = {}
+    extras: dict[str, list[torch.Tensor]] = {}
+    fallback: list[list] = []
     indices: list[int] = []
     for b in range(start, end, batch_size):
         batch = [samples[i] for i in range(b, min(b + batch_size, end))]
-        for name, f in _pool_batch(extractor, batch, pooling).items():
+        feats, extra = _pool_batch(extractor, batch, pooling, outputs)
+        for name, f in feats.items():
             parts.setdefault(name, []).append(f)
+        fallback += extra.pop("txt_fallback", [])
+        for name, f in extra.items():
+            extras.setdefault(name, []).append(f)
         indices += [int(s[0]) for s in batch]
         bar.update(len(batch))
     shard = {"indices": torch.tensor(indices, dtype=torch.long), "identity": ident,
              "batch_size": batch_size,
              "layers": {name: torch.cat(fs).float().contiguous() for name, fs in parts.items()}}
+    if outputs:  # only then: a plain run's shards stay exactly as before
+        shard["extra"] = {name: torch.cat(fs).float().contiguous() for name, fs in extras.items()}
+        shard["txt_fallback"] = fallback
     save_tensor(path, shard)
 
 
@@ -165,8 +185,9 @@ def merge(out_dir: Path, ranges: list[tuple[int, int]], record: dict) -> dict[st
     for name, feats in layers.items():
         target = FEATS if name == FINAL else f"feats_A_layer{name}.pt"
         save_tensor(Path(out_dir) / target, feats.contiguous())
+    extra_meta = merge_extras(out_dir, shards)
     final = layers[FINAL]
-    record = dict(record, **batch_size_record(shards))
+    record = dict(record, **batch_size_record(shards), **extra_meta)
     meta = dict(record, created=prov.now(), command=prov.command_line(),
                 feats_A_shape=list(final.shape), layer_files=sorted(
                     FEATS if n == FINAL else f"feats_A_layer{n}.pt" for n in layers),
@@ -177,7 +198,8 @@ def merge(out_dir: Path, ranges: list[tuple[int, int]], record: dict) -> dict[st
 
 def extract(extractor, samples: Sequence[Sample], out_dir, *, batch_size: int = 8,
             shard_size: int = 256, pooling: str = "mean", dataset_fingerprint=None,
-            progress: bool = True, progress_every_s: float = 2.0
+            progress: bool = True, progress_every_s: float = 2.0,
+            split_modalities: bool = False, action_repr: bool = False
             ) -> dict[str, torch.Tensor] | None:
     """Pool features of every sample with a loaded `extractor` into `out_dir`.
 
@@ -185,6 +207,8 @@ def extract(extractor, samples: Sequence[Sample], out_dir, *, batch_size: int = 
     torch.distributed each rank computes its share of shards and rank 0 merges; it returns
     the merged {layer: (N, D) tensor} there, None on other ranks. Progress is a tqdm bar
     on a terminal, else `harness.progress` lines on stderr (every `progress_every_s`).
+    `split_modalities` also writes feats_A_img.pt / feats_A_txt.pt from the same forward,
+    `action_repr` feats_action.pt (`harness.extra_outputs`); feats_A.pt is unchanged.
     """
     from tqdm import tqdm
 
@@ -195,8 +219,11 @@ def extract(extractor, samples: Sequence[Sample], out_dir, *, batch_size: int = 
         raise HarnessError("no samples to extract")
     out_dir = Path(out_dir)
     rank, world = rank_and_world()
+    outputs = Outputs(split_modalities, action_repr) if split_modalities or action_repr else None
+    if outputs:
+        outputs.check(extractor)
     record = run_provenance(extractor, pooling, dataset_fingerprint, len(samples), shard_size,
-                            batch_size)
+                            batch_size, outputs)
     ident = identity(record)
     ranges = shard_ranges(len(samples), shard_size)
     mine = ranges[rank::world]
@@ -218,7 +245,7 @@ def extract(extractor, samples: Sequence[Sample], out_dir, *, batch_size: int = 
     with bar as bar:
         for start, end in todo:
             _run_shard(extractor, samples, start, end, batch_size, pooling, ident,
-                       shard_path(out_dir, start, end), bar)
+                       shard_path(out_dir, start, end), bar, outputs)
     if world > 1:
         torch.distributed.barrier()
     if rank != 0:

@@ -88,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.resume and any((out / features.SHARD_DIR).glob("shard_*.pt")):
         raise HarnessError(f"{out}: holds shards of an earlier run; pass --resume to finish "
                            "it, or choose an empty output directory")
+    if getattr(args, "action_repr", False) and not get(args.family).action_stream:
+        from harness.extra_outputs import refuse_action_repr
+        refuse_action_repr(args.family)
     data = data_mod.load(args.data_dir)
     samples = data_mod.ImageTaskDataset(data)
     if args.limit is not None:
@@ -98,7 +101,9 @@ def run(args: argparse.Namespace) -> int:
     with build_extractor(args) as extractor:
         layers = features.extract(extractor, samples, out, batch_size=args.batch_size,
                                   dataset_fingerprint=data_mod.fingerprint(args.data_dir),
-                                  progress=True)  # a bar on a terminal, else lines
+                                  progress=True,  # a bar on a terminal, else lines
+                                  split_modalities=args.split_modalities,
+                                  action_repr=args.action_repr)
     if layers is not None:
         shape = tuple(layers["last"].shape)
         print(f"{args.family}: wrote {out / features.FEATS} {shape} and {features.METADATA}")

@@ -110,6 +110,11 @@ class HfVlmExtractor(Extractor):
                           self.image_token_id, self.tokens)
         return HiddenStates(layers=layers, mask=mask)
 
+    def modality_masks(self, inputs: dict, tasks, hidden: HiddenStates):
+        """Image-token and task-token masks of a batch (`harness.modality`)."""
+        from harness.modality import hf_masks
+        return hf_masks(inputs, tasks, self.tokenizer, self.image_token_id)
+
     def attention_implementation(self) -> str | None:
         return attention_in_use(self.model)
 

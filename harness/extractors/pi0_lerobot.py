@@ -289,6 +289,21 @@ class Pi0LeRobotExtractor(Extractor):
                                "the hooked module is not the final norm of this forward")
         return HiddenStates(layers={"last": hidden}, mask=pad_masks.bool())
 
+    image_token_rule = "the prefix's image embeddings (its first prefix_len - lang_len positions)"
+
+    def modality_masks(self, inputs: dict, tasks, hidden: HiddenStates):
+        """Image and task masks over the prefix: image embeddings first, then the language
+        tokens, in which the task is searched (`harness.modality`)."""
+        from harness.modality import ModalityMasks, task_mask
+        valid = hidden.mask
+        lang = inputs["lang_tokens"].to(valid.device)
+        n_image = valid.shape[1] - lang.shape[1]
+        ids = torch.cat([lang.new_full((lang.shape[0], n_image), -1), lang], dim=1)
+        image = valid.clone()
+        image[:, n_image:] = False
+        text, reasons = task_mask(ids, valid, tasks, self.tokenizer, image)
+        return ModalityMasks(image=image, text=text, text_fallback=reasons)
+
     def describe(self) -> dict:
         policy = self.policy
         pwe = policy.model.paligemma_with_expert

@@ -66,6 +66,8 @@ class FamilySpec:
     """`--dtype auto` on a real checkpoint (None: the checkpoint's own)."""
     demo: tuple[tuple[str, str, dict], ...] = ()
     """(model name, ckpt, options) rows this family adds to the built-in demo study."""
+    action_stream: bool = False
+    """True when the model has an action stream `--action_repr` can read (Pi0's expert)."""
 
     def option_fields(self) -> tuple[Option, ...]:
         """Common options first, then the family's own: the `extract` flags and the
@@ -84,6 +86,10 @@ COMMON_OPTIONS: tuple[Option, ...] = (
     Option("limit", int, None, "only the first N samples"),
     Option("resume", bool, False, "keep finished shards, do the rest"),
     Option("revision", str, None, "hub revision (commit, tag or branch)"),
+    Option("split_modalities", bool, False, "also write feats_A_img.pt (image tokens) and "
+           "feats_A_txt.pt (the task's tokens) from the same forward"),
+    Option("action_repr", bool, False, "also write feats_action.pt, the action stream's "
+           "representation (families with an action stream only)"),
 )
 
 

@@ -1,0 +1,103 @@
+"""Features written beside feats_A.pt on request: the modality split and action features.
+
+`--split_modalities`: feats_A_img.pt and feats_A_txt.pt pool the SAME final hidden states
+as feats_A.pt (same forward, same pooling) over the image tokens and over the task's
+tokens (`harness.modality`). `--action_repr`: feats_action.pt, the family's action
+representation (Pi0: the action expert's final norm at the last denoising step), from
+its own forward. feats_A.pt is computed exactly as without them.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from harness.errors import HarnessError
+from harness.extractors.base import FINAL
+from harness.io import save_tensor
+from harness.modality import FALLBACK
+from harness.pooling import EmptyMaskError, pool
+
+IMG, TXT, ACTION = "feats_A_img", "feats_A_txt", "feats_action"
+
+
+def refuse_action_repr(family: str) -> None:
+    """One clear line for a family that has no action stream to read."""
+    from harness.extractors.registry import families
+    have = [name for name, spec in families().items() if spec.action_stream]
+    raise HarnessError(f"{family}: this family has no action stream, so --action_repr "
+                       f"(feats_action.pt) cannot be extracted; families with one: "
+                       f"{', '.join(have) or 'none'}")
+
+
+class Outputs:
+    """Which extra outputs a run makes, and how one batch's are pooled."""
+
+    def __init__(self, split_modalities: bool = False, action_repr: bool = False):
+        self.split_modalities, self.action_repr = split_modalities, action_repr
+
+    def __bool__(self) -> bool:
+        return self.split_modalities or self.action_repr
+
+    def check(self, extractor) -> None:
+        if self.split_modalities and not hasattr(extractor, "modality_masks"):
+            raise HarnessError(f"{extractor.family}: the extractor cannot locate image and "
+                               "task tokens (no modality_masks); --split_modalities unsupported")
+        if self.action_repr and not hasattr(extractor, "action_features"):
+            refuse_action_repr(extractor.family)
+
+    def record(self, extractor) -> dict:
+        """Provenance of the extra outputs (part of a shard's identity)."""
+        out = {}
+        if self.split_modalities:
+            out["split_modalities"] = {
+                "files": [IMG + ".pt", TXT + ".pt"], "same_forward_as": "feats_A.pt",
+                "image_tokens": getattr(extractor, "image_token_rule", "input_ids == image token id"),
+                "text_tokens": "the task's tokens: tokenizer.encode(prefix + task, "
+                               "add_special_tokens=False) searched in the prompt ids, "
+                               "prefix '' then ' ' (first match)",
+                "text_fallback": FALLBACK}
+        if self.action_repr:
+            out["action_repr"] = extractor.action_provenance()
+        return out
+
+    def pool(self, extractor, batch, inputs: dict, hidden, pooling: str) -> dict:
+        indices = [int(s[0]) for s in batch]
+        out: dict = {}
+        if self.split_modalities:
+            try:
+                masks = extractor.modality_masks(inputs, [s[2] for s in batch], hidden)
+            except ValueError as err:
+                raise HarnessError(f"{extractor.family}: --split_modalities: {err}") from None
+            final = hidden.layers[FINAL]
+            for name, mask in ((IMG, masks.image), (TXT, masks.text)):
+                try:
+                    out[name] = pool(final, mask, pooling).cpu()
+                except EmptyMaskError as err:
+                    raise HarnessError(f"{name}: no token to pool for sample(s) "
+                                       f"{[indices[r] for r in err.rows]}") from None
+            out["txt_fallback"] = [[i, r] for i, r in zip(indices, masks.text_fallback) if r]
+        if self.action_repr:
+            out[ACTION] = extractor.action_features(inputs).float().cpu()
+        return out
+
+
+def merge_extras(out_dir: Path, shards: list[dict]) -> dict:
+    """Write every extra output of the shards (in shard order) and return its metadata."""
+    if not any("extra" in s for s in shards):
+        return {}
+    names = sorted(shards[0]["extra"])
+    files = []
+    for name in names:
+        save_tensor(Path(out_dir) / f"{name}.pt",
+                    torch.cat([s["extra"][name] for s in shards]).contiguous())
+        files.append(f"{name}.pt")
+    meta: dict = {"extra_files": files}
+    if IMG in names:
+        by_reason: dict[str, list[int]] = {}
+        for index, reason in (pair for s in shards for pair in s.get("txt_fallback", [])):
+            by_reason.setdefault(reason, []).append(int(index))
+        meta["txt_fallback"] = {"rule": FALLBACK, "samples": by_reason,
+                                "count": sum(map(len, by_reason.values()))}
+    return json.loads(json.dumps(meta))
