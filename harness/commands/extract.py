@@ -82,15 +82,15 @@ def run(args: argparse.Namespace) -> int:
     from harness import features
     from harness.io import check_output_dir
 
+    if getattr(args, "action_repr", False) and not get(args.family).action_stream:
+        from harness.extra_outputs import refuse_action_repr
+        refuse_action_repr(args.family)
     if args.batch_size < 1:
         raise HarnessError(f"--batch_size must be >= 1, got {args.batch_size}")
     out = check_output_dir(args.output_dir, "--output_dir")
     if not args.resume and any((out / features.SHARD_DIR).glob("shard_*.pt")):
         raise HarnessError(f"{out}: holds shards of an earlier run; pass --resume to finish "
                            "it, or choose an empty output directory")
-    if getattr(args, "action_repr", False) and not get(args.family).action_stream:
-        from harness.extra_outputs import refuse_action_repr
-        refuse_action_repr(args.family)
     data = data_mod.load(args.data_dir)
     samples = data_mod.ImageTaskDataset(data)
     if args.limit is not None:
