@@ -13,6 +13,7 @@ Speaks the old API bundled with the checkpoint (`modeling_pi0.py`) and LeRobot 0
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import importlib.util
@@ -28,6 +29,7 @@ from harness.errors import HarnessError
 from harness.extractors.base import Extractor, HiddenStates
 from harness.extractors.registry import Common, FamilySpec, Option
 from harness.hooks import capture, find_module
+from harness.residual_stream import capture_residual_stream, layer_indices
 
 DEFAULT_CKPT = "HaomingSong/lerobot-pi0-bridge"
 HIDDEN_SIZE = 2048
@@ -177,7 +179,7 @@ class Pi0LeRobotExtractor(Extractor):
                  image_key: str | None = None, seed_tokenization: bool = False,
                  allow_missing=(), allow_unexpected=(), check_values: bool = True,
                  revision: str | None = None, code: str = "auto", tokenizer=None,
-                 name: str | None = None):
+                 name: str | None = None, layers="last"):
         self.ckpt, self.revision, self.code = ckpt, revision, code
         self.name = name or ckpt  # recorded as the model id (a stand-in's temp dir is not)
         self.device = torch.device(device)
@@ -185,6 +187,7 @@ class Pi0LeRobotExtractor(Extractor):
         self.image_key_override, self.seed_tokenization = image_key, seed_tokenization
         self.allow_missing, self.allow_unexpected = tuple(allow_missing), tuple(allow_unexpected)
         self.check_values, self.tokenizer = check_values, tokenizer
+        self.layer_spec = layers  # 'last' | 'all' | [hidden_states indices]
         self.policy = None
         self.audit: dict = {}
         self.stubbed: list[str] = []
@@ -279,7 +282,10 @@ class Pi0LeRobotExtractor(Extractor):
                       inputs_embeds=[embs, None], use_cache=False)
         if self.api == "old":
             kwargs["fill_kv_cache"] = True
-        with capture(pwe, [self.norm_path]) as hooked:
+        sweep = self.layer_spec != "last"
+        decoder = dict(pwe.named_modules())[self.norm_path.rsplit(".", 1)[0]] if sweep else None
+        with capture(pwe, [self.norm_path]) as hooked, (
+                capture_residual_stream(decoder) if sweep else contextlib.nullcontext()) as stream:
             outputs, _ = pwe.forward(**kwargs)
         prefix_out, hidden = outputs[0], hooked.output
         if hidden.shape != prefix_out.shape or not torch.equal(hidden, prefix_out):
@@ -287,7 +293,11 @@ class Pi0LeRobotExtractor(Extractor):
                 if hidden.shape == prefix_out.shape else "shape"
             raise HarnessError(f"hook on {self.norm_path} != prefix_out (max diff {diff}): "
                                "the hooked module is not the final norm of this forward")
-        return HiddenStates(layers={"last": hidden}, mask=pad_masks.bool())
+        layers = {"last": hidden}
+        if sweep:  # the residual stream between layers (harness.residual_stream)
+            states = stream.hidden_states()
+            layers.update({str(i): states[i] for i in layer_indices(self.layer_spec, len(states))})
+        return HiddenStates(layers=layers, mask=pad_masks.bool())
 
     image_token_rule = "the prefix's image embeddings (its first prefix_len - lang_len positions)"
 
@@ -321,6 +331,10 @@ class Pi0LeRobotExtractor(Extractor):
             "tokenizer_max_length": self.max_length, "padding_side": "right",
             "state_input": "none", "weight_audit": self.audit,
             "stubbed_abstract_methods": self.stubbed,
+            **({} if self.layer_spec == "last" else {  # a plain run's identity unchanged
+                "layers": self.layer_spec,
+                "layer_capture": "pre-hook on layers[i].input_layernorm (= hidden_states[i]); "
+                                 "final norm output (= hidden_states[L])"}),
         }
 
     @staticmethod
@@ -334,8 +348,6 @@ class Pi0LeRobotExtractor(Extractor):
 
 
 def _build(common: Common, opts: dict, stack) -> Pi0LeRobotExtractor:
-    if common.layers != "last":
-        raise HarnessError("pi0_lerobot: only --layers last (the final norm) is supported")
     path = common.ckpt
     if common.tiny:
         import tempfile
@@ -347,7 +359,7 @@ def _build(common: Common, opts: dict, stack) -> Pi0LeRobotExtractor:
         path, name=common.ckpt, device=common.device, dtype=common.dtype,
         image_key=opts["image_key"], seed_tokenization=opts["seed_tokenization"],
         allow_missing=opts["allow_missing_keys"], allow_unexpected=opts["allow_unexpected_keys"],
-        revision=common.revision, code=opts["pi0_code"])
+        revision=common.revision, code=opts["pi0_code"], layers=common.layers)
 
 
 SPEC = FamilySpec(

@@ -69,9 +69,20 @@ def test_spatialvla_layer_sweep_files(data_dir, tmp_path):
         assert torch.load(out / name, weights_only=True).shape == (N, 64)
 
 
-def test_pi0_refuses_layer_sweep(data_dir, tmp_path):
+def test_pi0_layer_sweep_files(data_dir, tmp_path):
+    """Pi0 sweeps its layers through the residual-stream hooks (harness.residual_stream);
+    its last hidden_states index is the final norm, so it equals feats_A.pt."""
+    out = tmp_path / "o"
     assert main(["extract", "pi0_lerobot", "--ckpt", "tiny", "--data_dir", str(data_dir),
-                 "--output_dir", str(tmp_path / "o"), "--layers", "all"]) == 2
+                 "--output_dir", str(out), "--layers", "all"]) == 0
+    final = torch.load(out / "feats_A.pt", weights_only=True)
+    layers = [torch.load(out / f"feats_A_layer{i}.pt", weights_only=True) for i in range(3)]
+    assert torch.equal(layers[2], final)
+    assert not torch.allclose(layers[1], final)
+    meta = json.loads((out / "extraction_metadata.json").read_text())
+    assert "input_layernorm" in meta["layer_capture"]
+    assert main(["extract", "pi0_lerobot", "--ckpt", "tiny", "--data_dir", str(data_dir),
+                 "--output_dir", str(tmp_path / "p"), "--layers", "5"]) == 2
 
 
 def test_missing_cuda_is_a_clear_error(data_dir, tmp_path, capsys):
