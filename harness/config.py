@@ -189,6 +189,10 @@ def parse(raw: dict) -> tuple[StudyConfig | None, list[str]]:
         except ValidationError as err:
             problems += _problems(err, ("models", i, "options"), lambda _p: list(model.model_fields))
             continue
+        if getattr(checked, "action_repr", False) and not families()[entry["family"]].action_stream:
+            problems.append(f"models[{i}].options.action_repr: family {entry['family']!r} has "
+                            "no action stream to read")
+            continue
         if config is not None:
             config.models[i].options = checked.model_dump(exclude_unset=True)
     return (None if problems else config), problems

@@ -20,6 +20,7 @@ from harness import config as config_mod
 from harness import data as data_mod
 from harness import progress
 from harness import states as states_mod
+from harness import views as views_mod
 from harness.config import LaxPath, ModelEntry, StudyConfig
 from harness.errors import HarnessError
 from harness.extractors.registry import families
@@ -241,7 +242,7 @@ def run_study(study: Study, log=None) -> dict:
     states, zrecord = data.states, None
     if study.zscore_states:
         states, zrecord = states_mod.zscore(states, data.metadata.get("state_keys"))
-    models, layers = {}, {}
+    models, layers, views = {}, {}, {}
     for name, st in status.items():
         if "feats_A_path" not in st:
             continue
@@ -251,12 +252,16 @@ def run_study(study: Study, log=None) -> dict:
             models[name] = (str(path), states_mod.normalised(path, feats))
             by_layer = {layer: states_mod.normalised(p, data.take(load_features(p)))
                         for layer, p in _layer_files(path).items()}
+            by_view = {view: states_mod.normalised(p, data.take(load_features(p)))
+                       for view, p in views_mod.view_files(path).items()}
         except HarnessError as err:
             status[name] = dict(st, status="failed", error=str(err))
             log(f"metrics {name}: FAILED: {err}")
             continue
         if by_layer:
             layers[name] = by_layer
+        if by_view:
+            views[name] = {"full": models[name][1], **by_view}
     if not models:
         raise HarnessError("no model produced features; see the extract.log files under "
                            f"{study.features_dir}")
@@ -278,12 +283,25 @@ def run_study(study: Study, log=None) -> dict:
                        "stand_ins": study.stand_ins,
                        "notice": STAND_IN_NOTICE if study.stand_ins else None,
                        "models": status}}
-    results = compute(models, states_mod.normalised(states_path, states), str(states_path),
-                      settings, preprocessing, extra, layers=layers)
+    states_l2 = states_mod.normalised(states_path, states)
+    results = compute(models, states_l2, str(states_path), settings, preprocessing, extra,
+                      layers=layers)
+    if views:
+        results["views"] = compare_all_views(views, states_l2, study, status)
     for name, entry in results["models"].items():
         entry["provenance"] = _provenance(Path(entry["feats_A_path"]))
     write_report(results, study.output_dir)
     return results
+
+
+def compare_all_views(views: dict, states_l2, study: Study, status: dict) -> dict:
+    """Modality split and action features of every model that has them (harness.views)."""
+    out = {}
+    for name, by_view in views.items():
+        out[name] = views_mod.compare_views(by_view, states_l2, study.ks)
+        out[name]["text_fallback_samples"] = views_mod.text_fallback_count(
+            Path(status[name]["feats_A_path"]))
+    return out
 
 
 def _provenance(feats_path: Path) -> dict | None:

@@ -265,9 +265,12 @@ def layer_curves_figure(results: dict):
     """Per-layer CKNNA against the states for every model whose layers were swept."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 4))
+    ks = results["_meta"]["k_values"]
+    if len(results["layers"]) > 1:  # several families: one line each, at the heatmap's k
+        ks = [heatmap_k(ks)]
     for label, by_layer in results["layers"].items():
         names = sorted(by_layer, key=lambda n: int(n) if n.lstrip("-").isdigit() else 10**6)
-        for k in results["_meta"]["k_values"]:
+        for k in ks:
             ax.plot(range(len(names)), [by_layer[n][f"k{k}"] for n in names], marker="o",
                     label=f"{label} k={k}")
         ax.set_xticks(range(len(names)), names)
@@ -282,12 +285,69 @@ def layer_curves(results: dict, path: str | Path) -> None:
     _save(layer_curves_figure(results), Path(path))
 
 
+VIEW_LABELS = {"full": "full (feats_A)", "image": "image tokens", "text": "task tokens",
+               "action": "action expert"}
+
+
+def views_markdown(results: dict) -> str:
+    """The modality split (full / image / text) and action representations: each view
+    against the states, and every pair of views of one model."""
+    views = results.get("views")
+    if not views:
+        return ""
+    ks = results["_meta"]["k_values"]
+    head = " | ".join(f"k={k}" for k in ks)
+    lines = ["CKNNA of each view against the states:", "",
+             f"| model | view | {head} |", "|---|---|" + "---:|" * len(ks)]
+    for model, v in views.items():
+        for view, by_k in v["against_states"].items():
+            lines.append(f"| {model} | {VIEW_LABELS.get(view, view)} | "
+                         + " | ".join(_fmt(by_k[f"k{k}"]) for k in ks) + " |")
+    lines += ["", "CKNNA between two views of the same model (same samples):", "",
+              f"| model | views | {head} |", "|---|---|" + "---:|" * len(ks)]
+    for model, v in views.items():
+        for pair, by_k in v["pairs"].items():
+            a, b = pair.split("~")
+            lines.append(f"| {model} | {VIEW_LABELS.get(a, a)} vs {VIEW_LABELS.get(b, b)} | "
+                         + " | ".join(_fmt(by_k[f"k{k}"]) for k in ks) + " |")
+    notes = [f"{model}: {v['text_fallback_samples']} of {results['_meta']['N']} samples have no "
+             "task tokens (empty task or not found); their text feature is the mean over the "
+             "prompt's non-image tokens (listed in the extraction metadata; "
+             "`drop_empty_tasks = true` leaves empty tasks out)"
+             for model, v in views.items() if v.get("text_fallback_samples")]
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def views_figure(results: dict):
+    """Bars: CKNNA against the states of each view, per model, at the heatmap's k."""
+    plt = _plt()
+    k = heatmap_k(results["_meta"]["k_values"])
+    views = results["views"]
+    names = [v for v in ("full", "image", "text", "action")
+             if any(v in m["against_states"] for m in views.values())]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / max(len(names), 1)
+    for j, view in enumerate(names):
+        xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(views))]
+        ys = [m["against_states"].get(view, {}).get(f"k{k}") for m in views.values()]
+        ax.bar(xs, [float("nan") if y is None else y for y in ys], width,
+               label=VIEW_LABELS[view])
+    ax.set_xticks(range(len(views)), list(views), rotation=20, ha="right")
+    ax.set_title(f"CKNNA against the states by representation, k={k}")
+    ax.set_ylabel("CKNNA(view, states)")
+    _legend_outside(ax)
+    return fig
+
+
 # ------------------------------------------------------------------ report files
 
 FIGURE_CAPTIONS = {
     "cknna_vs_k": "CKNNA against k for each model, with each model's permutation null mean",
     "heatmap": "CKNNA(row, column) between models",
     "layers": "CKNNA of each layer against the states",
+    "views": "CKNNA against the states of the full, image, text and action representations",
 }
 
 
@@ -300,6 +360,8 @@ def report_files(results: dict, out_dir: str | Path) -> dict[str, Path]:
         files["heatmap"] = out / "heatmap.png"
     if results.get("layers"):
         files["layers"] = out / "layers.png"
+    if results.get("views"):
+        files["views"] = out / "views.png"
     return files
 
 
@@ -330,6 +392,12 @@ def study_markdown(results: dict, figures: dict[str, str] | None = None) -> str:
                   same_group_markdown(results)]
     if comparison_markdown(results):
         lines += ["## Model comparisons", comparison_markdown(results)]
+    if views_markdown(results):
+        lines += ["## Modality split and action representations", "",
+                  "From the same forward as feats_A: the mean over the image tokens only and "
+                  "over the task's tokens only; the action representation is Pi0's action "
+                  "expert (final norm, last denoising step, action tokens).", "",
+                  views_markdown(results)]
     ks = meta["k_values"]
     for label, by_layer in results.get("layers", {}).items():
         lines += [f"## Per-layer CKNNA: {label}", "",
@@ -362,6 +430,8 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
                 files["heatmap"], f"CKNNA(row, column), k={k}")
     if "layers" in files:
         layer_curves(results, files["layers"])
+    if "views" in files:
+        _save(views_figure(results), files["views"])
     figures = {name: path.name for name, path in files.items() if name in FIGURE_CAPTIONS}
     markdown = study_markdown(results, figures)
     write_text(files["markdown"], markdown)

@@ -247,5 +247,6 @@ SPEC = FamilySpec(
         "qwen2_5_vl": ("model.language_model.norm", "model.norm"),
         "qwen3_vl": ("model.language_model.norm",),
     },
-    demo=(("paligemma-tiny-layer-sweep", "tiny:paligemma", {"layers": "all"}),),
+    demo=(("paligemma-tiny-layer-sweep", "tiny:paligemma",
+           {"layers": "all", "split_modalities": True}),),
 )

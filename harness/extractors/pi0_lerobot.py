@@ -382,5 +382,5 @@ SPEC = FamilySpec(
                "installed LeRobot", choices=("auto", "bundled", "lerobot")),
     ),
     final_norm_paths={"pi0": NORM_PATHS},
-    demo=(("pi0-lerobot-tiny", "tiny", {}),),
+    demo=(("pi0-lerobot-tiny", "tiny", {"split_modalities": True, "layers": "all"}),),
 )

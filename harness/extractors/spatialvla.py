@@ -141,5 +141,5 @@ SPEC = FamilySpec(
                     "dataset key selecting the camera intrinsics (ZoeDepth)"),),
     final_norm_paths={"paligemma2": ("model.language_model.norm", "language_model.model.norm",
                                      "language_model.norm")},
-    demo=(("spatialvla-tiny", "tiny", {}),),
+    demo=(("spatialvla-tiny", "tiny", {"split_modalities": True, "layers": "all"}),),
 )

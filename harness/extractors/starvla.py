@@ -141,6 +141,6 @@ SPEC = FamilySpec(
     final_norm_paths={"qwen2_5_vl": ("model.language_model.norm",   # 4.52+ and 5.x
                                      "model.norm"),                  # 4.49-4.51
                       "qwen3_vl": ("model.language_model.norm",)},
-    demo=(("starvla-qwen2.5-vl-tiny", "tiny:qwen2_5_vl", {}),
-          ("starvla-qwen3-vl-tiny", "tiny:qwen3_vl", {})),
+    demo=(("starvla-qwen2.5-vl-tiny", "tiny:qwen2_5_vl", {"split_modalities": True, "layers": "all"}),
+          ("starvla-qwen3-vl-tiny", "tiny:qwen3_vl", {"split_modalities": True, "layers": "all"})),
 )
