@@ -39,6 +39,8 @@ NORM_PATHS = (  # module names under policy.model.paligemma_with_expert, first m
     "paligemma.language_model.model.norm",    # transformers <= 4.51 (GemmaForCausalLM)
     "paligemma.language_model.norm",          # GemmaModel held directly
 )
+EXPERT_NORM_PATHS = ("gemma_expert.model.norm", "gemma_expert.norm")  # the action expert's
+ACTION_SEED = 0  # noise of sample i is drawn from torch.Generator().manual_seed(ACTION_SEED + i)
 
 
 # ------------------------------------------------------------------ loading
@@ -263,7 +265,8 @@ class Pi0LeRobotExtractor(Extractor):
         images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
         tokens, masks = self.tokenize([task for _, _, task in samples])
         return {"images": images.to(self.device), "lang_tokens": tokens.to(self.device),
-                "lang_masks": masks.to(self.device)}
+                "lang_masks": masks.to(self.device),
+                "sample_indices": torch.tensor([int(s[0]) for s in samples])}
 
     @torch.inference_mode()
     def forward(self, inputs: dict) -> HiddenStates:
@@ -298,6 +301,47 @@ class Pi0LeRobotExtractor(Extractor):
             states = stream.hidden_states()
             layers.update({str(i): states[i] for i in layer_indices(self.layer_spec, len(states))})
         return HiddenStates(layers=layers, mask=pad_masks.bool())
+
+    @torch.inference_mode()
+    def action_features(self, inputs: dict) -> torch.Tensor:
+        """(B, D_expert): the action expert's final-norm output at the LAST denoising step
+        of the policy's own `sample_actions`, mean over the action tokens (the last
+        n_action_steps suffix tokens). The policy is reset first; each sample's noise is
+        seeded by its index (batch-independent); the state input is zeros, so the robot
+        state the features are compared with never enters them."""
+        policy, model = self.policy, self.policy.model
+        if self.api != "old" or not hasattr(model, "sample_actions"):
+            raise HarnessError(f"pi0_lerobot: --action_repr needs the old LeRobot API "
+                               f"(sample_actions/denoise_step); this policy is {self.api_source}")
+        policy.reset()
+        prepare = getattr(policy, "prepare_images", None) or getattr(policy, "_preprocess_images")
+        images, img_masks = prepare({self.image_key: inputs["images"]})
+        config = policy.config
+        bsize = inputs["images"].shape[0]
+        noise = torch.stack([torch.randn(config.n_action_steps, config.max_action_dim,
+                                         generator=torch.Generator().manual_seed(ACTION_SEED + int(i)))
+                             for i in inputs["sample_indices"]]).to(self.device)
+        state = torch.zeros(bsize, config.max_state_dim, device=self.device)
+        pwe = model.paligemma_with_expert
+        with capture(pwe, list(EXPERT_NORM_PATHS)) as hooked:
+            model.sample_actions(images, img_masks, inputs["lang_tokens"], inputs["lang_masks"],
+                                 state, noise=noise.to(self._lm_dtype(pwe)))
+        steps = getattr(config, "num_steps", None)
+        if steps is not None and hooked.calls != steps:
+            raise HarnessError(f"the action expert's norm ran {hooked.calls} times for "
+                               f"{steps} denoising steps: not the loop this extractor reads")
+        return hooked.output[:, -config.n_action_steps:].float().mean(dim=1)
+
+    def action_provenance(self) -> dict:
+        config = self.policy.config
+        return {"file": "feats_action.pt",
+                "point": "paligemma_with_expert." + find_module(
+                    self.policy.model.paligemma_with_expert, EXPERT_NORM_PATHS)[0]
+                + " output at the last denoising step of sample_actions",
+                "tokens": f"the last n_action_steps = {config.n_action_steps} suffix tokens, mean",
+                "denoising_steps": getattr(config, "num_steps", None),
+                "noise": f"torch.Generator().manual_seed({ACTION_SEED} + sample index)",
+                "state_input": "zeros", "policy_reset": "before every batch"}
 
     image_token_rule = "the prefix's image embeddings (its first prefix_len - lang_len positions)"
 
@@ -382,5 +426,7 @@ SPEC = FamilySpec(
                "installed LeRobot", choices=("auto", "bundled", "lerobot")),
     ),
     final_norm_paths={"pi0": NORM_PATHS},
-    demo=(("pi0-lerobot-tiny", "tiny", {"split_modalities": True, "layers": "all"}),),
+    action_stream=True,
+    demo=(("pi0-lerobot-tiny", "tiny", {"split_modalities": True, "layers": "all",
+                                         "action_repr": True}),),
 )

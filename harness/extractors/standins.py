@@ -156,6 +156,7 @@ class TinyPI0Config:
     chunk_size: int = 4
     max_state_dim: int = 8
     max_action_dim: int = 8
+    num_steps: int = 3
 
     @property
     def image_features(self) -> dict:
@@ -193,7 +194,37 @@ class TinyPaliGemmaWithExpert(nn.Module):
 
     def forward(self, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, fill_kv_cache=None):
-        return self._prefix(attention_mask, position_ids, inputs_embeds)
+        prefix, suffix = inputs_embeds
+        if prefix is None:  # a denoising step against the prefix "cache"
+            return [None, self._suffix(past_key_values, attention_mask, position_ids, suffix)], None
+        out, _ = self._prefix(attention_mask, position_ids, inputs_embeds)
+        cache = PrefixCache(prefix, attention_mask, position_ids) if fill_kv_cache else None
+        return out, cache
+
+    def _suffix(self, cache: "PrefixCache", attention_mask, position_ids, suffix):
+        """The expert's tokens through both decoders, layer by layer as the old API runs
+        them (prefix and suffix attend jointly; each stream keeps its own weights). The
+        stand-in's "KV cache" is the prefix input itself, recomputed each step: slower,
+        same values as a cache (the prefix never sees the suffix)."""
+        streams = [language_model(self.paligemma), self.gemma_expert.model]
+        hidden = [cache.embeds, suffix]
+        positions = torch.cat([cache.position_ids, position_ids], dim=1)
+        full = torch.zeros(attention_mask.shape[0], positions.shape[1], positions.shape[1],
+                           dtype=torch.bool, device=suffix.device)
+        n = cache.embeds.shape[1]
+        full[:, :n, :n] = cache.attention_mask
+        full[:, n:] = attention_mask
+        cos, sin = streams[0].rotary_emb(suffix, positions)
+        for layer_idx in range(len(streams[0].layers)):
+            layers = [decoder.layers[layer_idx] for decoder in streams]
+            q, k, v = zip(*[_qkv(layer, layer.input_layernorm(h)) for layer, h in zip(layers, hidden)])
+            q, k = _rope(torch.cat(q, 2), cos, sin), _rope(torch.cat(k, 2), cos, sin)
+            mixed = _attend(q, k, torch.cat(v, 2), full)
+            sizes = [h.shape[1] for h in hidden]
+            for i, (layer, part) in enumerate(zip(layers, mixed.split(sizes, dim=1))):
+                h = hidden[i] + layer.self_attn.o_proj(part)
+                hidden[i] = h + layer.mlp(layer.post_attention_layernorm(h))
+        return streams[1].norm(hidden[1])
 
     def _prefix(self, attention_mask, position_ids, inputs_embeds):
         prefix, suffix = inputs_embeds
@@ -207,6 +238,37 @@ class TinyPaliGemmaWithExpert(nn.Module):
         if isinstance(out, tuple):  # LeRobot 0.6's norm returns (normed, gate)
             out = out[0]
         return [out, None], None  # the final-norm output, as the real prefix_out is
+
+
+@dataclass
+class PrefixCache:
+    """What the stand-in keeps of the prefix pass for the denoising steps."""
+    embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+
+
+def _qkv(layer, x):
+    attn, (b, t, _) = layer.self_attn, x.shape
+    head = attn.head_dim
+    shape = lambda y: y.view(b, t, -1, head).transpose(1, 2)  # noqa: E731
+    return shape(attn.q_proj(x)), shape(attn.k_proj(x)), shape(attn.v_proj(x))
+
+
+def _rope(x, cos, sin):
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def _attend(q, k, v, mask):
+    """Scaled dot-product attention (grouped kv heads repeated), (B, T, H * head_dim)."""
+    repeat = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~mask[:, None], torch.finfo(scores.dtype).min)
+    out = scores.softmax(-1) @ v
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 
 class TinyPaliGemmaWithExpertNew(TinyPaliGemmaWithExpert):
@@ -239,9 +301,64 @@ class TinyPI0FlowMatching(nn.Module):
         if new_api:
             self._prepare_attention_masks_4d = _masks_4d
         torch.manual_seed(seed + 2)
-        self.state_proj = nn.Linear(config.max_state_dim, 32)
-        self.action_in_proj = nn.Linear(config.max_action_dim, 32)
-        self.action_out_proj = nn.Linear(32, config.max_action_dim)
+        width = HIDDEN  # the expert's hidden size
+        self.state_proj = nn.Linear(config.max_state_dim, width)
+        self.action_in_proj = nn.Linear(config.max_action_dim, width)
+        self.action_out_proj = nn.Linear(width, config.max_action_dim)
+        self.action_time_mlp_in = nn.Linear(2 * width, width)
+        self.action_time_mlp_out = nn.Linear(width, width)
+
+    def embed_suffix(self, state, noisy_actions, timestep):
+        """[state token, one token per action step]; the state and the first action
+        token each open a new attention block, as in the old API."""
+        width = self.action_in_proj.out_features
+        state_emb = self.state_proj(state)[:, None]
+        actions = self.action_in_proj(noisy_actions)
+        freqs = torch.exp(torch.linspace(0, -math.log(1e4), width // 2, device=state.device))
+        angle = timestep[:, None].float() * freqs[None] * 2 * math.pi
+        time = torch.cat([angle.sin(), angle.cos()], dim=-1).to(actions.dtype)
+        time = time[:, None].expand_as(actions)
+        mixed = self.action_time_mlp_out(nn.functional.silu(
+            self.action_time_mlp_in(torch.cat([actions, time], dim=-1))))
+        embs = torch.cat([state_emb, mixed], dim=1)
+        pad = torch.ones(embs.shape[:2], dtype=torch.bool, device=embs.device)
+        att = torch.zeros_like(pad)
+        att[:, :2] = True
+        return embs, pad, att
+
+    def sample_actions(self, images, img_masks, lang_tokens, lang_masks, state, noise=None):
+        """Old-API flow matching: prefix once (filling the cache), then `num_steps` Euler
+        steps from t=1 to 0, each a suffix pass through the action expert."""
+        bsize = state.shape[0]
+        steps = self.config.n_action_steps
+        if noise is None:
+            noise = torch.randn(bsize, steps, self.config.max_action_dim, device=state.device)
+        embs, pad, att = self.embed_prefix(images, img_masks, lang_tokens, lang_masks)
+        att_2d = make_att_2d_masks(pad, att)
+        positions = torch.cumsum(pad, dim=1) - 1
+        pwe = self.paligemma_with_expert
+        _, cache = pwe.forward(attention_mask=att_2d, position_ids=positions,
+                               past_key_values=None, inputs_embeds=[embs, None],
+                               use_cache=True, fill_kv_cache=True)
+        dt = -1.0 / self.config.num_steps
+        x_t, time = noise, 1.0
+        for _ in range(self.config.num_steps):
+            v_t = self.denoise_step(state, pad, cache, x_t,
+                                    torch.full((bsize,), time, device=state.device))
+            x_t, time = x_t + dt * v_t, time + dt
+        return x_t
+
+    def denoise_step(self, state, prefix_pad_masks, cache, x_t, timestep):
+        suffix, suffix_pad, suffix_att = self.embed_suffix(state, x_t, timestep)
+        n_prefix, n_suffix = prefix_pad_masks.shape[1], suffix.shape[1]
+        sees_prefix = prefix_pad_masks[:, None, :].expand(-1, n_suffix, n_prefix)
+        sees_suffix = make_att_2d_masks(suffix_pad, suffix_att)
+        mask = torch.cat([sees_prefix, sees_suffix], dim=2)
+        positions = prefix_pad_masks.sum(-1)[:, None] + torch.cumsum(suffix_pad, dim=1) - 1
+        out, _ = self.paligemma_with_expert.forward(
+            attention_mask=mask, position_ids=positions, past_key_values=cache,
+            inputs_embeds=[None, suffix], use_cache=True, fill_kv_cache=False)
+        return self.action_out_proj(out[1][:, -self.config.n_action_steps:])
 
     def embed_prefix(self, images, img_masks, lang_tokens, lang_masks):
         pwe = self.paligemma_with_expert
