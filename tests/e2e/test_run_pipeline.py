@@ -42,11 +42,12 @@ def test_run_prints_where_every_file_is(demo, demo_console):
     assert code == 0
     for label, name in [("report", "report.md"), ("report (HTML, figures embedded)", "report.html"),
                         ("results", "results.json"), ("figure", "cknna_vs_k.png"),
-                        ("figure", "heatmap.png"), ("figure", "layers.png")]:
+                        ("figure", "heatmap.png"), ("figure", "layers.png"),
+                        ("figure", "views.png")]:
         assert f"{label}: {out / name}\n" in stdout, name
         assert (out / name).is_file()
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3 and "RANDOM-WEIGHT" in html
+    assert html.count("data:image/png;base64,") == 4 and "RANDOM-WEIGHT" in html
 
 
 def test_extraction_progress_is_logged_for_every_model(demo):
@@ -82,6 +83,33 @@ def test_demo_writes_a_consistent_report(demo, capsys):
     assert len(sweep) >= 2 and all(set(v) == {"k5", "k10", "k20"} for v in sweep.values())
     labels = res["pairwise"]["labels"]
     assert len(res["pairwise"]["cknna_k10"]) == len(labels) == len(DEMO_MODELS)
+
+
+def test_demo_shows_the_modality_split_action_views_and_every_familys_layers(demo):
+    """Issue 14: full / image / text against the states and pairwise for every demo
+    model, Pi0's action features against the states and feats_A, layer curves for all."""
+    out, _ = demo
+    res = json.loads((out / "results.json").read_text())
+    states = unit_rows(torch.load(out / "data" / "feats_B.pt", weights_only=True))
+    assert set(res["layers"]) == DEMO_MODELS
+    assert set(res["views"]) == DEMO_MODELS
+    for name, views in res["views"].items():
+        folder = out / "features" / name
+        load = lambda f: unit_rows(torch.load(folder / f, weights_only=True))  # noqa: E731
+        files = {"full": "feats_A.pt", "image": "feats_A_img.pt", "text": "feats_A_txt.pt"}
+        if name == "pi0-lerobot-tiny":
+            files["action"] = "feats_action.pt"
+        assert views["views"] == list(files)
+        for view, f in files.items():  # each number is the formula on the written file
+            assert views["against_states"][view]["k10"] == pytest.approx(
+                dense_cknna(load(f), states, 10), abs=1e-6), (name, view)
+        assert views["pairs"]["full~image"]["k10"] == pytest.approx(
+            dense_cknna(load(files["full"]), load(files["image"]), 10), abs=1e-6)
+        assert views["text_fallback_samples"] > 0  # the synthetic set has empty tasks
+    assert "full~action" in res["views"]["pi0-lerobot-tiny"]["pairs"]
+    report = (out / "report.md").read_text()
+    assert "## Modality split and action representations" in report
+    assert "| pi0-lerobot-tiny | full (feats_A) vs action expert |" in report
 
 
 def test_rerun_reuses_features(demo, capsys):

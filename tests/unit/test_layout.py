@@ -36,12 +36,12 @@ def test_no_unit_test_builds_a_model():
 # Lower rank = further downhill; a module may import its own rank or lower ranks only.
 RANKS = {
     "errors": 0, "io": 0, "states": 0, "provenance": 0, "pooling": 0, "hooks": 0,
-    "progress": 0,
+    "progress": 0, "modality": 0, "residual_stream": 0,
     "data": 1, "synth": 1, "lerobot_build": 1,
     "extractors": 2,
-    "features": 3,
+    "features": 3, "extra_outputs": 3,
     "knn": 4, "cknna": 4, "significance": 4,
-    "results": 5, "report": 5, "report_html": 5,
+    "results": 5, "report": 5, "report_html": 5, "views": 5,
     "config": 6,
     "pipeline": 7,
     "commands": 8, "cli": 8, "__main__": 8, "__init__": 8,
