@@ -140,3 +140,16 @@ def test_the_top_level_keys_are_the_documented_ones():
     assert set(config.StudyConfig.model_fields) == {
         "data_dir", "output_dir", "k_values", "permutations", "seed", "zscore_states",
         "drop_empty_tasks", "group_by", "compare", "models"}
+
+
+def test_split_modalities_and_action_repr_are_per_model_options(tmp_path):
+    text = ('data_dir = "d"\n[[models]]\nname = "p"\nfamily = "pi0_lerobot"\nckpt = "tiny"\n'
+            'options = { split_modalities = true, action_repr = true }\n')
+    assert load(tmp_path, text).models[0].options == {"split_modalities": True,
+                                                      "action_repr": True}
+    assert pipeline._flags(load(tmp_path, text).models[0].options) == [
+        "--split_modalities", "--action_repr"]
+    bad = text.replace("pi0_lerobot", "spatialvla")
+    assert ("models[0].options.action_repr: family 'spatialvla' has no action stream"
+            in error(tmp_path, bad))
+    assert "split_modalities" in error(tmp_path, text.replace("true, action", '"yes", action'))
