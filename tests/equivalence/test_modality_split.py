@@ -160,3 +160,12 @@ def test_action_repr_is_refused_by_families_without_an_action_stream(family, ckp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].count(family) >= 1 and "no action stream" in err[0]
     assert not (out / "feats_A.pt").exists()
+
+
+def test_a_model_without_image_tokens_refuses_the_split(data_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["extract", "hf", "--ckpt", "tiny:gemma", "--data_dir", str(data_dir),
+                 "--output_dir", str(out), "--split_modalities"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "image token id" in err[0] and "split_modalities" in err[0]
+    assert not (out / "feats_A.pt").exists()
