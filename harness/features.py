@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from harness import provenance as prov
+from harness.extractors import observed as obs
 from harness.errors import HarnessError
 from harness.extractors.base import FINAL, Sample, check_extractor
 from harness.io import save_tensor, write_json
@@ -126,6 +127,9 @@ def _run_shard(extractor, samples, start: int, end: int, batch_size: int, poolin
                ident: str, path: Path, bar) -> None:
     parts: dict[str, list[torch.Tensor]] = {}
     indices: list[int] = []
+    seen = getattr(extractor, "observed", None)
+    if seen is not None:
+        seen.clear()
     for b in range(start, end, batch_size):
         batch = [samples[i] for i in range(b, min(b + batch_size, end))]
         for name, f in _pool_batch(extractor, batch, pooling).items():
@@ -135,6 +139,8 @@ def _run_shard(extractor, samples, start: int, end: int, batch_size: int, poolin
     shard = {"indices": torch.tensor(indices, dtype=torch.long), "identity": ident,
              "batch_size": batch_size,
              "layers": {name: torch.cat(fs).float().contiguous() for name, fs in parts.items()}}
+    if seen is not None:  # what this shard's forwards were really fed (extractors/observed.py)
+        shard["observed"] = seen.as_dict()
     save_tensor(path, shard)
 
 
@@ -168,6 +174,7 @@ def merge(out_dir: Path, ranges: list[tuple[int, int]], record: dict) -> dict[st
     final = layers[FINAL]
     record = dict(record, **batch_size_record(shards))
     meta = dict(record, created=prov.now(), command=prov.command_line(),
+                observed=obs.merge([s.get("observed") for s in shards]),
                 feats_A_shape=list(final.shape), layer_files=sorted(
                     FEATS if n == FINAL else f"feats_A_layer{n}.pt" for n in layers),
                 shards=[shard_path(out_dir, s, e).name for s, e in ranges], sample_indices=indices)
