@@ -26,6 +26,7 @@ import torch
 
 from harness.errors import HarnessError
 from harness.extractors.base import Extractor, HiddenStates
+from harness.extractors.observed import Observed, note_token_inputs
 from harness.extractors.registry import Common, FamilySpec, Option
 from harness.hooks import capture, find_module
 
@@ -188,6 +189,7 @@ class Pi0LeRobotExtractor(Extractor):
         self.policy = None
         self.audit: dict = {}
         self.stubbed: list[str] = []
+        self.observed = Observed()
 
     # -- protocol ---------------------------------------------------------------
     def load(self) -> "Pi0LeRobotExtractor":
@@ -287,6 +289,7 @@ class Pi0LeRobotExtractor(Extractor):
                 if hidden.shape == prefix_out.shape else "shape"
             raise HarnessError(f"hook on {self.norm_path} != prefix_out (max diff {diff}): "
                                "the hooked module is not the final norm of this forward")
+        note_prefix(self.observed, images, inputs["lang_tokens"], inputs["lang_masks"], hidden)
         return HiddenStates(layers={"last": hidden}, mask=pad_masks.bool())
 
     def describe(self) -> dict:
@@ -303,6 +306,9 @@ class Pi0LeRobotExtractor(Extractor):
             "image_keys_in_config": list(policy.config.image_features),
             "tokenization": "seed (no newline, truncation)" if self.seed_tokenization
             else "prepare_language (task + newline, right pad)",
+            "seed_compat": self.seed_tokenization,
+            "image_path": "the policy's own image preprocessing (resize_with_pad, [-1, 1]); "
+                          "the seed's path too",
             "tokenizer_max_length": self.max_length, "padding_side": "right",
             "state_input": "none", "weight_audit": self.audit,
             "stubbed_abstract_methods": self.stubbed,
@@ -318,6 +324,18 @@ class Pi0LeRobotExtractor(Extractor):
         return next(pwe.parameters()).dtype
 
 
+def note_prefix(observed: Observed, images: list, lang_tokens: torch.Tensor,
+                lang_masks: torch.Tensor, hidden: torch.Tensor) -> None:
+    """What one prefix forward was fed: image size after the policy's preprocessing,
+    image tokens (prefix length minus language length), padding side, hidden dtype."""
+    for image in images:
+        observed.note("image_size_fed", f"{image.shape[-1]}x{image.shape[-2]}")
+    n_image = hidden.shape[1] - lang_tokens.shape[1]
+    observed.note("image_tokens", n_image)
+    note_token_inputs(observed, None, lang_masks, None)
+    observed.note("hidden_dtype", str(hidden.dtype).removeprefix("torch."))
+
+
 def _build(common: Common, opts: dict, stack) -> Pi0LeRobotExtractor:
     if common.layers != "last":
         raise HarnessError("pi0_lerobot: only --layers last (the final norm) is supported")
@@ -330,7 +348,8 @@ def _build(common: Common, opts: dict, stack) -> Pi0LeRobotExtractor:
         save_tiny_pi0_checkpoint(path, new_api=common.ckpt == "tiny:new")
     return Pi0LeRobotExtractor(
         path, name=common.ckpt, device=common.device, dtype=common.dtype,
-        image_key=opts["image_key"], seed_tokenization=opts["seed_tokenization"],
+        image_key=opts["image_key"],
+        seed_tokenization=opts["seed_tokenization"] or opts["seed_compat"],
         allow_missing=opts["allow_missing_keys"], allow_unexpected=opts["allow_unexpected_keys"],
         revision=common.revision, code=opts["pi0_code"])
 
@@ -345,8 +364,10 @@ SPEC = FamilySpec(
     auto_dtype=None,
     options=(
         Option("image_key", str, None, "override the image key from config.image_features"),
-        Option("seed_tokenization", bool, False,
-               "reproduce the seed script's tokenisation (no trailing newline)"),
+        Option("seed_compat", bool, False,
+               "the seed script's path: its tokenisation (no trailing newline, truncation); "
+               "its image path is the policy's own"),
+        Option("seed_tokenization", bool, False, "alias of --seed_compat (older name)"),
         Option("allow_missing_keys", list, [], "model weights allowed to be absent from the "
                "checkpoint", metavar="GLOB"),
         Option("allow_unexpected_keys", list, [], "checkpoint tensors allowed to match no "
