@@ -196,7 +196,10 @@ class StarVLAExtractor(HfVlmExtractor):
                    prompt_source=self.prompt_source, seed_compat=self.seed_compat,
                    processor_template=getattr(self.processor, "prompt_template", None)
                    or ("chat template" if self.chat_template else None),
-                   image_resize=resize, autocast=self.autocast)
+                   image_resize=resize, autocast=self.autocast,
+                   image_size=self.image_size,  # None with --seed_compat: per image, see image_resize
+                   processor_image_size=HfVlmExtractor._image_size_fed(self) if self.seed_compat
+                   else None)
         return out
 
 
