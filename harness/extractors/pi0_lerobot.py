@@ -281,6 +281,8 @@ class Pi0LeRobotExtractor(Extractor):
                       inputs_embeds=[embs, None], use_cache=False)
         if self.api == "old":
             kwargs["fill_kv_cache"] = True
+        else:
+            prefix_attention_as_sample_actions(pwe)
         with capture(pwe, [self.norm_path]) as hooked:
             outputs, _ = pwe.forward(**kwargs)
         prefix_out, hidden = outputs[0], hooked.output
@@ -314,6 +316,12 @@ class Pi0LeRobotExtractor(Extractor):
             "stubbed_abstract_methods": self.stubbed,
         }
 
+    def attention_implementation(self) -> str | None:
+        """The prefix language model's attention, read from its config (new API only:
+        the old API's decoder computes attention by hand)."""
+        lm_config = _get(self.policy.model.paligemma_with_expert, "paligemma.language_model.config")
+        return getattr(lm_config, "_attn_implementation", None)
+
     @staticmethod
     def _lm_dtype(pwe) -> torch.dtype:
         """The dtype the language model runs in (prefix embeddings are cast to it)."""
@@ -322,6 +330,16 @@ class Pi0LeRobotExtractor(Extractor):
             if module is not None:
                 return next(module.parameters()).dtype
         return next(pwe.parameters()).dtype
+
+
+def prefix_attention_as_sample_actions(pwe) -> None:
+    """LeRobot 0.4.x `PI0Pytorch.sample_actions` sets the prefix language model to eager
+    attention right before its prefix forward; the model is built with transformers'
+    default (sdpa), which moves features by ~5e-7. Do the same (checked bit-equal against
+    the real LeRobot 0.4.4 in tests/equivalence/test_lerobot04_pi0.py)."""
+    lm_config = _get(pwe, "paligemma.language_model.config")
+    if lm_config is not None and hasattr(lm_config, "_attn_implementation"):
+        lm_config._attn_implementation = "eager"
 
 
 def note_prefix(observed: Observed, images: list, lang_tokens: torch.Tensor,
