@@ -111,3 +111,19 @@ def test_seed_compat_on_every_seed_family(data_dir, tmp_path):
     side = Image.open(next((data_dir / "images").iterdir())).size
     w, h = seed_resize_size(*side)
     assert _meta(tmp_path / "starvla")["observed"]["image_size_fed"] == [f"{w}x{h}"]
+
+
+@pytest.mark.parametrize("flag", ["--resume_from", "--save_every", "--resume-from"])
+def test_seed_resume_flags_are_refused_with_a_pointer(flag, tmp_path, capsys):
+    """The seed's `--resume_from N` / `--save_every N` parse (so the seed's commands are
+    recognised) and are refused in one line pointing at --resume, before anything is
+    read or written."""
+    out = tmp_path / "out"
+    rc = main(["extract", "starvla", "--ckpt", "tiny", "--data_dir", str(tmp_path / "nope"),
+               "--output_dir", str(out), flag, "500"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "--resume" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+    with pytest.raises(SystemExit):  # hidden from --help: not an option of this tool
+        main(["extract", "starvla", "--help"])
+    assert "--resume_from" not in capsys.readouterr().out

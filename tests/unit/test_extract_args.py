@@ -45,19 +45,3 @@ def test_a_dtype_outside_the_family_schema_is_one_line(dtype, tmp_path, capsys):
     assert f"invalid choice: '{dtype}'" in err[0] and "bfloat16" in err[0] and "float32" in err[0]
     assert not (tmp_path / "out").exists()
 
-
-@pytest.mark.parametrize("flag", ["--resume_from", "--save_every", "--resume-from"])
-def test_seed_resume_flags_are_refused_with_a_pointer(flag, tmp_path, capsys):
-    """The seed's `--resume_from N` / `--save_every N` parse (so the seed's commands are
-    recognised) and are refused in one line pointing at --resume, before anything is
-    read or written."""
-    from harness.cli import main
-    out = tmp_path / "out"
-    rc = main(["extract", "starvla", "--ckpt", "tiny", "--data_dir", str(tmp_path / "nope"),
-               "--output_dir", str(out), flag, "500"])
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and "--resume" in err and len(err.splitlines()) == 1
-    assert not out.exists()
-    with pytest.raises(SystemExit):  # hidden from --help: not an option of this tool
-        main(["extract", "starvla", "--help"])
-    assert "--resume_from" not in capsys.readouterr().out
