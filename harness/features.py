@@ -23,6 +23,7 @@ import torch
 from harness import provenance as prov
 from harness.errors import HarnessError
 from harness.extra_outputs import Outputs, merge_extras
+from harness.extractors import observed as obs
 from harness.extractors.base import FINAL, Sample, check_extractor
 from harness.io import save_tensor, write_json
 from harness.pooling import EmptyMaskError, pool
@@ -139,6 +140,9 @@ def _run_shard(extractor, samples, start: int, end: int, batch_size: int, poolin
     extras: dict[str, list[torch.Tensor]] = {}
     fallback: list[list] = []
     indices: list[int] = []
+    seen = getattr(extractor, "observed", None)
+    if seen is not None:
+        seen.clear()
     for b in range(start, end, batch_size):
         batch = [samples[i] for i in range(b, min(b + batch_size, end))]
         feats, extra = _pool_batch(extractor, batch, pooling, outputs)
@@ -155,6 +159,8 @@ def _run_shard(extractor, samples, start: int, end: int, batch_size: int, poolin
     if outputs:  # only then: a plain run's shards stay exactly as before
         shard["extra"] = {name: torch.cat(fs).float().contiguous() for name, fs in extras.items()}
         shard["txt_fallback"] = fallback
+    if seen is not None:  # what this shard's forwards were really fed (extractors/observed.py)
+        shard["observed"] = seen.as_dict()
     save_tensor(path, shard)
 
 
@@ -189,6 +195,7 @@ def merge(out_dir: Path, ranges: list[tuple[int, int]], record: dict) -> dict[st
     final = layers[FINAL]
     record = dict(record, **batch_size_record(shards), **extra_meta)
     meta = dict(record, created=prov.now(), command=prov.command_line(),
+                observed=obs.merge([s.get("observed") for s in shards]),
                 feats_A_shape=list(final.shape), layer_files=sorted(
                     FEATS if n == FINAL else f"feats_A_layer{n}.pt" for n in layers),
                 shards=[shard_path(out_dir, s, e).name for s, e in ranges], sample_indices=indices)

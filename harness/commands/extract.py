@@ -41,6 +41,27 @@ def add_family_arguments(p: argparse.ArgumentParser, spec: FamilySpec) -> None:
                    help="where feats_A.pt and extraction_metadata.json go")
     for option in spec.option_fields():
         _add_option(p, option)
+    add_seed_resume_flags(p)
+
+
+SEED_RESUME_FLAGS = ("resume_from", "save_every")
+
+
+def add_seed_resume_flags(p: argparse.ArgumentParser) -> None:
+    """The seed scripts' `--resume_from N` / `--save_every N`: parsed only to be refused
+    with a pointer (in the seed's newest scripts they do nothing; in older ones they
+    resumed from an unchecked partial file). Hidden from --help and from the config."""
+    for name in SEED_RESUME_FLAGS:
+        p.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, type=int,
+                       default=None, help=argparse.SUPPRESS)
+
+
+def refuse_seed_resume_flags(args: argparse.Namespace) -> None:
+    for name in SEED_RESUME_FLAGS:
+        if getattr(args, name, None) is not None:
+            raise HarnessError(f"--{name} is the seed scripts' flag and is not supported: work is "
+                               "saved in shards of 256 samples; rerun the same command with "
+                               "--resume to keep finished shards and do the rest")
 
 
 def _add_option(p: argparse.ArgumentParser, o: Option) -> None:
@@ -82,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     from harness import features
     from harness.io import check_output_dir
 
+    refuse_seed_resume_flags(args)
     if getattr(args, "action_repr", False) and not get(args.family).action_stream:
         from harness.extra_outputs import refuse_action_repr
         refuse_action_repr(args.family)

@@ -19,6 +19,7 @@ import torch
 from harness.errors import HarnessError
 from harness.extractors.base import FINAL, Extractor, HiddenStates, Sample, to_device
 from harness.extractors.compat import attention_in_use, dtype_kwarg
+from harness.extractors.observed import Observed, note_token_inputs
 from harness.extractors.registry import Common, FamilySpec, Option, parse_layers
 from harness.pooling import TOKENS, token_mask
 
@@ -57,6 +58,7 @@ class HfVlmExtractor(Extractor):
         self.family = model_id[len(TINY_PREFIX):] if model_id.startswith(TINY_PREFIX) else "hf"
         self.hidden_dim: int | None = None
         self._position_offset: int | None = None
+        self.observed = Observed()
 
     # ------------------------------------------------------------ protocol
     def load(self) -> "HfVlmExtractor":
@@ -76,6 +78,8 @@ class HfVlmExtractor(Extractor):
         tok = self.tokenizer
         if self.padding_side is not None and tok is not None:
             tok.padding_side = self.padding_side
+        if self.dtype is None:  # keep the dtype the loader gave (e.g. StarVLA's own)
+            self.dtype = next(self.model.parameters()).dtype
         # Cast only a model not already in self.dtype: `.to(dtype)` also casts float
         # buffers, and rotary `inv_freq` (kept float32 by from_pretrained) would turn bf16.
         if next(self.model.parameters()).dtype != self.dtype:
@@ -89,10 +93,9 @@ class HfVlmExtractor(Extractor):
         texts = [self._prompt(task) for _, _, task in samples]
         kwargs = dict(text=texts, padding=True, return_tensors="pt")
         if self._takes_images():
-            images = [im.convert("RGB") for _, im, _ in samples]
-            if self.image_size:
-                images = [im.resize((self.image_size, self.image_size)) for im in images]
-            kwargs["images"] = images
+            kwargs["images"] = self.prepare_images([im for _, im, _ in samples])
+            self.observed.note("image_size_fed", *(f"{w}x{h}" for w, h in
+                                                   (im.size for im in kwargs["images"])))
         batch = dict(self.processor(**kwargs))
         if self._position_offset is not None:
             mask = batch["attention_mask"].long()
@@ -108,6 +111,7 @@ class HfVlmExtractor(Extractor):
             layers[str(i)] = states[i]
         mask = token_mask(inputs["attention_mask"], inputs.get("input_ids"),
                           self.image_token_id, self.tokens)
+        note_forward(self.observed, inputs, states[-1], self.image_token_id)
         return HiddenStates(layers=layers, mask=mask)
 
     def modality_masks(self, inputs: dict, tasks, hidden: HiddenStates):
@@ -126,7 +130,7 @@ class HfVlmExtractor(Extractor):
             "class": type(self.model).__name__, "model_type": getattr(cfg, "model_type", None),
             "extraction_point": "hidden_states[-1] (post final norm)",
             "layers": self.layer_spec, "hidden_size": self.hidden_dim,
-            "pooling_tokens": self.tokens, "dtype": self.dtype,
+            "pooling_tokens": self.tokens, "dtype": weights_dtype(self.model),
             "padding_side": getattr(self.tokenizer, "padding_side", None),
             "position_ids": "model default" if self._position_offset is None
             else f"cumsum(attention_mask) - 1 + {self._position_offset}",
@@ -161,8 +165,19 @@ class HfVlmExtractor(Extractor):
             out.append(i % n_states)
         return out
 
+    def prepare_images(self, images: list) -> list:
+        """RGB images as handed to the processor: resized to `image_size` if one is set."""
+        images = [im.convert("RGB") for im in images]
+        if self.image_size:
+            images = [im.resize((self.image_size, self.image_size)) for im in images]
+        return images
+
+    def fill_prompt(self, task: str) -> str:
+        """The text prompt of one task (before any chat template)."""
+        return self.prompt_template.format(task=task)
+
     def _prompt(self, task: str) -> str:
-        prompt = self.prompt_template.format(task=task)
+        prompt = self.fill_prompt(task)
         if not self.chat_template:
             return prompt
         content = ([{"type": "image"}] if self._takes_images() else []) + [{"type": "text", "text": prompt}]
@@ -206,11 +221,28 @@ class HfVlmExtractor(Extractor):
                 continue
             try:
                 model = auto.from_pretrained(self.model_id, attn_implementation=self.attn,
-                                             **dtype_kwarg(self.dtype), **common)
+                                             **dtype_kwarg(self.dtype or "auto"), **common)
                 return model, processor
             except (ValueError, KeyError, OSError) as err:
                 errors.append(f"{name}: {err}")
         raise HarnessError(f"{self.model_id}: no auto class could load it ({'; '.join(errors)[:400]})")
+
+
+def weights_dtype(model: torch.nn.Module) -> torch.dtype | str:
+    """The dtype of the model's floating-point weights, read from them ('a+b' if mixed)."""
+    found = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
+                    if p.is_floating_point()})
+    return getattr(torch, found[0]) if len(found) == 1 else "+".join(found)
+
+
+def note_forward(observed: Observed, inputs: dict, last: torch.Tensor,
+                 image_token_id: int | None) -> None:
+    """What one forward was fed and gave: image tokens, padding side, pixel size, dtype."""
+    note_token_inputs(observed, inputs.get("input_ids"), inputs["attention_mask"], image_token_id)
+    pixels = inputs.get("pixel_values")
+    if isinstance(pixels, torch.Tensor) and pixels.ndim == 4:
+        observed.note("pixel_size", f"{pixels.shape[-1]}x{pixels.shape[-2]}")
+    observed.note("hidden_dtype", str(last.dtype).removeprefix("torch."))
 
 
 def _build(common: Common, opts: dict, stack) -> HfVlmExtractor:

@@ -27,6 +27,7 @@ import torch
 
 from harness.errors import HarnessError
 from harness.extractors.base import Extractor, HiddenStates
+from harness.extractors.observed import Observed, note_token_inputs
 from harness.extractors.registry import Common, FamilySpec, Option
 from harness.hooks import capture, find_module
 from harness.residual_stream import capture_residual_stream, layer_indices
@@ -193,6 +194,7 @@ class Pi0LeRobotExtractor(Extractor):
         self.policy = None
         self.audit: dict = {}
         self.stubbed: list[str] = []
+        self.observed = Observed()
 
     # -- protocol ---------------------------------------------------------------
     def load(self) -> "Pi0LeRobotExtractor":
@@ -285,6 +287,8 @@ class Pi0LeRobotExtractor(Extractor):
                       inputs_embeds=[embs, None], use_cache=False)
         if self.api == "old":
             kwargs["fill_kv_cache"] = True
+        else:
+            prefix_attention_as_sample_actions(pwe)
         sweep = self.layer_spec != "last"
         decoder = dict(pwe.named_modules())[self.norm_path.rsplit(".", 1)[0]] if sweep else None
         with capture(pwe, [self.norm_path]) as hooked, (
@@ -296,6 +300,7 @@ class Pi0LeRobotExtractor(Extractor):
                 if hidden.shape == prefix_out.shape else "shape"
             raise HarnessError(f"hook on {self.norm_path} != prefix_out (max diff {diff}): "
                                "the hooked module is not the final norm of this forward")
+        note_prefix(self.observed, images, inputs["lang_tokens"], inputs["lang_masks"], hidden)
         layers = {"last": hidden}
         if sweep:  # the residual stream between layers (harness.residual_stream)
             states = stream.hidden_states()
@@ -372,6 +377,9 @@ class Pi0LeRobotExtractor(Extractor):
             "image_keys_in_config": list(policy.config.image_features),
             "tokenization": "seed (no newline, truncation)" if self.seed_tokenization
             else "prepare_language (task + newline, right pad)",
+            "seed_compat": self.seed_tokenization,
+            "image_path": "the policy's own image preprocessing (resize_with_pad, [-1, 1]); "
+                          "the seed's path too",
             "tokenizer_max_length": self.max_length, "padding_side": "right",
             "state_input": "none", "weight_audit": self.audit,
             "stubbed_abstract_methods": self.stubbed,
@@ -381,6 +389,12 @@ class Pi0LeRobotExtractor(Extractor):
                                  "final norm output (= hidden_states[L])"}),
         }
 
+    def attention_implementation(self) -> str | None:
+        """The prefix language model's attention, read from its config (new API only:
+        the old API's decoder computes attention by hand)."""
+        lm_config = _get(self.policy.model.paligemma_with_expert, "paligemma.language_model.config")
+        return getattr(lm_config, "_attn_implementation", None)
+
     @staticmethod
     def _lm_dtype(pwe) -> torch.dtype:
         """The dtype the language model runs in (prefix embeddings are cast to it)."""
@@ -389,6 +403,28 @@ class Pi0LeRobotExtractor(Extractor):
             if module is not None:
                 return next(module.parameters()).dtype
         return next(pwe.parameters()).dtype
+
+
+def prefix_attention_as_sample_actions(pwe) -> None:
+    """LeRobot 0.4.x `PI0Pytorch.sample_actions` sets the prefix language model to eager
+    attention right before its prefix forward; the model is built with transformers'
+    default (sdpa), which moves features by ~5e-7. Do the same (checked bit-equal against
+    the real LeRobot 0.4.4 in tests/equivalence/test_lerobot04_pi0.py)."""
+    lm_config = _get(pwe, "paligemma.language_model.config")
+    if lm_config is not None and hasattr(lm_config, "_attn_implementation"):
+        lm_config._attn_implementation = "eager"
+
+
+def note_prefix(observed: Observed, images: list, lang_tokens: torch.Tensor,
+                lang_masks: torch.Tensor, hidden: torch.Tensor) -> None:
+    """What one prefix forward was fed: image size after the policy's preprocessing,
+    image tokens (prefix length minus language length), padding side, hidden dtype."""
+    for image in images:
+        observed.note("image_size_fed", f"{image.shape[-1]}x{image.shape[-2]}")
+    n_image = hidden.shape[1] - lang_tokens.shape[1]
+    observed.note("image_tokens", n_image)
+    note_token_inputs(observed, None, lang_masks, None)
+    observed.note("hidden_dtype", str(hidden.dtype).removeprefix("torch."))
 
 
 def _build(common: Common, opts: dict, stack) -> Pi0LeRobotExtractor:
@@ -401,7 +437,8 @@ def _build(common: Common, opts: dict, stack) -> Pi0LeRobotExtractor:
         save_tiny_pi0_checkpoint(path, new_api=common.ckpt == "tiny:new")
     return Pi0LeRobotExtractor(
         path, name=common.ckpt, device=common.device, dtype=common.dtype,
-        image_key=opts["image_key"], seed_tokenization=opts["seed_tokenization"],
+        image_key=opts["image_key"],
+        seed_tokenization=opts["seed_tokenization"] or opts["seed_compat"],
         allow_missing=opts["allow_missing_keys"], allow_unexpected=opts["allow_unexpected_keys"],
         revision=common.revision, code=opts["pi0_code"], layers=common.layers)
 
@@ -416,8 +453,10 @@ SPEC = FamilySpec(
     auto_dtype=None,
     options=(
         Option("image_key", str, None, "override the image key from config.image_features"),
-        Option("seed_tokenization", bool, False,
-               "reproduce the seed script's tokenisation (no trailing newline)"),
+        Option("seed_compat", bool, False,
+               "the seed script's path: its tokenisation (no trailing newline, truncation); "
+               "its image path is the policy's own"),
+        Option("seed_tokenization", bool, False, "alias of --seed_compat (older name)"),
         Option("allow_missing_keys", list, [], "model weights allowed to be absent from the "
                "checkpoint", metavar="GLOB"),
         Option("allow_unexpected_keys", list, [], "checkpoint tensors allowed to match no "

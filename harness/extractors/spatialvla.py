@@ -15,7 +15,7 @@ import inspect
 from harness.errors import HarnessError
 from harness.extractors.base import FINAL, to_device
 from harness.extractors.compat import attention_in_use, dtype_kwarg, transformers_version
-from harness.extractors.hf_vlm import HfVlmExtractor
+from harness.extractors.hf_vlm import HfVlmExtractor, weights_dtype
 from harness.extractors.registry import Common, FamilySpec, Option
 
 DEFAULT_CKPT = "IPEC-COMMUNITY/spatialvla-4b-224-sft-bridge"
@@ -57,7 +57,8 @@ class SpatialVLAExtractor(HfVlmExtractor):
 
     def __init__(self, ckpt: str = DEFAULT_CKPT, *, device: str = "cpu", dtype: str = "bfloat16",
                  unnorm_key: str = UNNORM_KEY, revision: str | None = None,
-                 positions: str = "mask", layers=(), model=None, processor=None):
+                 positions: str = "mask", layers=(), seed_compat: bool = False,
+                 model=None, processor=None):
         if not isinstance(layers, str):  # () or indices: the final layer plus those
             layers = list(layers) or FINAL
         super().__init__(ckpt, layers=layers, device=device,
@@ -65,6 +66,7 @@ class SpatialVLAExtractor(HfVlmExtractor):
                          positions=positions, model=model, processor=processor)
         self.family, self.ckpt = "spatialvla", ckpt
         self.unnorm_key = unnorm_key
+        self.seed_compat = seed_compat  # recorded only: the seed's path is the default
         self.stand_in = model is not None
         self._takes_positions = False
 
@@ -91,6 +93,7 @@ class SpatialVLAExtractor(HfVlmExtractor):
     def build_inputs(self, samples) -> dict:
         images = [image.convert("RGB") for _, image, _ in samples]
         texts = [task for _, _, task in samples]
+        self.observed.note("image_size_fed", *(f"{w}x{h}" for w, h in (im.size for im in images)))
         batch = self.processor(images=images, text=texts, unnorm_key=self.unnorm_key,
                                do_normalize=False, padding="longest", return_tensors="pt")
         inputs = {k: to_device(v, self.device, self.dtype) for k, v in batch.items()}
@@ -111,18 +114,21 @@ class SpatialVLAExtractor(HfVlmExtractor):
             "stand_in": self.stand_in, "class": type(self.model).__name__,
             "extraction_point": self.extraction_point, "layers": self.layer_spec,
             "pooling_mask": "attention_mask",
-            "hidden_size": getattr(text, "hidden_size", None), "dtype": self.dtype,
+            "hidden_size": getattr(text, "hidden_size", None), "dtype": weights_dtype(self.model),
             "use_cache": False,
             "padding_side": getattr(getattr(self.processor, "tokenizer", None), "padding_side", None),
             "processor_kwargs": {"unnorm_key": self.unnorm_key, "do_normalize": False},
             "position_ids": self.positions if self._takes_positions else "model default",
             "prompt_template": "<image>*n <bos>{task}\\n (SpatialVLA processor)",
+            "seed_compat": self.seed_compat,
+            "seed_path": "default: the seed's processor call (raw task, native image, "
+                         "do_normalize=False), bf16, eager; --seed_compat changes nothing",
         }
 
 
 def _build(common: Common, opts: dict, stack) -> SpatialVLAExtractor:
     kw = dict(device=common.device, dtype=common.dtype, unnorm_key=opts["unnorm_key"],
-              revision=common.revision, layers=common.layers)
+              revision=common.revision, layers=common.layers, seed_compat=opts["seed_compat"])
     if common.tiny:
         from harness.extractors.standins import tiny_spatialvla
         model, processor = tiny_spatialvla()
@@ -138,7 +144,9 @@ SPEC = FamilySpec(
     stand_in="tiny",
     stand_in_help="'tiny' (PaliGemma2 + SpatialVLA-style processor)",
     options=(Option("unnorm_key", str, UNNORM_KEY,
-                    "dataset key selecting the camera intrinsics (ZoeDepth)"),),
+                    "dataset key selecting the camera intrinsics (ZoeDepth)"),
+             Option("seed_compat", bool, False, "the seed script's path; already the "
+                    "default, so this only records it")),
     final_norm_paths={"paligemma2": ("model.language_model.norm", "language_model.model.norm",
                                      "language_model.norm")},
     demo=(("spatialvla-tiny", "tiny", {"split_modalities": True, "layers": "all"}),),

@@ -1,18 +1,32 @@
 """StarVLA (Qwen2.5-VL / Qwen3-VL backbones) and plain HF Qwen-VL: `hidden_states[-1]`
-masked mean, fed the way StarVLA feeds its VLM at inference.
+masked mean, fed the way StarVLA feeds its VLM (docs/facts.md §3; upstream
+`starVLA/model/modules/vlm/QWen2_5.py`, `QWen3.py`, `framework/QwenGR00T.py`).
 
-What differs from a generic HF VLM (docs/facts.md §3): the CoT grounding prompt through the chat
-template, images resized to 224x224 first (256x256 would change the number of image
-tokens), left padding, and in transformers 5 the `mm_token_type_ids` without which
-Qwen2.5-VL silently drops to 1-D positions (Qwen3-VL raises). A StarVLA framework
-checkpoint keeps float32 weights and runs under bf16 autocast, as StarVLA's own
-`qwen_vl_interface` does. Everything else is the engine's `HfVlmExtractor`.
+What StarVLA does, and so what this extractor does:
+- prompt: the checkpoint's `datasets.vla_data.CoT_prompt` with `{instruction}` replaced
+  (`str.replace`, as `build_qwenvl_inputs` does); without that key the raw instruction;
+  rendered through the chat template (image first, then text), left padding;
+- weights: the dtype StarVLA's loader leaves them in (bf16: `torch_dtype="auto"` /
+  `dtype=torch.bfloat16`, no later cast), under `torch.autocast("cuda", bf16)` as
+  `predict_action` and the seed run them (on CPU that autocast is a no-op, so none here);
+- attention: whatever the loader built (framework checkpoints), `sdpa` for hub ids
+  (upstream's default since 2026-03; the seed era used flash_attention_2, a flag away);
+- images: resized to 224x224 first, as `predict_action` does (`--image_size`); or, with
+  `--seed_compat`, exactly the seed's path: the PNG through qwen_vl_utils' resize to a
+  multiple of 28 (256 px -> 252 px, 81 image tokens on Qwen2.5-VL; Qwen3-VL: no resize
+  before its processor, 64 tokens).
+In transformers 5 the `mm_token_type_ids` are added (without them Qwen2.5-VL silently
+drops to 1-D positions, Qwen3-VL raises). Everything else is `HfVlmExtractor`. What ran
+(weights dtype, attention, autocast, image size, image tokens, padding side) is recorded
+from the modules and inputs.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
+from PIL import Image
 
 from harness.errors import HarnessError
 from harness.extractors import tiny
@@ -20,10 +34,12 @@ from harness.extractors.compat import transformers_major
 from harness.extractors.hf_vlm import TINY_PREFIX, HfVlmExtractor
 from harness.extractors.registry import Common, FamilySpec, Option
 
-COT_PROMPT = ("Your task is {instruction}. To identify the key objects for your task. "
-              "Locate their bounding boxes in [x1,y1,x2,y2] format.")
 IMAGE_SIZE = 224
 QWEN_TYPES = ("qwen2_5_vl", "qwen3_vl", "qwen2_vl")
+RAW_INSTRUCTION = "{instruction}"
+AUTOCAST = ("auto", "bfloat16", "off")
+# qwen_vl_utils.fetch_image (Qwen2.5-VL): patch 14 x merge 2, pixel bounds of its defaults.
+SEED_FACTOR, SEED_MIN_PIXELS, SEED_MAX_PIXELS = 28, 4 * 28 * 28, 16384 * 28 * 28
 
 
 def is_starvla_checkpoint(ckpt: str) -> bool:
@@ -33,7 +49,7 @@ def is_starvla_checkpoint(ckpt: str) -> bool:
 
 
 def load_starvla(ckpt: str):
-    """(qwen model, processor, CoT prompt or None) via StarVLA's own loader."""
+    """(qwen model, processor, CoT prompt or None) via StarVLA's own loader, untouched."""
     try:
         from starVLA.model.framework.base_framework import baseframework
     except ImportError as err:
@@ -44,29 +60,56 @@ def load_starvla(ckpt: str):
     cot = None
     try:
         vla_data = framework.config.datasets.vla_data
-        cot = vla_data.get("CoT_prompt", None) if "CoT_prompt" in vla_data else None
+        cot = vla_data.get("CoT_prompt", "") if "CoT_prompt" in vla_data else None
     except AttributeError:
         pass
     return interface.model, interface.processor, cot
 
 
+def seed_resize_size(width: int, height: int) -> tuple[int, int]:
+    """(width, height) qwen_vl_utils' `smart_resize` gives (round to a multiple of 28,
+    kept within its pixel bounds): what the seed's Qwen2.5-VL images were resized to."""
+    f = SEED_FACTOR
+    h_bar, w_bar = max(f, round(height / f) * f), max(f, round(width / f) * f)
+    if h_bar * w_bar > SEED_MAX_PIXELS:
+        beta = math.sqrt(height * width / SEED_MAX_PIXELS)
+        h_bar, w_bar = math.floor(height / beta / f) * f, math.floor(width / beta / f) * f
+    elif h_bar * w_bar < SEED_MIN_PIXELS:
+        beta = math.sqrt(SEED_MIN_PIXELS / (height * width))
+        h_bar, w_bar = math.ceil(height * beta / f) * f, math.ceil(width * beta / f) * f
+    return w_bar, h_bar
+
+
+def seed_image(image: Image.Image, model_type: str | None) -> Image.Image:
+    """The image the seed's `build_qwenvl_inputs` call handed the HF processor."""
+    image = image.convert("RGB")
+    if model_type == "qwen3_vl":  # QWen3.py: apply_chat_template only, no qwen_vl_utils
+        return image
+    size = seed_resize_size(*image.size)
+    return image if size == image.size else image.resize(size)  # PIL default: bicubic
+
+
 class StarVLAExtractor(HfVlmExtractor):
-    """`HfVlmExtractor` with StarVLA's prompt, image size and padding side."""
+    """`HfVlmExtractor` with StarVLA's prompt, image path, padding side, dtype and autocast."""
 
     family = "starvla"
 
-    def __init__(self, ckpt: str, *, device: str = "cpu", dtype: str = "bfloat16",
-                 layers="last", cot_prompt: str | None = COT_PROMPT, image_size: int = IMAGE_SIZE,
-                 attn_implementation: str = "eager", revision: str | None = None,
-                 autocast: bool | None = None, model=None, processor=None):
+    def __init__(self, ckpt: str, *, device: str = "cpu", dtype: str | None = None,
+                 layers="last", cot_prompt: str | None = None, image_size: int = IMAGE_SIZE,
+                 attn_implementation: str | None = None, revision: str | None = None,
+                 autocast: str = "auto", seed_compat: bool = False, model=None, processor=None):
+        if autocast not in AUTOCAST:
+            raise HarnessError(f"autocast must be one of {AUTOCAST}, got {autocast!r}")
         self.cot_prompt = cot_prompt
-        self.autocast = autocast  # None: only for the starVLA framework, as it runs itself
-        self.autocast_dtype: torch.dtype | None = None
-        template = cot_prompt.replace("{instruction}", "{task}") if cot_prompt else "{task}"
+        self.prompt_source = "--cot_prompt" if cot_prompt is not None else None
+        self.autocast_request, self.autocast = autocast, "off"
+        self.seed_compat = seed_compat
         super().__init__(ckpt, layers=layers, device=device, dtype=dtype,
-                         attn_implementation=attn_implementation, padding_side="left",
-                         prompt_template=template, chat_template=True, image_size=image_size,
+                         attn_implementation=attn_implementation or "eager",
+                         padding_side="left", chat_template=True,
+                         image_size=None if seed_compat else image_size,
                          revision=revision, model=model, processor=processor)
+        self.attn_request = attn_implementation
         self.family = "starvla"
         self.source = "given" if model is not None else None
 
@@ -77,17 +120,18 @@ class StarVLAExtractor(HfVlmExtractor):
                                                     attn=self.attn)
             self.source = "tiny stand-in"
         elif self.model is None and is_starvla_checkpoint(ckpt):
+            if self.attn_request is not None:
+                raise HarnessError(f"{ckpt}: --attn_implementation is StarVLA's loader's choice "
+                                   "for a framework checkpoint (set it in its config.yaml)")
             self.model, self.processor, cot = load_starvla(ckpt)
-            if cot and self.cot_prompt == COT_PROMPT and cot != COT_PROMPT:
-                self.cot_prompt = cot  # the checkpoint's own training prompt wins
-                self.prompt_template = cot.replace("{instruction}", "{task}")
             self.source = "starVLA framework"
+            if self.cot_prompt is None and cot is not None:
+                self.cot_prompt, self.prompt_source = cot, "checkpoint config.yaml CoT_prompt"
         elif self.model is None:
+            self.attn = self.attn_request or "sdpa"  # upstream StarVLA's default
             self.source = "transformers"
-        if self.autocast is None:
-            self.autocast = self.source == "starVLA framework"
-        if self.autocast:  # StarVLA keeps float32 weights and runs under bf16 autocast
-            self.autocast_dtype, self.dtype = self.dtype, torch.float32
+        self._check_prompt()
+        self.autocast = self._resolve_autocast()
         super().load()
         model_type = getattr(self.model.config, "model_type", None)
         if model_type not in QWEN_TYPES:
@@ -96,10 +140,39 @@ class StarVLAExtractor(HfVlmExtractor):
         self.chat_template = hasattr(self.processor, "apply_chat_template")
         return self
 
+    def _check_prompt(self) -> None:
+        if self.cot_prompt is None:
+            self.prompt_source = "none: the raw instruction (StarVLA without CoT_prompt)"
+        elif "{instruction}" not in self.cot_prompt:
+            raise HarnessError(f"CoT_prompt {self.cot_prompt!r} ({self.prompt_source}) has no "
+                               "{instruction}: StarVLA would drop the task from the prompt")
+
+    def _resolve_autocast(self) -> str:
+        """StarVLA wraps its VLM in `torch.autocast("cuda", bf16)`: active on CUDA only."""
+        if self.autocast_request == "auto":
+            on = self.source == "starVLA framework" and torch.device(self.device).type == "cuda"
+            return "bfloat16" if on else "off"
+        return self.autocast_request
+
+    # -- inputs and forward -----------------------------------------------------
+    def fill_prompt(self, task: str) -> str:
+        """StarVLA's `build_qwenvl_inputs`: `CoT_prompt.replace("{instruction}", task)`."""
+        return (self.cot_prompt or RAW_INSTRUCTION).replace("{instruction}", task)
+
+    def prepare_images(self, images: list) -> list:
+        if not self.seed_compat:
+            return super().prepare_images(images)
+        model_type = getattr(self.model.config, "model_type", None)
+        return [seed_image(im, model_type) for im in images]
+
     def forward(self, inputs: dict):
-        if not self.autocast:
+        if self.autocast == "off":
+            self.observed.note("autocast", "off")
             return super().forward(inputs)
-        with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
+            active = torch.is_autocast_enabled(self.device.type)
+            self.observed.note("autocast", str(torch.get_autocast_dtype(self.device.type))
+                               .removeprefix("torch.") if active else "off")
             return super().forward(inputs)
 
     def build_inputs(self, samples) -> dict:
@@ -111,32 +184,53 @@ class StarVLAExtractor(HfVlmExtractor):
 
     def describe(self) -> dict:
         out = super().describe()
+        model_type = getattr(self.model.config, "model_type", None)
+        if self.seed_compat:
+            resize = ("none before the processor (the seed's Qwen3-VL path)"
+                      if model_type == "qwen3_vl" else
+                      "qwen_vl_utils smart_resize to multiples of 28, PIL bicubic (the seed's path)")
+        else:
+            resize = f"{self.image_size}x{self.image_size} PIL bicubic (predict_action)"
         out.update(source=self.source, cot_prompt=self.cot_prompt,
-                   prompt_template=self.prompt_template,
+                   prompt_template=self.cot_prompt or RAW_INSTRUCTION,
+                   prompt_source=self.prompt_source, seed_compat=self.seed_compat,
                    processor_template=getattr(self.processor, "prompt_template", None)
                    or ("chat template" if self.chat_template else None),
-                   image_resize=f"{self.image_size}x{self.image_size} before the processor",
-                   autocast=str(self.autocast_dtype).replace("torch.", "") if self.autocast else None)
+                   image_resize=resize, autocast=self.autocast,
+                   image_size=self.image_size,  # None with --seed_compat: per image, see image_resize
+                   processor_image_size=HfVlmExtractor._image_size_fed(self) if self.seed_compat
+                   else None)
         return out
 
 
 def _build(common: Common, opts: dict, stack) -> StarVLAExtractor:
     return StarVLAExtractor(
         SPEC.stand_in if common.ckpt == "tiny" else common.ckpt, device=common.device,
-        dtype=common.dtype, layers=common.layers, cot_prompt=opts["cot_prompt"] or COT_PROMPT,
-        image_size=opts["image_size"], revision=common.revision)
+        dtype=common.dtype, layers=common.layers, cot_prompt=opts["cot_prompt"],
+        image_size=opts["image_size"], revision=common.revision,
+        attn_implementation=opts["attn_implementation"], autocast=opts["autocast"],
+        seed_compat=opts["seed_compat"])
 
 
 SPEC = FamilySpec(
     name="starvla",
-    help="StarVLA / HF Qwen-VL: CoT prompt, 224x224, left padding",
+    help="StarVLA / HF Qwen-VL: checkpoint's CoT prompt, 224x224, left padding",
     build=_build,
     stand_in="tiny:qwen2_5_vl",
     stand_in_help="'tiny' / 'tiny:qwen2_5_vl' or 'tiny:qwen3_vl'",
+    auto_dtype=None,
     options=(
         Option("cot_prompt", str, None,
-               "prompt with {instruction} (default: StarVLA's grounding CoT prompt)"),
-        Option("image_size", int, IMAGE_SIZE, "images are resized to this square first"),
+               "prompt with {instruction} (default: the checkpoint's CoT_prompt, else the "
+               "raw instruction, as StarVLA does)"),
+        Option("image_size", int, IMAGE_SIZE, "images are resized to this square first "
+               "(predict_action's size; ignored with --seed_compat)"),
+        Option("seed_compat", bool, False, "the seed script's image path: no 224 resize, "
+               "qwen_vl_utils' resize (256 px -> 252 px, 81 tokens on Qwen2.5-VL)"),
+        Option("attn_implementation", str, None, "default: as StarVLA's loader built it "
+               "(framework checkpoints), sdpa (hub ids), eager (stand-ins)"),
+        Option("autocast", str, "auto", "auto: bf16 autocast on CUDA for framework "
+               "checkpoints, as StarVLA runs them", choices=AUTOCAST),
     ),
     final_norm_paths={"qwen2_5_vl": ("model.language_model.norm",   # 4.52+ and 5.x
                                      "model.norm"),                  # 4.49-4.51

@@ -91,3 +91,50 @@ def test_missing_cuda_is_a_clear_error(data_dir, tmp_path, capsys):
     assert main(["extract", "spatialvla", "--ckpt", "tiny", "--data_dir", str(data_dir),
                  "--output_dir", str(tmp_path / "o"), "--device", "cuda"]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def _meta(out):
+    return json.loads((out / "extraction_metadata.json").read_text())
+
+
+def test_seed_compat_on_every_seed_family(data_dir, tmp_path):
+    """--seed_compat: Pi0 = the seed's tokenisation (bit-identical to the older
+    --seed_tokenization), StarVLA = the seed's image path, SpatialVLA = recorded only."""
+    from PIL import Image
+
+    from harness.extractors.starvla import seed_resize_size
+    feats = {}
+    for name, family, flags in [("pi0_seed", "pi0_lerobot", ["--seed_compat"]),
+                                ("pi0_alias", "pi0_lerobot", ["--seed_tokenization"]),
+                                ("pi0_default", "pi0_lerobot", []),
+                                ("sv", "spatialvla", ["--seed_compat"]),
+                                ("sv_default", "spatialvla", []),
+                                ("starvla", "starvla", ["--seed_compat"])]:
+        out = tmp_path / name
+        assert main(["extract", family, "--ckpt", "tiny", "--data_dir", str(data_dir),
+                     "--output_dir", str(out), *flags]) == 0
+        feats[name] = torch.load(out / "feats_A.pt", weights_only=True)
+        assert _meta(out)["seed_compat"] is bool(flags and flags[0] == "--seed_compat"
+                                                 or name == "pi0_alias")
+    assert torch.equal(feats["pi0_seed"], feats["pi0_alias"])
+    assert not torch.equal(feats["pi0_seed"], feats["pi0_default"])  # no "\n": other tokens
+    assert torch.equal(feats["sv"], feats["sv_default"])  # already the seed's path
+    side = Image.open(next((data_dir / "images").iterdir())).size
+    w, h = seed_resize_size(*side)
+    assert _meta(tmp_path / "starvla")["observed"]["image_size_fed"] == [f"{w}x{h}"]
+
+
+@pytest.mark.parametrize("flag", ["--resume_from", "--save_every", "--resume-from"])
+def test_seed_resume_flags_are_refused_with_a_pointer(flag, tmp_path, capsys):
+    """The seed's `--resume_from N` / `--save_every N` parse (so the seed's commands are
+    recognised) and are refused in one line pointing at --resume, before anything is
+    read or written."""
+    out = tmp_path / "out"
+    rc = main(["extract", "starvla", "--ckpt", "tiny", "--data_dir", str(tmp_path / "nope"),
+               "--output_dir", str(out), flag, "500"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "--resume" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+    with pytest.raises(SystemExit):  # hidden from --help: not an option of this tool
+        main(["extract", "starvla", "--help"])
+    assert "--resume_from" not in capsys.readouterr().out

@@ -44,3 +44,4 @@ def test_a_dtype_outside_the_family_schema_is_one_line(dtype, tmp_path, capsys):
     assert len(err) == 1, err
     assert f"invalid choice: '{dtype}'" in err[0] and "bfloat16" in err[0] and "float32" in err[0]
     assert not (tmp_path / "out").exists()
+

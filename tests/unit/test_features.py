@@ -69,6 +69,22 @@ def test_refuses_to_mix_shards_with_other_provenance(tmp_path):
                 dataset_fingerprint="abc")
 
 
+def test_refused_resume_does_no_work_and_writes_nothing(tmp_path):
+    """A foreign shard refuses the run before any forward: no new shard is computed and
+    written beside it (the refusal would otherwise only come at merge)."""
+    with pytest.raises(KeyboardInterrupt):  # shard 0-4 done by one model, then interrupted
+        extract(FakeExtractor(fail_at=5), samples(12), tmp_path, shard_size=4, progress=False)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "shards").iterdir()}
+    assert list(before) == ["shard_000000_000004.pt"]
+    other = FakeExtractor(name="other-model")
+    with pytest.raises(HarnessError, match="differs in"):
+        extract(other, samples(12), tmp_path, shard_size=4, progress=False)
+    assert other.seen == []  # no forward ran
+    after = {p.name: p.read_bytes() for p in (tmp_path / "shards").iterdir()}
+    assert after == before  # nothing new, nothing changed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]
+
+
 def test_batch_size_change_may_resume(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         extract(FakeExtractor(fail_at=5), samples(8), tmp_path, shard_size=4, batch_size=4,

@@ -37,6 +37,30 @@ def test_accumulates_in_float32_for_bf16_input():
     assert out.item() == 1.0 + 2 ** -7
 
 
+def _float64_mean(hidden, mask):
+    """Independent reference: the masked mean in float64, by a plain loop over rows."""
+    rows = [hidden[b, mask[b]].double().mean(dim=0) for b in range(hidden.shape[0])]
+    return torch.stack(rows)
+
+
+def test_bf16_hidden_states_of_realistic_shape_match_a_float64_reference():
+    """Random bf16 hidden states of the real shape (8 x 300 x 2304, SpatialVLA's width),
+    ragged masks: summing and dividing in float32 stays within 1e-5 of float64; doing it
+    in bf16 moves features by ~1e-3 and must fail this test (checked below)."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(8, 300, 2304, generator=gen).mul(3).to(torch.bfloat16)
+    lengths = torch.tensor([300, 299, 257, 200, 151, 100, 37, 1])
+    mask = torch.arange(300)[None, :] < lengths[:, None]
+    ref = _float64_mean(hidden, mask)
+    out = masked_mean(hidden, mask)
+    assert out.dtype == torch.float32
+    assert (out.double() - ref).abs().max().item() < 1e-5
+    # The same tolerance rejects the defect the issue describes (bf16 sum and divide):
+    m = mask.unsqueeze(-1)
+    in_bf16 = torch.where(m, hidden, hidden.new_zeros(())).sum(1) / mask.sum(1, keepdim=True).to(torch.bfloat16)
+    assert (in_bf16.double() - ref).abs().max().item() > 1e-4
+
+
 def test_empty_mask_names_the_row():
     hidden = torch.randn(3, 4, 2)
     mask = torch.ones(3, 4, dtype=torch.bool)

@@ -10,7 +10,8 @@ from harness import config
 from harness.cli import build_parser, main
 from harness.extractors import registry
 
-NOT_OPTIONS = {"help", "ckpt", "data_dir", "output_dir"}  # per-run arguments, not options
+NOT_OPTIONS = {"help", "ckpt", "data_dir", "output_dir",  # per-run arguments, not options
+               "resume_from", "save_every"}  # the seed's flags: parsed only to be refused
 
 
 def _family_parsers() -> dict[str, argparse.ArgumentParser]:

@@ -1,0 +1,101 @@
+"""Test-only shims that let the REAL LeRobot 0.4.x `PI0Policy` be built tiny, offline, on
+CPU, next to torch 2.13 and stock transformers 4.57 (the `.ci/lerobot-0.4.txt` venv).
+
+They exist because of three facts of LeRobot 0.4.4, none of which touches the prefix
+forward the extractor runs (read from its source, lerobot/policies/pi0/modeling_pi0.py):
+1. `lerobot.policies` imports torchvision at module level (datasets/utils.py,
+   datasets/transforms.py), but the only torchvision for torch 2.13 on the registry is a
+   CUDA build that fails to import on a CPU torch. Pi0's model code never calls it, so a
+   package stub is put in `sys.modules` (with a real ModuleSpec: transformers asks
+   `importlib.util.find_spec("torchvision")`).
+2. `PI0Pytorch.__init__` refuses to run unless `transformers.models.siglip.check` (a module
+   only LeRobot's git-only transformers fork has) says the fork is installed. The fork
+   changes the joint prefix+suffix path (adaRMS norms); the prefix-only path is stock
+   Gemma. A stub module answering True is installed.
+3. `PI0Config` only knows the gemma_2b / gemma_300m sizes and `PaliGemmaWithExpertModel`
+   hard-codes a 27-layer SigLIP-so400m: `modeling_pi0.get_gemma_config` is replaced with
+   tiny sizes and the PaliGemma constructor shrinks the vision config first.
+Nothing here is used by the harness package; the extractor runs unpatched code paths.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.machinery
+import sys
+import types
+
+TORCHVISION_MODULES = ("torchvision", "torchvision.io", "torchvision.transforms",
+                       "torchvision.transforms.functional", "torchvision.transforms.v2",
+                       "torchvision.transforms.v2.functional")
+
+
+def _placeholder(name: str):
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return type(name, (), {"__init__": lambda self, *a, **k: None})
+
+
+def stub_torchvision() -> bool:
+    """Install the torchvision stub unless a working torchvision imports; True if stubbed."""
+    try:
+        import torchvision  # noqa: F401
+        return False
+    except Exception:  # absent, or a CUDA build on a CPU torch
+        for name in [n for n in sys.modules if n.split(".")[0] == "torchvision"]:
+            del sys.modules[name]
+    for name in TORCHVISION_MODULES:
+        module = types.ModuleType(name)
+        module.__path__ = []
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        module.__getattr__ = _placeholder
+        sys.modules[name] = module
+    for name in TORCHVISION_MODULES[1:]:
+        parent, _, child = name.rpartition(".")
+        setattr(sys.modules[parent], child, sys.modules[name])
+    return True
+
+
+def stub_transformers_fork_check() -> bool:
+    """Make LeRobot's "is the transformers fork installed" check pass; True if stubbed."""
+    import transformers.models.siglip as siglip
+    try:
+        from transformers.models.siglip import check  # noqa: F401  (the fork itself)
+        return False
+    except ImportError:
+        check = types.ModuleType("transformers.models.siglip.check")
+        check.check_whether_transformers_replace_is_installed_correctly = lambda: True
+        sys.modules[check.__name__] = check
+        siglip.check = check
+        return True
+
+
+# Both towers share heads / kv heads / head_dim (they attend jointly); 8 heads because the
+# joint path hard-codes `8 * head_dim`. Widths differ so a mixed-up tower shows in shapes.
+TINY_SIZES = {"gemma_2b": dict(width=64, depth=2, mlp_dim=128, num_heads=8, num_kv_heads=1,
+                               head_dim=16),
+              "gemma_300m": dict(width=32, depth=2, mlp_dim=64, num_heads=8, num_kv_heads=1,
+                                 head_dim=16)}
+
+
+@contextlib.contextmanager
+def tiny_pi0_sizes():
+    """While active, `PI0Policy(config)` builds tiny towers and a 1-layer SigLIP."""
+    from lerobot.policies.pi0 import modeling_pi0
+
+    real_sizes, real_paligemma = modeling_pi0.get_gemma_config, modeling_pi0.PaliGemmaForConditionalGeneration
+
+    def tiny_paligemma(config):
+        vision = config.vision_config
+        vision.hidden_size, vision.intermediate_size = 32, 64
+        vision.num_hidden_layers, vision.num_attention_heads, vision.patch_size = 1, 2, 14
+        vision.projection_dim = config.projection_dim = config.hidden_size = \
+            config.text_config.hidden_size  # image tokens enter at the text width
+        return real_paligemma(config=config)
+
+    modeling_pi0.get_gemma_config = lambda variant: modeling_pi0.GemmaConfig(**TINY_SIZES[variant])
+    modeling_pi0.PaliGemmaForConditionalGeneration = tiny_paligemma
+    try:
+        yield
+    finally:
+        modeling_pi0.get_gemma_config = real_sizes
+        modeling_pi0.PaliGemmaForConditionalGeneration = real_paligemma
