@@ -214,7 +214,7 @@ class TinyPaliGemmaWithExpert(nn.Module):
         n = cache.embeds.shape[1]
         full[:, :n, :n] = cache.attention_mask
         full[:, n:] = attention_mask
-        cos, sin = streams[0].rotary_emb(suffix, positions)
+        cos, sin = _rotary(streams[0])(suffix, positions)
         for layer_idx in range(len(streams[0].layers)):
             layers = [decoder.layers[layer_idx] for decoder in streams]
             q, k, v = zip(*[_qkv(layer, layer.input_layernorm(h)) for layer, h in zip(layers, hidden)])
@@ -246,6 +246,13 @@ class PrefixCache:
     embeds: torch.Tensor
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
+
+
+def _rotary(decoder):
+    """The decoder's rotary embedding: one per model (transformers >= 4.48) or one per
+    attention layer (4.47), called the same way."""
+    rotary = getattr(decoder, "rotary_emb", None)
+    return rotary if rotary is not None else decoder.layers[0].self_attn.rotary_emb
 
 
 def _qkv(layer, x):
