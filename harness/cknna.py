@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from harness.knn import TIE_MARGIN, Graph, Neighbours, knn, tie_graph
+from harness.knn import TIE_MARGIN, Graph, Neighbours, ZoneMemo, knn, tie_graph
 
 EPS = 1e-6  # the reference's denominator term; part of its value
 
@@ -189,8 +189,25 @@ class Space:
         """The tie graph at k over all samples (cached); the whole list is used, since
         its tail tells where a tie at the k-th place ends."""
         if k not in self._graphs:
-            self._graphs[k] = tie_graph(self.x, self.neighbours, k, groups=self.groups)
+            self._graphs[k] = tie_graph(self.x, self.neighbours, k, groups=self.groups,
+                                        memo=self.memo)
         return self._graphs[k]
+
+    @property
+    def memo(self) -> ZoneMemo:
+        """Float64 products of listed pairs, shared by every graph of this space."""
+        if "memo" not in self._graphs:
+            self._graphs["memo"] = ZoneMemo(self.x, self.neighbours)
+        return self._graphs["memo"]
+
+    def edge_lookup(self, k: int):
+        """The graph at k as a membership index (cached: every model's null shares it)."""
+        from harness.significance import EdgeLookup
+
+        key = ("lookup", k)
+        if key not in self._graphs:
+            self._graphs[key] = EdgeLookup(self.graph(k))
+        return self._graphs[key]
 
 
 def _weighted_hsic(src, dst, k_val, l_val, weight, n) -> float:

@@ -284,7 +284,8 @@ def _dot64(x64: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.T
 
 
 def tie_graph(x: torch.Tensor, nb: Neighbours, k: int, *, universe: torch.Tensor | None = None,
-              groups: torch.Tensor | None = None, last: torch.Tensor | None = None) -> Graph:
+              groups: torch.Tensor | None = None, last: torch.Tensor | None = None,
+              memo: "ZoneMemo | None" = None, positions: torch.Tensor | None = None) -> Graph:
     """The order-invariant kNN graph at k from a search's lists (`knn`, any tie order).
 
     Definition: row i's k-th largest similarity s; every candidate within
@@ -300,12 +301,14 @@ def tie_graph(x: torch.Tensor, nb: Neighbours, k: int, *, universe: torch.Tensor
     the zone) is scored again in float64 against every candidate. `universe` (sorted
     sample indices) restricts the candidates to a subset: `nb`'s rows are then the
     subset's and its indices local, with -inf for entries outside it. `groups` drops
-    same-group candidates in those re-scans."""
+    same-group candidates in those re-scans. `memo` (the full search's float64 products,
+    by row and list position; `positions` maps `nb`'s entries to those positions) saves
+    computing a product twice; the values are the same either way."""
     n, length = nb.indices.shape
     device = nb.indices.device
     members = universe if universe is not None else torch.arange(x.shape[0], device=device)
-    x64 = x.double()
-    norms = x64.norm(dim=1)
+    x64 = memo.x64 if memo is not None else x.double()
+    norms = memo.norms if memo is not None else x64.norm(dim=1)
     scale = norms[members] * norms[members].max()
     tol = TIE_RTOL * scale
     reach = 2 * product_error(x) * scale + tol
@@ -321,7 +324,10 @@ def tie_graph(x: torch.Tensor, nb: Neighbours, k: int, *, universe: torch.Tensor
     zone &= ~unsafe.unsqueeze(1)
     r, c = zone.nonzero(as_tuple=True)
     exact = torch.zeros_like(values)
-    exact[r, c] = _dot64(x64, members[r], members[nb.indices[r, c]])
+    if memo is not None:
+        exact[r, c] = memo.products(members[r], c if positions is None else positions[r, c])
+    else:
+        exact[r, c] = _dot64(x64, members[r], members[nb.indices[r, c]])
     weights, crossing = _weights(exact, zone, above.sum(1), k, tol)
     weights = weights + above.double()
     keep = (weights > 0) & ~unsafe.unsqueeze(1)
@@ -336,6 +342,26 @@ def tie_graph(x: torch.Tensor, nb: Neighbours, k: int, *, universe: torch.Tensor
         crossing[redo] = crossed
     src, dst, val, weight = (torch.cat(p) for p in zip(*parts))
     return Graph(src, dst, val, weight, n, k, int(crossing.sum()))
+
+
+class ZoneMemo:
+    """Float64 products x_i . x_j of a search's listed pairs, computed on first use and
+    kept by (row, list position): subsets and every k ask for the same few pairs again."""
+
+    def __init__(self, x: torch.Tensor, nb: Neighbours):
+        self.x64 = x.double()
+        self.norms = self.x64.norm(dim=1)
+        self.indices = nb.indices
+        self.known = torch.zeros(nb.indices.shape, dtype=torch.bool, device=nb.indices.device)
+        self.values = torch.zeros(nb.indices.shape, dtype=torch.float64, device=nb.indices.device)
+
+    def products(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        missing = ~self.known[rows, positions]
+        if missing.any():
+            r, p = rows[missing], positions[missing]
+            self.values[r, p] = _dot64(self.x64, r, self.indices[r, p])
+            self.known[r, p] = True
+        return self.values[rows, positions]
 
 
 def _rescan(x64, members, redo, k, tol, groups):
