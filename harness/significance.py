@@ -13,7 +13,8 @@ import warnings
 import torch
 
 from harness.cknna import (EPS, Scores, Space, _check, _EdgeIndex, _hsic_on_edges,
-                           scores_from_graphs, scores_from_neighbours, self_terms, space_scores)
+                           scores_from_graphs, scores_from_neighbours, self_terms, sorted_keys,
+                           space_scores)
 from harness.knn import Graph, Neighbours, knn_among, tie_graph
 
 # ---------------------------------------------------------------- draws
@@ -124,7 +125,8 @@ def _batched_null(ga: Graph, lookup: "EdgeLookup", draws, n_draws: int, denom: f
         perm = torch.stack(perms)
         inverse = torch.empty_like(perm).scatter_(
             1, perm, torch.arange(n, device=device).expand_as(perm).contiguous())
-        src, dst = inverse[:, ga.src], inverse[:, ga.dst]
+        src = torch.gather(inverse, 1, ga.src.expand(len(perms), -1))
+        dst = torch.gather(inverse, 1, ga.dst.expand(len(perms), -1))
         keys = src * n + dst
         hit = lookup.contains(keys)
         which, edge = hit.nonzero(as_tuple=True)
@@ -315,14 +317,15 @@ def subsample_table(spaces_a: list[Space], sb: Space, ks: list[int],
                 shared_b = None
                 if sb.ties == "shared" and not sb.degenerate:
                     gb, rb = subset_graph(sb, subset, k)
-                    shared_b = gb, rb, self_terms(gb)
+                    shared_b = gb, rb, self_terms(gb), sorted_keys(gb)
                 for i, sa in enumerate(spaces_a):
                     if shared_b is None or sa.degenerate or sa.ties != "shared":
                         s, r = subset_scores(sa, sb, subset, k)
                     else:
-                        gb, rb, self_b = shared_b
+                        gb, rb, self_b, b_sorted = shared_b
                         ga, ra = subset_graph(sa, subset, k)
-                        s, r = scores_from_graphs(ga, gb, self_b=self_b), ra + rb
+                        s = scores_from_graphs(ga, gb, self_b=self_b, b_sorted=b_sorted)
+                        r = ra + rb
                     values[i][k].append(s.cknna)
                     redone[i][k] += r
     return [{k: (torch.tensor(values[i][k], dtype=torch.float64), redone[i][k]) for k in ks}
