@@ -312,12 +312,17 @@ def tie_graph(x: torch.Tensor, nb: Neighbours, k: int, *, universe: torch.Tensor
     scale = norms[members] * norms[members].max()
     tol = TIE_RTOL * scale
     reach = 2 * product_error(x) * scale + tol
-    values = nb.values.double()
-    kth = values[:, k - 1]
+    kth = nb.values[:, k - 1].double()
     hi, lo = kth + reach, kth - reach
+    last = nb.values[:, -1].double() if last is None else last.double()
+    # Entries below every row's zone weigh 0: drop those columns (lists are sorted).
+    width = max(k, int((nb.values.double() >= lo.unsqueeze(1)).sum(1).max()))
+    if width < length:
+        nb = Neighbours(nb.indices[:, :width], nb.values[:, :width], nb.exact)
+        positions = positions[:, :width] if positions is not None else None
+    values = nb.values.double()
     above = values > hi.unsqueeze(1)
     zone = (values >= lo.unsqueeze(1)) & ~above
-    last = values[:, -1] if last is None else last.double()
     unsafe = (last >= lo) | (kth == float("-inf"))
     if length == len(members) - 1 and universe is None:
         unsafe &= kth == float("-inf")
