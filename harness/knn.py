@@ -274,12 +274,13 @@ def _weights(exact: torch.Tensor, zone: torch.Tensor, n_above: torch.Tensor, k: 
     return weights, n_up + n_tied > k
 
 
-def _dot64(x64: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Float64 x_rows[e] . x_cols[e], pair by pair, in chunks."""
-    out = torch.empty(len(rows), dtype=torch.float64, device=x64.device)
-    chunk = max(1, RESCAN_ELEMENTS // x64.shape[1])
+def _dot64(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Float64 x_rows[e] . x_cols[e], pair by pair, in chunks (rows converted to float64
+    as they are gathered, so no float64 copy of x is kept)."""
+    out = torch.empty(len(rows), dtype=torch.float64, device=x.device)
+    chunk = max(1, RESCAN_ELEMENTS // x.shape[1])
     for s in range(0, len(rows), chunk):
-        out[s:s + chunk] = (x64[rows[s:s + chunk]] * x64[cols[s:s + chunk]]).sum(1)
+        out[s:s + chunk] = (x[rows[s:s + chunk]].double() * x[cols[s:s + chunk]].double()).sum(1)
     return out
 
 
@@ -307,8 +308,7 @@ def tie_graph(x: torch.Tensor, nb: Neighbours, k: int, *, universe: torch.Tensor
     n, length = nb.indices.shape
     device = nb.indices.device
     members = universe if universe is not None else torch.arange(x.shape[0], device=device)
-    x64 = memo.x64 if memo is not None else x.double()
-    norms = memo.norms if memo is not None else x64.norm(dim=1)
+    norms = memo.norms if memo is not None else x.double().norm(dim=1)
     scale = norms[members] * norms[members].max()
     tol = TIE_RTOL * scale
     reach = 2 * product_error(x) * scale + tol
@@ -332,7 +332,7 @@ def tie_graph(x: torch.Tensor, nb: Neighbours, k: int, *, universe: torch.Tensor
     if memo is not None:
         exact[r, c] = memo.products(members[r], c if positions is None else positions[r, c])
     else:
-        exact[r, c] = _dot64(x64, members[r], members[nb.indices[r, c]])
+        exact[r, c] = _dot64(x, members[r], members[nb.indices[r, c]])
     weights, crossing = _weights(exact, zone, above.sum(1), k, tol)
     weights = weights + above.double()
     keep = (weights > 0) & ~unsafe.unsqueeze(1)
@@ -342,7 +342,7 @@ def tie_graph(x: torch.Tensor, nb: Neighbours, k: int, *, universe: torch.Tensor
     crossing = crossing & ~unsafe
     redo = unsafe.nonzero().flatten()
     if len(redo):
-        rescanned, crossed = _rescan(x64, members, redo, k, tol, groups)
+        rescanned, crossed = _rescan(x.double(), members, redo, k, tol, groups)
         parts += rescanned
         crossing[redo] = crossed
     src, dst, val, weight = (torch.cat(p) for p in zip(*parts))
@@ -354,8 +354,8 @@ class ZoneMemo:
     kept by (row, list position): subsets and every k ask for the same few pairs again."""
 
     def __init__(self, x: torch.Tensor, nb: Neighbours):
-        self.x64 = x.double()
-        self.norms = self.x64.norm(dim=1)
+        self.x = x
+        self.norms = x.double().norm(dim=1)
         self.indices = nb.indices
         self.known = torch.zeros(nb.indices.shape, dtype=torch.bool, device=nb.indices.device)
         self.values = torch.zeros(nb.indices.shape, dtype=torch.float64, device=nb.indices.device)
@@ -364,7 +364,7 @@ class ZoneMemo:
         missing = ~self.known[rows, positions]
         if missing.any():
             r, p = rows[missing], positions[missing]
-            self.values[r, p] = _dot64(self.x64, r, self.indices[r, p])
+            self.values[r, p] = _dot64(self.x, r, self.indices[r, p])
             self.known[r, p] = True
         return self.values[rows, positions]
 

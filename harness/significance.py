@@ -115,7 +115,7 @@ def _batched_null(ga: Graph, lookup: "EdgeLookup", draws, n_draws: int, denom: f
                   null: torch.Tensor) -> torch.Tensor:
     """sim(K, L) of A[p] against B for many permutations at once, in the same operations
     (and so to the same bits) as one `shared_edges` + `_weighted_hsic` per permutation:
-    A's edges are relabelled and looked up in B's bitmap for a batch of permutations;
+    A's edges are relabelled and looked up in B's byte map for a batch of permutations;
     only the sums over each permutation's shared edges run one by one."""
     n, device = ga.n, ga.src.device
     batch = max(1, NULL_BATCH_ELEMENTS // max(1, len(ga.src)))
@@ -163,8 +163,9 @@ def _sim_kl_batch(which, src, dst, k_val, l_val, weight, n: int, p: int) -> torc
 
 
 class EdgeLookup:
-    """A graph's edges for membership tests: a bitmap of row * N + col when N^2 / 8 bytes
-    is small (3 MB at N = 5000), sorted keys beyond; `position` finds an edge's index."""
+    """A graph's edges for membership tests: a map of one byte per pair row * N + col when
+    N^2 bytes is at most BITMAP_BYTES (25 MB at N = 5000; a byte per pair is faster to
+    index than packed bits here), sorted keys beyond; `position` finds an edge's index."""
 
     BITMAP_BYTES = 1 << 26
 
@@ -175,7 +176,7 @@ class EdgeLookup:
         self.sorted_keys = keys[self.order]
         self.val, self.weight = g.val, g.weight
         self.bitmap = None
-        if g.n * g.n // 8 + 1 <= self.BITMAP_BYTES:
+        if g.n * g.n <= self.BITMAP_BYTES:
             bits = torch.zeros((g.n * g.n + 7) // 8 * 8, dtype=torch.bool, device=keys.device)
             bits[keys] = True
             self.bitmap = bits
