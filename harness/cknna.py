@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from harness.knn import TIE_MARGIN, Graph, Neighbours, knn, tie_graph
+from harness.knn import TIE_MARGIN, Graph, Neighbours, ZoneMemo, knn, tie_graph
 
 EPS = 1e-6  # the reference's denominator term; part of its value
 
@@ -189,8 +189,38 @@ class Space:
         """The tie graph at k over all samples (cached); the whole list is used, since
         its tail tells where a tie at the k-th place ends."""
         if k not in self._graphs:
-            self._graphs[k] = tie_graph(self.x, self.neighbours, k, groups=self.groups)
+            self._graphs[k] = tie_graph(self.x, self.neighbours, k, groups=self.groups,
+                                        memo=self.memo)
         return self._graphs[k]
+
+    def self_terms(self, k: int) -> tuple[float, float]:
+        """sim(X, X) at k and its scale (cached: every pair and model reuses them)."""
+        return self._cached(("self", k), lambda: self_terms(self.graph(k)))
+
+    def sorted_keys(self, k: int):
+        """The graph's sorted edge keys (cached), for lookups of other graphs' edges."""
+        return self._cached(("sorted", k), lambda: sorted_keys(self.graph(k)))
+
+    def _cached(self, key, make):
+        if key not in self._graphs:
+            self._graphs[key] = make()
+        return self._graphs[key]
+
+    @property
+    def memo(self) -> ZoneMemo:
+        """Float64 products of listed pairs, shared by every graph of this space."""
+        if "memo" not in self._graphs:
+            self._graphs["memo"] = ZoneMemo(self.x, self.neighbours)
+        return self._graphs["memo"]
+
+    def edge_lookup(self, k: int):
+        """The graph at k as a membership index (cached: every model's null shares it)."""
+        from harness.significance import EdgeLookup
+
+        key = ("lookup", k)
+        if key not in self._graphs:
+            self._graphs[key] = EdgeLookup(self.graph(k))
+        return self._graphs[key]
 
 
 def _weighted_hsic(src, dst, k_val, l_val, weight, n) -> float:
@@ -219,12 +249,18 @@ def _self_scale(g: Graph) -> float:
     return ((g.weight * g.val) ** 2).sum().item() / (g.n * (g.n - 3))
 
 
-def shared_edges(ga: Graph, gb: Graph):
-    """Edges in both graphs with M = min(w_A, w_B): (src, dst, K, L, M)."""
+def sorted_keys(g: Graph) -> tuple[torch.Tensor, torch.Tensor]:
+    """A graph's edge keys row * N + col, sorted, and the order that sorts them."""
+    keys = g.src * g.n + g.dst
+    order = keys.argsort()
+    return order, keys[order]
+
+
+def shared_edges(ga: Graph, gb: Graph, b_sorted=None):
+    """Edges in both graphs with M = min(w_A, w_B): (src, dst, K, L, M). `b_sorted`:
+    `sorted_keys(gb)` when already known."""
     n = ga.n
-    b_keys = gb.src * n + gb.dst
-    order = b_keys.argsort()
-    ordered = b_keys[order]
+    order, ordered = b_sorted or sorted_keys(gb)
     keys = ga.src * n + ga.dst
     pos = torch.searchsorted(ordered, keys).clamp_max_(max(len(ordered) - 1, 0))
     hit = ordered[pos] == keys
@@ -238,10 +274,11 @@ def self_terms(g: Graph) -> tuple[float, float]:
     return _weighted_hsic(g.src, g.dst, g.val, g.val, g.weight, g.n), _self_scale(g)
 
 
-def scores_from_graphs(ga: Graph, gb: Graph, self_a=None, self_b=None) -> Scores:
-    """CKNNA and mutual kNN at k from two tie graphs (self terms may be passed in)."""
+def scores_from_graphs(ga: Graph, gb: Graph, self_a=None, self_b=None, b_sorted=None) -> Scores:
+    """CKNNA and mutual kNN at k from two tie graphs (self terms and B's sorted keys may
+    be passed in when already computed)."""
     k, n = ga.k, ga.n
-    src, dst, kv, lv, m = shared_edges(ga, gb)
+    src, dst, kv, lv, m = shared_edges(ga, gb, b_sorted)
     kl = _weighted_hsic(src, dst, kv, lv, m, n)
     kk, kk_scale = self_a or self_terms(ga)
     ll, ll_scale = self_b or self_terms(gb)
@@ -266,7 +303,8 @@ def space_scores(sa: Space, sb: Space, k: int) -> Scores:
         return degenerate_scores(k, "A" if sa.degenerate else "B")
     if sa.ties == "index":
         return scores_from_neighbours(sa.neighbours, sb.neighbours, k)
-    return scores_from_graphs(sa.graph(k), sb.graph(k))
+    return scores_from_graphs(sa.graph(k), sb.graph(k), sa.self_terms(k), sb.self_terms(k),
+                              sb.sorted_keys(k))
 
 
 def _spaces(feats_a, feats_b, topk, ties, groups, knn_options):

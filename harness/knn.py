@@ -274,17 +274,19 @@ def _weights(exact: torch.Tensor, zone: torch.Tensor, n_above: torch.Tensor, k: 
     return weights, n_up + n_tied > k
 
 
-def _dot64(x64: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Float64 x_rows[e] . x_cols[e], pair by pair, in chunks."""
-    out = torch.empty(len(rows), dtype=torch.float64, device=x64.device)
-    chunk = max(1, RESCAN_ELEMENTS // x64.shape[1])
+def _dot64(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Float64 x_rows[e] . x_cols[e], pair by pair, in chunks (rows converted to float64
+    as they are gathered, so no float64 copy of x is kept)."""
+    out = torch.empty(len(rows), dtype=torch.float64, device=x.device)
+    chunk = max(1, RESCAN_ELEMENTS // x.shape[1])
     for s in range(0, len(rows), chunk):
-        out[s:s + chunk] = (x64[rows[s:s + chunk]] * x64[cols[s:s + chunk]]).sum(1)
+        out[s:s + chunk] = (x[rows[s:s + chunk]].double() * x[cols[s:s + chunk]].double()).sum(1)
     return out
 
 
 def tie_graph(x: torch.Tensor, nb: Neighbours, k: int, *, universe: torch.Tensor | None = None,
-              groups: torch.Tensor | None = None, last: torch.Tensor | None = None) -> Graph:
+              groups: torch.Tensor | None = None, last: torch.Tensor | None = None,
+              memo: "ZoneMemo | None" = None, positions: torch.Tensor | None = None) -> Graph:
     """The order-invariant kNN graph at k from a search's lists (`knn`, any tie order).
 
     Definition: row i's k-th largest similarity s; every candidate within
@@ -300,28 +302,37 @@ def tie_graph(x: torch.Tensor, nb: Neighbours, k: int, *, universe: torch.Tensor
     the zone) is scored again in float64 against every candidate. `universe` (sorted
     sample indices) restricts the candidates to a subset: `nb`'s rows are then the
     subset's and its indices local, with -inf for entries outside it. `groups` drops
-    same-group candidates in those re-scans."""
+    same-group candidates in those re-scans. `memo` (the full search's float64 products,
+    by row and list position; `positions` maps `nb`'s entries to those positions) saves
+    computing a product twice; the values are the same either way."""
     n, length = nb.indices.shape
     device = nb.indices.device
     members = universe if universe is not None else torch.arange(x.shape[0], device=device)
-    x64 = x.double()
-    norms = x64.norm(dim=1)
+    norms = memo.norms if memo is not None else x.double().norm(dim=1)
     scale = norms[members] * norms[members].max()
     tol = TIE_RTOL * scale
     reach = 2 * product_error(x) * scale + tol
-    values = nb.values.double()
-    kth = values[:, k - 1]
+    kth = nb.values[:, k - 1].double()
     hi, lo = kth + reach, kth - reach
+    last = nb.values[:, -1].double() if last is None else last.double()
+    # Entries below every row's zone weigh 0: drop those columns (lists are sorted).
+    width = max(k, int((nb.values.double() >= lo.unsqueeze(1)).sum(1).max()))
+    if width < length:
+        nb = Neighbours(nb.indices[:, :width], nb.values[:, :width], nb.exact)
+        positions = positions[:, :width] if positions is not None else None
+    values = nb.values.double()
     above = values > hi.unsqueeze(1)
     zone = (values >= lo.unsqueeze(1)) & ~above
-    last = values[:, -1] if last is None else last.double()
     unsafe = (last >= lo) | (kth == float("-inf"))
     if length == len(members) - 1 and universe is None:
         unsafe &= kth == float("-inf")
     zone &= ~unsafe.unsqueeze(1)
     r, c = zone.nonzero(as_tuple=True)
     exact = torch.zeros_like(values)
-    exact[r, c] = _dot64(x64, members[r], members[nb.indices[r, c]])
+    if memo is not None:
+        exact[r, c] = memo.products(members[r], c if positions is None else positions[r, c])
+    else:
+        exact[r, c] = _dot64(x, members[r], members[nb.indices[r, c]])
     weights, crossing = _weights(exact, zone, above.sum(1), k, tol)
     weights = weights + above.double()
     keep = (weights > 0) & ~unsafe.unsqueeze(1)
@@ -331,11 +342,31 @@ def tie_graph(x: torch.Tensor, nb: Neighbours, k: int, *, universe: torch.Tensor
     crossing = crossing & ~unsafe
     redo = unsafe.nonzero().flatten()
     if len(redo):
-        rescanned, crossed = _rescan(x64, members, redo, k, tol, groups)
+        rescanned, crossed = _rescan(x.double(), members, redo, k, tol, groups)
         parts += rescanned
         crossing[redo] = crossed
     src, dst, val, weight = (torch.cat(p) for p in zip(*parts))
     return Graph(src, dst, val, weight, n, k, int(crossing.sum()))
+
+
+class ZoneMemo:
+    """Float64 products x_i . x_j of a search's listed pairs, computed on first use and
+    kept by (row, list position): subsets and every k ask for the same few pairs again."""
+
+    def __init__(self, x: torch.Tensor, nb: Neighbours):
+        self.x = x
+        self.norms = x.double().norm(dim=1)
+        self.indices = nb.indices
+        self.known = torch.zeros(nb.indices.shape, dtype=torch.bool, device=nb.indices.device)
+        self.values = torch.zeros(nb.indices.shape, dtype=torch.float64, device=nb.indices.device)
+
+    def products(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        missing = ~self.known[rows, positions]
+        if missing.any():
+            r, p = rows[missing], positions[missing]
+            self.values[r, p] = _dot64(self.x, r, self.indices[r, p])
+            self.known[r, p] = True
+        return self.values[rows, positions]
 
 
 def _rescan(x64, members, redo, k, tol, groups):

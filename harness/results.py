@@ -62,17 +62,18 @@ def _space(x: torch.Tensor, s: Settings, exclude: bool) -> metrics.Space:
     return metrics.Space(x, _k_search(s, x.shape[0]), s.ties, groups, {"backend": s.backend})
 
 
-def model_entry(a: torch.Tensor, b: torch.Tensor, s: Settings, space_b, path: str):
+def model_entry(a: torch.Tensor, b: torch.Tensor, s: Settings, space_b, path: str,
+                space_a=None, precomputed: dict | None = None):
     """One model's seed-style entry against the states, its space, and (for comparisons)
-    its subsample values per k."""
-    space_a = _space(a, s, s.exclude_same_group)
+    its subsample values per k (`precomputed`: from `significance.subsample_table`)."""
+    space_a = space_a or _space(a, s, s.exclude_same_group)
     per_k = significance.align(a, b, s.ks, permutations=s.permutations,
                                subsample_draws=s.subsample_draws,
                                subsample_fraction=s.subsample_fraction, seed=s.seed,
                                ties=s.ties, groups=s.groups,
                                exclude_same_group=s.exclude_same_group,
                                space_a=space_a, space_b=space_b, keep_draws=s.compare,
-                               backend=s.backend)
+                               precomputed=precomputed, backend=s.backend)
     draws = {k: r.pop("subsample_values") for k, r in per_k.items() if "subsample_values" in r}
     entry = {"feats_A_path": path, "feats_A_dim": int(a.shape[1])}
     n = a.shape[0]
@@ -129,12 +130,23 @@ def compute(models: dict[str, tuple[str, torch.Tensor]], feats_b: torch.Tensor, 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
         for label, (path, a) in models.items():
-            print(f"[cknna] {label}: N={n}, D={a.shape[1]}, k={s.ks}", file=sys.stderr)
-            entry, space_a, draws[label] = model_entry(a.to(s.device), feats_b, s, space_b, path)
+            print(f"[cknna] {label}: N={n}, D={a.shape[1]}, k={s.ks}: neighbours", file=sys.stderr)
+            spaces.append(_space(a.to(s.device), s, s.exclude_same_group))
+        tables = [None] * len(models)
+        if s.subsample_draws:  # every model on the same subsets, B's subset graphs once
+            print(f"[cknna] {s.subsample_draws} subsets x {len(models)} models", file=sys.stderr)
+            for k in s.ks:
+                significance._check_fraction(n, s.subsample_fraction, k)
+            subsets = significance.subsets(n, s.subsample_draws, s.subsample_fraction, s.seed,
+                                           s.groups)
+            tables = significance.subsample_table(spaces, space_b, s.ks, subsets)
+        for i, (label, (path, a)) in enumerate(models.items()):
+            print(f"[cknna] {label}: scores, null", file=sys.stderr)
+            entry, _, draws[label] = model_entry(a.to(s.device), feats_b, s, space_b, path,
+                                                 space_a=spaces[i], precomputed=tables[i])
             if s.side_by_side and s.groups is not None:
                 entry["other_same_group_setting"] = other_exclusion(a.to(s.device), feats_b, s)
             entries[label] = entry
-            spaces.append(space_a)
         matrix = pairwise(list(models), spaces, s.ks) if s.pairwise else None
         comparisons = None
         if s.compare and len(models) > 1:

@@ -12,8 +12,8 @@ import warnings
 
 import torch
 
-from harness.cknna import (EPS, Scores, Space, _check, _EdgeIndex, _hsic_on_edges, _weighted_hsic,
-                           scores_from_graphs, scores_from_neighbours, self_terms, shared_edges,
+from harness.cknna import (EPS, Scores, Space, _check, _EdgeIndex, _hsic_on_edges,
+                           scores_from_graphs, scores_from_neighbours, self_terms, sorted_keys,
                            space_scores)
 from harness.knn import Graph, Neighbours, knn_among, tie_graph
 
@@ -95,22 +95,100 @@ def null_draws(sa: Space, sb: Space, observed: Scores, n_permutations: int, seed
     if sa.degenerate or sb.degenerate:
         return null.fill_(float("nan"))
     device = sa.x.device
-    if sa.ties == "index":
-        na, b_index = sa.neighbours.prefix(k), _EdgeIndex(sb.neighbours.prefix(k))
-    else:
-        ga, gb = sa.graph(k), sb.graph(k)
-    for d, perm in enumerate(permutations(n, n_permutations, seed, groups)):
+    draws = permutations(n, n_permutations, seed, groups)
+    if sa.ties == "shared":
+        return _batched_null(sa.graph(k), sb.edge_lookup(k), draws, n_permutations, denom, null)
+    na, b_index = sa.neighbours.prefix(k), _EdgeIndex(sb.neighbours.prefix(k))
+    for d, perm in enumerate(draws):
         perm = perm.to(device)
         inverse = torch.empty_like(perm)
         inverse[perm] = torch.arange(n, device=device)
-        if sa.ties == "index":
-            shared, _ = b_index.shared(_permuted(na, perm, inverse))
-            null[d] = _hsic_on_edges(shared) / denom
-        else:
-            moved = Graph(inverse[ga.src], inverse[ga.dst], ga.val, ga.weight, n, k, ga.tied_rows)
-            src, dst, kv, lv, m = shared_edges(moved, gb)
-            null[d] = _weighted_hsic(src, dst, kv, lv, m, n) / denom
+        shared, _ = b_index.shared(_permuted(na, perm, inverse))
+        null[d] = _hsic_on_edges(shared) / denom
     return null
+
+
+NULL_BATCH_ELEMENTS = 1 << 22  # relabelled edges looked up at once (a few 16 MB arrays)
+
+
+def _batched_null(ga: Graph, lookup: "EdgeLookup", draws, n_draws: int, denom: float,
+                  null: torch.Tensor) -> torch.Tensor:
+    """sim(K, L) of A[p] against B for many permutations at once, in the same operations
+    (and so to the same bits) as one `shared_edges` + `_weighted_hsic` per permutation:
+    A's edges are relabelled and looked up in B's byte map for a batch of permutations;
+    only the sums over each permutation's shared edges run one by one."""
+    n, device = ga.n, ga.src.device
+    batch = max(1, NULL_BATCH_ELEMENTS // max(1, len(ga.src)))
+    done = 0
+    while done < n_draws:
+        perms = [next(draws).to(device) for _ in range(min(batch, n_draws - done))]
+        perm = torch.stack(perms)
+        inverse = torch.empty_like(perm).scatter_(
+            1, perm, torch.arange(n, device=device).expand_as(perm).contiguous())
+        src = torch.gather(inverse, 1, ga.src.expand(len(perms), -1))
+        dst = torch.gather(inverse, 1, ga.dst.expand(len(perms), -1))
+        keys = src * n + dst
+        hit = lookup.contains(keys)
+        which, edge = hit.nonzero(as_tuple=True)
+        at = lookup.position(keys[which, edge])
+        values = _sim_kl_batch(which, src[which, edge], dst[which, edge], ga.val[edge],
+                               lookup.val[at], torch.minimum(ga.weight[edge], lookup.weight[at]),
+                               n, len(perms))
+        null[done:done + len(perms)] = values / denom
+        done += len(perms)
+    return null
+
+
+def _sim_kl_batch(which, src, dst, k_val, l_val, weight, n: int, p: int) -> torch.Tensor:
+    """`cknna._weighted_hsic` for p permutations' shared edges (concatenated, permutation
+    `which`), elementwise steps batched, sums over each permutation's edges one by one."""
+    kw, lw = weight * k_val.double(), weight * l_val.double()
+    keys = which * (n * n) + src * n + dst
+    order = keys.argsort()
+    ordered = keys[order]
+    reverse = which * (n * n) + dst * n + src
+    pos = torch.searchsorted(ordered, reverse).clamp_max_(max(len(keys) - 1, 0))
+    has_reverse = ordered[pos] == reverse if len(keys) else reverse == -1
+    product = kw * l_val.double() * weight[order[pos]]
+    counts = torch.bincount(which, minlength=p).tolist()
+    trace_parts = product[has_reverse].split(torch.bincount(which[has_reverse], minlength=p).tolist())
+    k_into = torch.zeros(p * n, dtype=torch.float64, device=kw.device).index_add_(0, which * n + dst, kw)
+    l_out = torch.zeros(p * n, dtype=torch.float64, device=kw.device).index_add_(0, which * n + src, lw)
+    cross = (k_into.view(p, n) * l_out.view(p, n)).sum(1)
+    trace = torch.stack([part.sum() for part in trace_parts])
+    k_sum = torch.stack([part.sum() for part in kw.split(counts)])
+    l_sum = torch.stack([part.sum() for part in lw.split(counts)])
+    hsic = trace + k_sum * l_sum / ((n - 1) * (n - 2)) - 2 * cross / (n - 2)
+    return hsic / (n * (n - 3))
+
+
+class EdgeLookup:
+    """A graph's edges for membership tests: a map of one byte per pair row * N + col when
+    N^2 bytes is at most BITMAP_BYTES (25 MB at N = 5000; a byte per pair is faster to
+    index than packed bits here), sorted keys beyond; `position` finds an edge's index."""
+
+    BITMAP_BYTES = 1 << 26
+
+    def __init__(self, g: Graph):
+        self.n = g.n
+        keys = g.src * g.n + g.dst
+        self.order = keys.argsort()
+        self.sorted_keys = keys[self.order]
+        self.val, self.weight = g.val, g.weight
+        self.bitmap = None
+        if g.n * g.n <= self.BITMAP_BYTES:
+            bits = torch.zeros((g.n * g.n + 7) // 8 * 8, dtype=torch.bool, device=keys.device)
+            bits[keys] = True
+            self.bitmap = bits
+
+    def contains(self, keys: torch.Tensor) -> torch.Tensor:
+        if self.bitmap is not None:
+            return self.bitmap[keys]
+        pos = torch.searchsorted(self.sorted_keys, keys).clamp_max_(max(len(self.sorted_keys) - 1, 0))
+        return self.sorted_keys[pos] == keys
+
+    def position(self, keys: torch.Tensor) -> torch.Tensor:
+        return self.order[torch.searchsorted(self.sorted_keys, keys)]
 
 
 def summarise_null(observed: float, null: torch.Tensor, seed: int) -> dict:
@@ -179,10 +257,11 @@ def _subsample_neighbours(x: torch.Tensor, long: Neighbours, subset: torch.Tenso
     return Neighbours(out_i, out_v, long.exact), len(short)
 
 
-def restrict(nb: Neighbours, subset: torch.Tensor) -> tuple[Neighbours, torch.Tensor]:
+def restrict(nb: Neighbours, subset: torch.Tensor):
     """A search's lists for the subset's rows, kept to subset members (local indices; other
-    entries become -inf at the end), and per row the value bounding every unlisted
-    candidate (the full list's last value; -inf when it held every sample)."""
+    entries become -inf at the end); per row the value bounding every unlisted candidate
+    (the full list's last value; -inf when it held every sample); and each entry's
+    position in the full list."""
     n = nb.indices.shape[0]
     local = torch.full((n,), -1, dtype=torch.long, device=subset.device)
     local[subset] = torch.arange(len(subset), device=subset.device)
@@ -192,13 +271,20 @@ def restrict(nb: Neighbours, subset: torch.Tensor) -> tuple[Neighbours, torch.Te
     last = nb.values[subset, -1]
     if nb.k == n - 1:
         last = torch.full_like(last, float("-inf"))
-    return Neighbours(idx.clamp_min(0).gather(1, order), values.gather(1, order), nb.exact), last
+    restricted = Neighbours(idx.clamp_min(0).gather(1, order), values.gather(1, order), nb.exact)
+    return restricted, last, order
 
 
 def subset_graph(space: Space, subset: torch.Tensor, k: int) -> tuple[Graph, int]:
-    """A space's tie graph at k within a subset, and how many rows were scanned again."""
-    nb, last = restrict(space.neighbours, subset)
-    graph = tie_graph(space.x, nb, k, universe=subset, groups=space.groups, last=last)
+    """A space's tie graph at k within a subset, and how many rows were scanned again.
+    The subset's restricted lists are kept until the next subset (every k uses them)."""
+    key = (hash(subset.cpu().numpy().tobytes()), len(subset))
+    cache = space._graphs
+    if cache.get("restricted_key") != key:
+        cache["restricted_key"], cache["restricted"] = key, restrict(space.neighbours, subset)
+    nb, last, positions = cache["restricted"]
+    graph = tie_graph(space.x, nb, k, universe=subset, groups=space.groups, last=last,
+                      memo=space.memo, positions=positions)
     return graph, int((nb.values[:, k - 1] == float("-inf")).sum())
 
 
@@ -216,16 +302,40 @@ def subset_scores(sa: Space, sb: Space, subset: torch.Tensor, k: int) -> tuple[S
     return scores_from_graphs(ga, gb), ra + rb
 
 
-def subsample_values(sa: Space, sb: Space, k: int, draws: list[torch.Tensor]):
-    """CKNNA on each subset in `draws`, and how many rows needed a new search."""
-    values, redone = [], 0
+def subsample_table(spaces_a: list[Space], sb: Space, ks: list[int],
+                    draws: list[torch.Tensor]) -> list[dict[int, tuple[torch.Tensor, int]]]:
+    """For every model and k: CKNNA on each subset in `draws` and the rows searched again.
+
+    Subset by subset, B's graph (and its self terms) at each k is built once for all
+    models, and each space's restricted lists once for all k."""
+    values = [{k: [] for k in ks} for _ in spaces_a]
+    redone = [{k: 0 for k in ks} for _ in spaces_a]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         for subset in draws:
-            s, r = subset_scores(sa, sb, subset.to(sa.x.device), k)
-            values.append(s.cknna)
-            redone += r
-    return torch.tensor(values, dtype=torch.float64), redone
+            subset = subset.to(sb.x.device)
+            for k in ks:
+                shared_b = None
+                if sb.ties == "shared" and not sb.degenerate:
+                    gb, rb = subset_graph(sb, subset, k)
+                    shared_b = gb, rb, self_terms(gb), sorted_keys(gb)
+                for i, sa in enumerate(spaces_a):
+                    if shared_b is None or sa.degenerate or sa.ties != "shared":
+                        s, r = subset_scores(sa, sb, subset, k)
+                    else:
+                        gb, rb, self_b, b_sorted = shared_b
+                        ga, ra = subset_graph(sa, subset, k)
+                        s = scores_from_graphs(ga, gb, self_b=self_b, b_sorted=b_sorted)
+                        r = ra + rb
+                    values[i][k].append(s.cknna)
+                    redone[i][k] += r
+    return [{k: (torch.tensor(values[i][k], dtype=torch.float64), redone[i][k]) for k in ks}
+            for i in range(len(spaces_a))]
+
+
+def subsample_values(sa: Space, sb: Space, k: int, draws: list[torch.Tensor]):
+    """CKNNA on each subset in `draws`, and how many rows needed a new search."""
+    return subsample_table([sa], sb, [k], draws)[0][k]
 
 
 def _check_fraction(n: int, fraction: float, k: int) -> None:
@@ -343,15 +453,18 @@ def align(feats_a: torch.Tensor, feats_b: torch.Tensor, ks, *, permutations: int
           ties: str = "shared", groups: torch.Tensor | None = None,
           exclude_same_group: bool = False, space_a: Space | None = None,
           space_b: Space | None = None, keep_draws: bool = False,
-          **knn_options) -> dict[int, dict]:
+          precomputed: dict | None = None, **knn_options) -> dict[int, dict]:
     """Every k's CKNNA and mutual kNN (and optional null / interval) from one kNN search
     per matrix at the largest length needed. Spaces already built (`space_a/_b`) are
     reused, so many models share B's search and a pairwise matrix A's.
 
     `groups` make permutations and subsets respect groups; with `exclude_same_group`
     same-group pairs are never neighbours either. `keep_draws` keeps each k's subsample
-    values (a tensor, under "subsample_values") for paired comparisons."""
+    values (a tensor, under "subsample_values") for paired comparisons; `precomputed`
+    ({k: (values, rows searched again)}, from `subsample_table` over many models at once)
+    replaces computing them here."""
     ks = sorted(set(int(k) for k in ks))
+    skip_subsample = precomputed is not None
     n = feats_a.shape[0]
     for k in ks:
         _check(feats_a, feats_b, k)
@@ -368,6 +481,7 @@ def align(feats_a: torch.Tensor, feats_b: torch.Tensor, ks, *, permutations: int
 
     sa, sb = space(feats_a, space_a), space(feats_b, space_b)
     draws = subsets(n, subsample_draws, subsample_fraction, seed, groups) if subsample_draws else []
+    table = subsample_table([sa], sb, ks, draws)[0] if subsample_draws and not skip_subsample else {}
     results = {}
     for k in ks:
         s = space_scores(sa, sb, k)
@@ -379,7 +493,7 @@ def align(feats_a: torch.Tensor, feats_b: torch.Tensor, ks, *, permutations: int
         if permutations:
             row["permutation"] = permutation_null(sa, sb, s, permutations, seed, groups)
         if subsample_draws:
-            vals, redone = subsample_values(sa, sb, k, draws)
+            vals, redone = table[k] if k in table else precomputed[k]
             row["subsample"] = interval_record(vals, redone, fraction=subsample_fraction,
                                                level=0.95, seed=seed,
                                                sizes=[len(d) for d in draws],

@@ -1,0 +1,390 @@
+"""How much a CKNNA value means: permutation nulls, subsampling intervals and paired
+model comparisons, all from neighbour lists searched once (`cknna.Space`).
+
+With `groups` (e.g. episode indices) samples are not treated as independent: a
+permutation maps whole groups onto groups of the same size (member r of one group onto
+member r of the other, members in sample order), and a subsample draws whole groups.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from tests.issue12_engine.cknna import (EPS, Scores, Space, _check, _EdgeIndex, _hsic_on_edges, _weighted_hsic,
+                           scores_from_graphs, scores_from_neighbours, self_terms, shared_edges,
+                           space_scores)
+from tests.issue12_engine.knn import Graph, Neighbours, knn_among, tie_graph
+
+# ---------------------------------------------------------------- draws
+
+
+class GroupPlan:
+    """Groups by size, each as a row of its members (sample order), for group shuffles."""
+
+    def __init__(self, groups: torch.Tensor):
+        groups = groups.cpu()
+        self.n = len(groups)
+        _, inverse, counts = torch.unique(groups, return_inverse=True, return_counts=True)
+        order = torch.argsort(inverse * self.n + torch.arange(self.n))
+        starts = torch.cumsum(counts, 0) - counts
+        self.n_groups = len(counts)
+        self.members = [order[starts[g]:starts[g] + counts[g]] for g in range(self.n_groups)]
+        self.by_size = {}
+        for size in counts.unique().tolist():
+            ids = (counts == size).nonzero().flatten()
+            self.by_size[size] = torch.stack([self.members[g] for g in ids.tolist()])
+
+    def permutation(self, gen: torch.Generator) -> torch.Tensor:
+        """p with A[p] pairing each group of B with a random same-size group of A."""
+        perm = torch.empty(self.n, dtype=torch.long)
+        for size in sorted(self.by_size):
+            rows = self.by_size[size]
+            perm[rows] = rows[torch.randperm(len(rows), generator=gen)]
+        return perm
+
+    def subset(self, gen: torch.Generator, fraction: float) -> torch.Tensor:
+        """All members of round(fraction * groups) random groups, sorted."""
+        chosen = torch.randperm(self.n_groups, generator=gen)[:int(round(fraction * self.n_groups))]
+        return torch.cat([self.members[g] for g in chosen.tolist()]).sort().values
+
+
+def permutations(n: int, draws: int, seed: int, groups: torch.Tensor | None = None):
+    """The null's permutations: randperm(N) from a generator seeded `seed`, or group shuffles."""
+    gen = torch.Generator().manual_seed(seed)
+    plan = GroupPlan(groups) if groups is not None else None
+    for _ in range(draws):
+        yield plan.permutation(gen) if plan else torch.randperm(n, generator=gen)
+
+
+def subsets(n: int, draws: int, fraction: float, seed: int,
+            groups: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The subsampling's sorted subsets: round(fraction * N) samples from randperm(N), or
+    round(fraction * groups) whole groups. The same seed gives every model the same ones."""
+    gen = torch.Generator().manual_seed(seed)
+    plan = GroupPlan(groups) if groups is not None else None
+    m = int(round(fraction * n))
+    return [plan.subset(gen, fraction) if plan else torch.randperm(n, generator=gen)[:m].sort().values
+            for _ in range(draws)]
+
+
+# ---------------------------------------------------------------- permutation null
+
+
+def _permuted(nb: Neighbours, perm: torch.Tensor, inverse: torch.Tensor) -> Neighbours:
+    """Neighbour lists of X[perm] from those of X: relabel, no new search."""
+    return Neighbours(inverse[nb.indices[perm]], nb.values[perm], nb.exact)
+
+
+def _denominator(observed: Scores) -> float:
+    if observed.sim_kk > 0 and observed.sim_ll > 0:
+        return math.sqrt(observed.sim_kk * observed.sim_ll) + EPS
+    return float("nan")
+
+
+def null_draws(sa: Space, sb: Space, observed: Scores, n_permutations: int, seed: int = 0,
+               groups: torch.Tensor | None = None) -> torch.Tensor:
+    """CKNNA(A[p], B) for the permutations p of `permutations(N, draws, seed, groups)`.
+
+    CKNNA(A[p], B) = CKNNA(A, B[p^-1]): A's graph is relabelled (no new search);
+    sim(K,K) and sim(L,L) do not change under a shuffle, only sim(K, L) is redone."""
+    k, n = observed.k, sa.x.shape[0]
+    denom = _denominator(observed)
+    null = torch.empty(n_permutations, dtype=torch.float64)
+    if sa.degenerate or sb.degenerate:
+        return null.fill_(float("nan"))
+    device = sa.x.device
+    if sa.ties == "index":
+        na, b_index = sa.neighbours.prefix(k), _EdgeIndex(sb.neighbours.prefix(k))
+    else:
+        ga, gb = sa.graph(k), sb.graph(k)
+    for d, perm in enumerate(permutations(n, n_permutations, seed, groups)):
+        perm = perm.to(device)
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(n, device=device)
+        if sa.ties == "index":
+            shared, _ = b_index.shared(_permuted(na, perm, inverse))
+            null[d] = _hsic_on_edges(shared) / denom
+        else:
+            moved = Graph(inverse[ga.src], inverse[ga.dst], ga.val, ga.weight, n, k, ga.tied_rows)
+            src, dst, kv, lv, m = shared_edges(moved, gb)
+            null[d] = _weighted_hsic(src, dst, kv, lv, m, n) / denom
+    return null
+
+
+def summarise_null(observed: float, null: torch.Tensor, seed: int) -> dict:
+    mean, std = null.mean().item(), null.std().item()
+    exceed = int((null >= observed).sum())
+    return {
+        "n_permutations": len(null),
+        "seed": seed,
+        "null_mean": mean,
+        "null_std": std,
+        "p_value": (1 + exceed) / (1 + len(null)),
+        # Excess over what shuffled (unrelated) states score: chance is not zero.
+        "cknna_minus_null_mean": observed - mean,
+        "z_score": (observed - mean) / std if std > 0 else float("nan"),
+    }
+
+
+def permutation_null(sa: Space, sb: Space, observed: Scores, n_permutations: int,
+                     seed: int = 0, groups: torch.Tensor | None = None) -> dict:
+    """Summary of `null_draws`; p-value = (1 + #{null >= observed}) / (1 + draws)."""
+    null = null_draws(sa, sb, observed, n_permutations, seed, groups)
+    out = summarise_null(observed.cknna, null, seed)
+    out["groups_respected"] = groups is not None
+    return out
+
+
+def permutation_test(feats_a: torch.Tensor, feats_b: torch.Tensor, topk: int,
+                     n_permutations: int = 1000, seed: int = 0, ties: str = "shared",
+                     groups: torch.Tensor | None = None) -> dict:
+    """Observed CKNNA and its permutation null (see `permutation_null`)."""
+    _check(feats_a, feats_b, topk)
+    sa, sb = Space(feats_a, topk, ties), Space(feats_b, topk, ties)
+    observed = space_scores(sa, sb, topk)
+    return {"observed": observed.cknna,
+            **permutation_null(sa, sb, observed, n_permutations, seed, groups)}
+
+
+# ---------------------------------------------------------------- subsampling
+
+
+def long_list_length(k: int, fraction: float, n: int) -> int:
+    """List length that keeps >= k survivors per row for most subsamples of `fraction`."""
+    return min(n - 1, int(math.ceil(3 * k / fraction)) + 8)
+
+
+def _subsample_neighbours(x: torch.Tensor, long: Neighbours, subset: torch.Tensor,
+                          k: int, groups: torch.Tensor | None = None) -> tuple[Neighbours, int]:
+    """Index rule: top-k within `subset` (local indices) from the long lists; rows whose
+    long list keeps fewer than k members of the subset are searched again exactly."""
+    n = long.indices.shape[0]
+    local = torch.full((n,), -1, dtype=torch.long, device=long.indices.device)
+    local[subset] = torch.arange(len(subset), device=local.device)
+    idx, val = long.indices[subset], long.values[subset]
+    member = (local[idx] >= 0) & (val > float("-inf"))
+    rank = member.cumsum(dim=1)
+    take = member & (rank <= k)
+    enough = take.sum(dim=1) == k
+    out_i = torch.empty(len(subset), k, dtype=torch.long, device=idx.device)
+    out_v = torch.empty(len(subset), k, dtype=val.dtype, device=val.device)
+    out_i[enough] = local[idx[enough][take[enough]]].view(-1, k)
+    out_v[enough] = val[enough][take[enough]].view(-1, k)
+    short = (~enough).nonzero().flatten()
+    if len(short):
+        redo = knn_among(x, subset[short], subset, k, groups)
+        out_i[short], out_v[short] = redo.indices, redo.values
+    return Neighbours(out_i, out_v, long.exact), len(short)
+
+
+def restrict(nb: Neighbours, subset: torch.Tensor) -> tuple[Neighbours, torch.Tensor]:
+    """A search's lists for the subset's rows, kept to subset members (local indices; other
+    entries become -inf at the end), and per row the value bounding every unlisted
+    candidate (the full list's last value; -inf when it held every sample)."""
+    n = nb.indices.shape[0]
+    local = torch.full((n,), -1, dtype=torch.long, device=subset.device)
+    local[subset] = torch.arange(len(subset), device=subset.device)
+    idx = local[nb.indices[subset]]
+    values = nb.values[subset].masked_fill(idx < 0, float("-inf"))
+    order = values.argsort(dim=1, descending=True, stable=True)
+    last = nb.values[subset, -1]
+    if nb.k == n - 1:
+        last = torch.full_like(last, float("-inf"))
+    return Neighbours(idx.clamp_min(0).gather(1, order), values.gather(1, order), nb.exact), last
+
+
+def subset_graph(space: Space, subset: torch.Tensor, k: int) -> tuple[Graph, int]:
+    """A space's tie graph at k within a subset, and how many rows were scanned again."""
+    nb, last = restrict(space.neighbours, subset)
+    graph = tie_graph(space.x, nb, k, universe=subset, groups=space.groups, last=last)
+    return graph, int((nb.values[:, k - 1] == float("-inf")).sum())
+
+
+def subset_scores(sa: Space, sb: Space, subset: torch.Tensor, k: int) -> tuple[Scores, int]:
+    """Scores of the two spaces restricted to `subset`, and rows searched again."""
+    if sa.degenerate or sb.degenerate:
+        nan = float("nan")
+        return Scores(k, nan, nan, nan, nan, nan), 0
+    if sa.ties == "index":
+        na, ra = _subsample_neighbours(sa.x, sa.neighbours, subset, k, sa.groups)
+        nb, rb = _subsample_neighbours(sb.x, sb.neighbours, subset, k, sb.groups)
+        return scores_from_neighbours(na, nb, k), ra + rb
+    ga, ra = subset_graph(sa, subset, k)
+    gb, rb = subset_graph(sb, subset, k)
+    return scores_from_graphs(ga, gb), ra + rb
+
+
+def subsample_values(sa: Space, sb: Space, k: int, draws: list[torch.Tensor]):
+    """CKNNA on each subset in `draws`, and how many rows needed a new search."""
+    values, redone = [], 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for subset in draws:
+            s, r = subset_scores(sa, sb, subset.to(sa.x.device), k)
+            values.append(s.cknna)
+            redone += r
+    return torch.tensor(values, dtype=torch.float64), redone
+
+
+def _check_fraction(n: int, fraction: float, k: int) -> None:
+    m = int(round(fraction * n))
+    if not (0 < fraction < 1) or m < 4 or k > m - 1:
+        raise ValueError(f"fraction={fraction} leaves {m} samples: need >= 4 and > k={k}")
+
+
+def subsample_draws(feats_a: torch.Tensor, feats_b: torch.Tensor, topk: int, *,
+                    n_draws: int, fraction: float, seed: int = 0, ties: str = "shared",
+                    groups: torch.Tensor | None = None):
+    """CKNNA on `n_draws` random subsets (see `subsets`), and rows searched again."""
+    _check(feats_a, feats_b, topk)
+    n = feats_a.shape[0]
+    _check_fraction(n, fraction, topk)
+    length = long_list_length(topk, fraction, n)
+    sa, sb = Space(feats_a, length, ties), Space(feats_b, length, ties)
+    return subsample_values(sa, sb, topk, subsets(n, n_draws, fraction, seed, groups))
+
+
+def summarise_draws(vals: torch.Tensor, level: float) -> tuple[float, float]:
+    """Percentile interval of the finite draws."""
+    finite = vals[~vals.isnan()]
+    alpha = (1 - level) / 2
+    if not len(finite):
+        return float("nan"), float("nan")
+    lo, hi = torch.quantile(finite, torch.tensor([alpha, 1 - alpha], dtype=torch.float64)).tolist()
+    return lo, hi
+
+
+def interval_record(vals: torch.Tensor, redone: int, *, fraction: float, level: float, seed: int,
+                    sizes: list[int], groups: bool) -> dict:
+    """The JSON record of a subsample interval (percentiles of CKNNA at the subset size)."""
+    finite = vals[~vals.isnan()]
+    lo, hi = summarise_draws(vals, level)
+    return {"n_draws": len(vals), "fraction": fraction,
+            "subsample_size": round(sum(sizes) / len(sizes)) if sizes else 0, "level": level,
+            "seed": seed, "low": lo, "high": hi,
+            "mean": finite.mean().item() if len(finite) else float("nan"),
+            "std": finite.std().item() if len(finite) > 1 else float("nan"),
+            "nan_draws": int(vals.isnan().sum()), "rows_searched_again": redone,
+            "whole_groups": groups}
+
+
+def subsample_interval(feats_a: torch.Tensor, feats_b: torch.Tensor, topk: int, *,
+                       n_draws: int = 200, fraction: float = 0.8, level: float = 0.95,
+                       seed: int = 0, ties: str = "shared",
+                       groups: torch.Tensor | None = None) -> dict:
+    """Percentile interval of CKNNA over random subsets of fraction * N samples.
+
+    It describes the spread of CKNNA at the smaller size m = fraction * N (kNN graphs
+    depend on N), reusing long neighbour lists instead of new Gram products."""
+    n = feats_a.shape[0]
+    _check(feats_a, feats_b, topk)
+    _check_fraction(n, fraction, topk)
+    draws = subsets(n, n_draws, fraction, seed, groups)
+    length = long_list_length(topk, fraction, n)
+    sa, sb = Space(feats_a, length, ties), Space(feats_b, length, ties)
+    vals, redone = subsample_values(sa, sb, topk, draws)
+    return interval_record(vals, redone, fraction=fraction, level=level, seed=seed,
+                           sizes=[len(s) for s in draws], groups=groups is not None)
+
+
+# ---------------------------------------------------------------- paired comparisons
+
+
+def paired_interval(observed: float, draws: torch.Tensor, fraction: float,
+                    level: float = 0.95) -> tuple[float, float]:
+    """Interval for a full-sample difference from its values on subsets of `fraction`.
+
+    Subsets of m = f N (without replacement) vary around the full value with
+    Var ~ sigma^2 (1/m - 1/N) = Var(full) (1 - f) / f, so the spread of the subset values
+    scaled by sqrt(f / (1 - f)) estimates the full value's (Politis & Romano subsampling).
+    The draws are centred on their own mean (CKNNA at m is biased against CKNNA at N, the
+    same way for both models only to first order) and moved to the observed value."""
+    finite = draws[~draws.isnan()]
+    if not len(finite) or math.isnan(observed):
+        return float("nan"), float("nan")
+    lo, hi = summarise_draws(finite, level)
+    scale = math.sqrt(fraction / (1 - fraction))
+    centre = finite.mean().item()
+    return observed + scale * (lo - centre), observed + scale * (hi - centre)
+
+
+def compare(labels: list[str], observed: dict[str, dict[int, float]],
+            draws: dict[str, dict[int, torch.Tensor]], ks: list[int], *, fraction: float,
+            level: float = 0.95, seed: int = 0, groups: bool = False) -> dict:
+    """For every pair of models and every k: CKNNA_a - CKNNA_b with a paired interval
+    from the SAME subsets for both (a difference whose interval excludes 0 is a ranking
+    the data support)."""
+    out = {}
+    for k in ks:
+        rows = []
+        for i, a in enumerate(labels):
+            for b in labels[i + 1:]:
+                diff = draws[a][k] - draws[b][k]
+                value = observed[a][k] - observed[b][k]
+                lo, hi = paired_interval(value, diff, fraction, level)
+                finite = diff[~diff.isnan()]
+                rows.append({"a": a, "b": b, "difference": value, "interval": [lo, hi],
+                             "level": level, "excludes_zero": bool(lo > 0 or hi < 0),
+                             "subset_difference_mean": finite.mean().item() if len(finite) else float("nan"),
+                             "subset_difference_std": finite.std().item() if len(finite) > 1 else float("nan"),
+                             "n_draws": len(diff), "fraction": fraction, "seed": seed,
+                             "whole_groups": groups})
+        out[f"k{k}"] = rows
+    return out
+
+
+# ---------------------------------------------------------------- one-pass driver
+
+
+def align(feats_a: torch.Tensor, feats_b: torch.Tensor, ks, *, permutations: int = 0,
+          subsample_draws: int = 0, subsample_fraction: float = 0.8, seed: int = 0,
+          ties: str = "shared", groups: torch.Tensor | None = None,
+          exclude_same_group: bool = False, space_a: Space | None = None,
+          space_b: Space | None = None, keep_draws: bool = False,
+          **knn_options) -> dict[int, dict]:
+    """Every k's CKNNA and mutual kNN (and optional null / interval) from one kNN search
+    per matrix at the largest length needed. Spaces already built (`space_a/_b`) are
+    reused, so many models share B's search and a pairwise matrix A's.
+
+    `groups` make permutations and subsets respect groups; with `exclude_same_group`
+    same-group pairs are never neighbours either. `keep_draws` keeps each k's subsample
+    values (a tensor, under "subsample_values") for paired comparisons."""
+    ks = sorted(set(int(k) for k in ks))
+    n = feats_a.shape[0]
+    for k in ks:
+        _check(feats_a, feats_b, k)
+    k_search = ks[-1]
+    if subsample_draws:
+        _check_fraction(n, subsample_fraction, ks[-1])
+        k_search = max(k_search, long_list_length(ks[-1], subsample_fraction, n))
+    excluded = groups if exclude_same_group else None
+
+    def space(x, given):
+        if given is not None and given.k_search >= k_search and given.ties == ties:
+            return given
+        return Space(x, k_search, ties, excluded, knn_options)
+
+    sa, sb = space(feats_a, space_a), space(feats_b, space_b)
+    draws = subsets(n, subsample_draws, subsample_fraction, seed, groups) if subsample_draws else []
+    results = {}
+    for k in ks:
+        s = space_scores(sa, sb, k)
+        row = {"cknna": s.cknna, "mutual_knn": s.mutual_knn,
+               "sim_kl": s.sim_kl, "sim_kk": s.sim_kk, "sim_ll": s.sim_ll}
+        if ties == "shared" and not (sa.degenerate or sb.degenerate):
+            row["tied_rows_A"] = sa.graph(k).tied_rows
+            row["tied_rows_B"] = sb.graph(k).tied_rows
+        if permutations:
+            row["permutation"] = permutation_null(sa, sb, s, permutations, seed, groups)
+        if subsample_draws:
+            vals, redone = subsample_values(sa, sb, k, draws)
+            row["subsample"] = interval_record(vals, redone, fraction=subsample_fraction,
+                                               level=0.95, seed=seed,
+                                               sizes=[len(d) for d in draws],
+                                               groups=groups is not None)
+            if keep_draws:
+                row["subsample_values"] = vals
+        results[k] = row
+    return results

@@ -1,0 +1,104 @@
+"""Issue 11: the fast paths give bit-for-bit the numbers of the straightforward engine
+issue 12 left (kept verbatim in tests/issue12_engine) for the same seed: permutation
+nulls, subsample draws, comparisons, pairwise, ties, groups."""
+import math
+
+import pytest
+import torch
+
+from harness import results as R
+from harness import significance as S
+from tests.issue12_engine import cknna as old_cknna
+from tests.issue12_engine import results as old_results
+from tests.issue12_engine import significance as old_significance
+
+pytestmark = pytest.mark.unit
+
+
+def unit_rows(x):
+    return torch.nn.functional.normalize(x, dim=1)
+
+
+def data(seed, n=120, ties=False):
+    g = torch.Generator().manual_seed(seed)
+    b = torch.randn(n, 7, generator=g)
+    if ties:  # duplicate states and duplicate model rows, partly overlapping
+        b = b[torch.randint(0, n // 4, (n,), generator=g)]
+    models = {}
+    for name, w in (("m1", 2.0), ("m2", 0.7), ("m3", 0.0)):
+        a = torch.cat([w * b, torch.randn(n, 40, generator=g)], 1)
+        if ties:
+            a[n // 2:] = a[:n - n // 2][torch.randperm(n - n // 2, generator=g)]
+        models[name] = unit_rows(a)
+    groups = torch.arange(n) // 4
+    return unit_rows(b), models, groups
+
+
+def same(x, y, path="") -> None:
+    """Exact equality, NaN equal to NaN, through dicts, lists and tensors."""
+    if isinstance(x, dict):
+        assert set(x) == set(y), path
+        for key in x:
+            same(x[key], y[key], f"{path}.{key}")
+    elif isinstance(x, (list, tuple)):
+        assert len(x) == len(y), path
+        for i, (a, b) in enumerate(zip(x, y)):
+            same(a, b, f"{path}[{i}]")
+    elif isinstance(x, torch.Tensor):
+        assert torch.equal(x.nan_to_num(7.5), y.nan_to_num(7.5)), path
+    elif isinstance(x, float) and math.isnan(x):
+        assert isinstance(y, float) and math.isnan(y), path
+    else:
+        assert x == y, f"{path}: {x!r} != {y!r}"
+
+
+@pytest.mark.parametrize("ties", ["shared", "index"])
+@pytest.mark.parametrize("seed,tied,grouped,exclude", [
+    (0, False, False, False), (1, True, False, False), (2, True, True, False),
+    (3, True, True, True), (4, False, True, True)])
+def test_align_matches_the_issue_12_engine_bit_for_bit(seed, tied, grouped, exclude, ties):
+    b, models, groups = data(seed, ties=tied)
+    options = dict(permutations=40, subsample_draws=12, subsample_fraction=0.7, seed=seed,
+                   ties=ties, groups=groups if grouped else None, exclude_same_group=exclude,
+                   keep_draws=True)
+    for a in models.values():
+        same(S.align(a, b, [3, 5, 10], **options),
+             old_significance.align(a, b, [3, 5, 10], **options))
+
+
+@pytest.mark.parametrize("seed,tied,grouped", [(5, False, False), (6, True, True)])
+def test_the_whole_results_json_matches_the_issue_12_engine(seed, tied, grouped):
+    b, models, groups = data(seed, n=100, ties=tied)
+    settings = R.Settings(ks=[3, 5, 10], permutations=30, subsample_draws=10,
+                          subsample_fraction=0.75, seed=seed, pairwise=True, compare=True,
+                          groups=groups if grouped else None, side_by_side=grouped)
+    paths = {name: (f"/x/{name}/feats_A.pt", a) for name, a in models.items()}
+    new = R.compute(paths, b, "/x/b.pt", settings, {})
+    old = old_results.compute(paths, b, "/x/b.pt", old_results.Settings(**vars(settings)), {})
+    for res in (new, old):
+        res["_meta"].pop("timestamp")
+    same(new, old)
+
+
+@pytest.mark.parametrize("batch_elements", [1, 5000, 1 << 22])
+@pytest.mark.parametrize("tied", [False, True])
+def test_batched_null_matches_one_permutation_at_a_time(batch_elements, tied, monkeypatch):
+    monkeypatch.setattr(S, "NULL_BATCH_ELEMENTS", batch_elements)
+    b, models, groups = data(7, n=400, ties=tied)
+    for k in (5, 20):
+        sa, sb = S.Space(models["m1"], k), S.Space(b, k)
+        observed = S.space_scores(sa, sb, k)
+        old_a, old_b = old_cknna.Space(models["m1"], k), old_cknna.Space(b, k)
+        for g in (None, groups):
+            same(S.null_draws(sa, sb, observed, 25, seed=3, groups=g),
+                 old_significance.null_draws(old_a, old_b, observed, 25, seed=3, groups=g))
+
+
+def test_edge_lookup_without_a_bitmap_agrees(monkeypatch):
+    b, models, _ = data(8, n=200)
+    sa, sb = S.Space(models["m2"], 10), S.Space(b, 10)
+    observed = S.space_scores(sa, sb, 10)
+    with_bitmap = S.null_draws(sa, sb, observed, 20, seed=1)
+    monkeypatch.setattr(S.EdgeLookup, "BITMAP_BYTES", 0)
+    sb_sorted = S.Space(b, 10)
+    same(S.null_draws(sa, sb_sorted, observed, 20, seed=1), with_bitmap)
