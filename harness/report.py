@@ -288,6 +288,8 @@ FIGURE_CAPTIONS = {
     "cknna_vs_k": "CKNNA against k for each model, with each model's permutation null mean",
     "heatmap": "CKNNA(row, column) between models",
     "layers": "CKNNA of each layer against the states",
+    "cknna_vs_horizon": "CKNNA against the states t..t+a (flattened) for each horizon a",
+    "success_vs_cknna": "Task success against CKNNA, one point per model, with Spearman's rho",
 }
 
 
@@ -300,6 +302,10 @@ def report_files(results: dict, out_dir: str | Path) -> dict[str, Path]:
         files["heatmap"] = out / "heatmap.png"
     if results.get("layers"):
         files["layers"] = out / "layers.png"
+    if (results["_meta"].get("horizons") or {}).get("horizons"):
+        files["cknna_vs_horizon"] = out / "cknna_vs_horizon.png"
+    if results.get("success"):
+        files["success_vs_cknna"] = out / "success_vs_cknna.png"
     return files
 
 
@@ -330,6 +336,7 @@ def study_markdown(results: dict, figures: dict[str, str] | None = None) -> str:
                   same_group_markdown(results)]
     if comparison_markdown(results):
         lines += ["## Model comparisons", comparison_markdown(results)]
+    lines += extra_sections(results)
     ks = meta["k_values"]
     for label, by_layer in results.get("layers", {}).items():
         lines += [f"## Per-layer CKNNA: {label}", "",
@@ -347,6 +354,19 @@ def study_markdown(results: dict, figures: dict[str, str] | None = None) -> str:
     return "\n".join(lines)
 
 
+def extra_sections(results: dict) -> list[str]:
+    """Horizons and task success, when the study has them."""
+    from harness.report_horizons import horizon_markdown
+    from harness.report_success import success_markdown
+
+    lines = []
+    if horizon_markdown(results):
+        lines += ["## CKNNA against future states (horizons)", horizon_markdown(results)]
+    if success_markdown(results):
+        lines += ["## CKNNA and task success across models", success_markdown(results)]
+    return lines
+
+
 def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
     """results.json, the figures, report.md (linking them) and report.html (embedding
     them), each written atomically; returns `report_files`."""
@@ -362,6 +382,12 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
                 files["heatmap"], f"CKNNA(row, column), k={k}")
     if "layers" in files:
         layer_curves(results, files["layers"])
+    if "cknna_vs_horizon" in files:
+        from harness.report_horizons import cknna_vs_horizon
+        cknna_vs_horizon(results, files["cknna_vs_horizon"])
+    if "success_vs_cknna" in files:
+        from harness.report_success import study_panels, success_vs_cknna
+        success_vs_cknna(study_panels(results), files["success_vs_cknna"])
     figures = {name: path.name for name, path in files.items() if name in FIGURE_CAPTIONS}
     markdown = study_markdown(results, figures)
     write_text(files["markdown"], markdown)
