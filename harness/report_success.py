@@ -14,6 +14,15 @@ def rho_text(record: dict) -> str:
             f"({iv['level']:.0%} bootstrap, {iv['draws']} resamples of the models), "
             f"{record['n_models']} models")
 
+def short_text(record: dict) -> str:
+    """A figure title's line: rho, interval and the number of models (or why none)."""
+    if record.get("spearman_rho") is None:
+        return f"no rho: only {record['n_models']} model(s)"
+    iv = record["interval"]
+    return (f"Spearman rho = {record['spearman_rho']:.2f} [{iv['low']:.2f}, {iv['high']:.2f}] "
+            f"({iv['level']:.0%} bootstrap), n = {record['n_models']} models")
+
+
 def success_markdown(results: dict) -> str:
     """A table of rho per k and the caveat; empty when no model has a success rate."""
     section = results.get("success")
@@ -33,12 +42,12 @@ def success_markdown(results: dict) -> str:
 def scatter_figure(panels: list[tuple[str, dict]], success_label: str = "task success"):
     """One panel per (title, correlate() record): success against CKNNA, points named."""
     plt = _plt()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
     for ax, (title, record) in zip(axes[0], panels):
         ax.scatter(record["cknna"], record["success"])
         for name, x, y in zip(record["models"], record["cknna"], record["success"]):
             ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        ax.set_title(f"{title}\n{rho_text(record)}", fontsize=7)
+        ax.set_title(f"{title}\n{short_text(record)}", fontsize=8)
         ax.set_xlabel(title)
         ax.set_ylabel(success_label)
     fig.tight_layout()
