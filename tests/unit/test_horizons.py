@@ -170,3 +170,17 @@ def test_synthetic_files_other_than_the_sequences_are_unchanged(tmp_path):
     assert b - a == {horizons.Path("feats_B_seq.pt"), horizons.Path("feats_B_seq.json")}
     for rel in a:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+
+
+def test_data_check_validates_the_future_states(tmp_path):
+    out = tmp_path / "d"
+    synth.generate(out, n=20, seed=1, horizon_max=2)
+    assert main(["data", "check", str(out)]) == 0
+    seq = torch.load(out / "feats_B_seq.pt", weights_only=True)
+    seq[3, 0] += 1
+    torch.save(seq, out / "feats_B_seq.pt")
+    from harness import data
+    report = data.validate(out, images="skip")
+    assert report.problems == [f"{out / 'feats_B_seq.pt'}: step 0 is not feats_B.pt (shape (20, 3, 7))"]
+    torch.save(seq[:5], out / "feats_B_seq.pt")
+    assert "5 samples, but feats_B has 20" in data.validate(out, images="skip").problems[0]
