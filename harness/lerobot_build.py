@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from harness import horizons
+from harness.data import future
 from harness.data import IMAGE_SIZE, STATE_KEYS, staged_dir, write_image, write_metadata, write_states
 from harness.errors import HarnessError
 
@@ -165,10 +165,10 @@ def build_from_lerobot(src: str | os.PathLike, out: str | os.PathLike, n: int, s
                        chunks: list[int], per_episode: bool = False, force: bool = False,
                        video_key: str = VIDEO_KEY, dataset_repo: str | None = None,
                        progress: bool = False,
-                       horizon_max: int = horizons.DEFAULT_HORIZON_MAX) -> dict:
+                       horizon_max: int = future.DEFAULT_HORIZON_MAX) -> dict:
     """Sample n frames of a LeRobot v2.x dataset into a data directory at `out`, with
     each sample's future states t..t+horizon_max of its episode (`feats_B_seq.pt`,
-    `harness.horizons`; none when horizon_max is 0)."""
+    `harness.data.future`; none when horizon_max is 0)."""
     from tqdm import tqdm
 
     pq, av = _optional_deps()
@@ -219,9 +219,9 @@ def build_from_lerobot(src: str | os.PathLike, out: str | os.PathLike, n: int, s
         write_states(tmp, np.delete(states, PAD_INDEX, axis=1))
         if horizon_max > 0:  # an episode is one (chunk, episode_index); frames in frame order
             episode_keys = pool["chunk"] * (1 << 32) + pool["episode"]
-            seq, valid = horizons.from_pool(episode_keys, pool["frame"], pool["state"], rows,
+            seq, valid = future.from_pool(episode_keys, pool["frame"], pool["state"], rows,
                                             horizon_max)
-            horizons.write(tmp, np.delete(seq, PAD_INDEX, axis=2), valid, horizon_max)
+            future.write(tmp, np.delete(seq, PAD_INDEX, axis=2), valid, horizon_max)
         meta = {
             "num_samples": len(rows),
             "state_dim_raw": STATE_DIM_RAW,

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 
 from harness.data import (IMAGE_SIZE, STATE_KEYS, staged_dir, write_image, write_metadata,
                           write_states)
-from harness import horizons
+from harness.data import future
 from harness.errors import HarnessError
 
 GENERATOR_VERSION = 1
@@ -149,10 +149,10 @@ def render(state, distractor=None) -> Image.Image:
 
 
 def generate(out: str | os.PathLike, n: int, seed: int, force: bool = False,
-             progress: bool = False, horizon_max: int = horizons.DEFAULT_HORIZON_MAX) -> dict:
+             progress: bool = False, horizon_max: int = future.DEFAULT_HORIZON_MAX) -> dict:
     """Write a synthetic data directory at `out` (atomically) and return its metadata.
 
-    With horizon_max > 0 it also writes each sample's future states (`harness.horizons`)
+    With horizon_max > 0 it also writes each sample's future states (`harness.data.future`)
     from its episode's trajectory; the other files are the same bytes either way."""
     from tqdm import tqdm
 
@@ -168,9 +168,9 @@ def generate(out: str | os.PathLike, n: int, seed: int, force: bool = False,
             write_image(tmp, i, render(state, distractor))
         write_states(tmp, sample["states"])
         if horizon_max > 0:
-            seq, valid = horizons.from_pool(sample["pool_episodes"], sample["pool_frames"],
+            seq, valid = future.from_pool(sample["pool_episodes"], sample["pool_frames"],
                                             sample["pool_states"], sample["chosen"], horizon_max)
-            horizons.write(tmp, seq, valid, horizon_max)
+            future.write(tmp, seq, valid, horizon_max)
         meta = {
             "num_samples": n,
             "state_dim_raw": 8,

@@ -12,6 +12,7 @@ from PIL import Image
 
 from harness.data.layout import (_IMAGE_NAME, _MAX_LISTED, PER_SAMPLE_KEYS, REQUIRED_KEYS,
                                  _listed, image_name)
+from harness.data import future
 from harness.errors import HarnessError
 from harness.states import zero_rows
 
@@ -134,21 +135,19 @@ def _check_states(root: Path, meta: dict | None, report: CheckReport) -> torch.T
 
 def _check_future_states(root: Path, states: torch.Tensor | None, report: CheckReport) -> None:
     """feats_B_seq.pt, when present: (N, H+1, D) whose step 0 is feats_B itself."""
-    from harness import horizons
-
-    path = root / horizons.SEQ_FILE
+    path = root / future.SEQ_FILE
     if not path.is_file() or states is None or states.ndim != 2:
         return
     try:
-        seq = horizons.load(path, states.shape[0])
+        seq = future.load(path, states.shape[0])
     except HarnessError as err:
         report.problems.append(str(err))
         return
     if seq.shape[2] != states.shape[1] or not torch.equal(seq[:, 0], states.float()):
         report.problems.append(f"{path}: step 0 is not feats_B.pt (shape {tuple(seq.shape)})")
-    if not (root / horizons.SEQ_META).is_file():
-        report.problems.append(f"{root / horizons.SEQ_META}: missing (it records the padding "
-                               f"of {horizons.SEQ_FILE})")
+    if not (root / future.SEQ_META).is_file():
+        report.problems.append(f"{root / future.SEQ_META}: missing (it records the padding "
+                               f"of {future.SEQ_FILE})")
 
 
 def _check_images(root: Path, n: int, decode: bool, report: CheckReport, progress: bool) -> None:
