@@ -2,9 +2,9 @@
 not only where it is?
 
 `feats_B_seq.pt` (N, H+1, D, written by `harness.data.future`) holds the states t..t+H
-of each sample's episode. Horizon a compares a model
-with the states t..t+a flattened, `seq[:, :a+1].reshape(N, -1)` (N, D·(a+1)), as the seed's
-`compute_cknna_large.py` does, with the same row L2 normalisation as `feats_B`.
+of each sample's episode. Horizon a compares a model with the states t..t+a flattened,
+`seq[:, :a+1].reshape(N, -1)` (N, D·(a+1)), as the seed's `compute_cknna_large.py` does,
+with the same row L2 normalisation as `feats_B`.
 """
 from __future__ import annotations
 
