@@ -13,6 +13,7 @@ COMMANDS = {
     "data": "harness.commands.data",
     "extract": "harness.commands.extract",
     "run": "harness.commands.run",
+    "success": "harness.commands.success",
 }
 
 

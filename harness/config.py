@@ -44,6 +44,8 @@ class ModelEntry(_Strict):
     feats: Optional[LaxPath] = None
     python: StrictStr = Field(default_factory=lambda: sys.executable)
     options: dict[str, Any] = Field(default_factory=dict)
+    # e.g. its SimplerEnv WidowX success; the report correlates CKNNA with it across models
+    success_rate: Optional[Annotated[float, Field(ge=0, le=1)]] = None
 
     @field_validator("name")
     @classmethod
@@ -89,6 +91,8 @@ class StudyConfig(_Strict):
     drop_empty_tasks: bool = False
     group_by: Literal["episode", "none"] = "episode"  # per-sample groups from metadata
     compare: bool = False  # paired model comparisons on shared subsets
+    # CKNNA against states t..t+a when data_dir has feats_B_seq.pt; None: 0,1,2,4,8 up to H
+    horizons: Optional[list[Annotated[StrictInt, Field(ge=0)]]] = None
     models: Annotated[list[ModelEntry], Field(min_length=1)]
 
     @field_validator("models")

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from harness.data import future
 from harness.data import IMAGE_SIZE, STATE_KEYS, staged_dir, write_image, write_metadata, write_states
 from harness.errors import HarnessError
 
@@ -163,14 +164,19 @@ def decode_frames(av, path: Path, wanted: set[int]) -> tuple[dict[int, Image.Ima
 def build_from_lerobot(src: str | os.PathLike, out: str | os.PathLike, n: int, seed: int,
                        chunks: list[int], per_episode: bool = False, force: bool = False,
                        video_key: str = VIDEO_KEY, dataset_repo: str | None = None,
-                       progress: bool = False) -> dict:
-    """Sample n frames of a LeRobot v2.x dataset into a data directory at `out`."""
+                       progress: bool = False,
+                       horizon_max: int = future.DEFAULT_HORIZON_MAX) -> dict:
+    """Sample n frames of a LeRobot v2.x dataset into a data directory at `out`, with
+    each sample's future states t..t+horizon_max of its episode (`feats_B_seq.pt`,
+    `harness.data.future`; none when horizon_max is 0)."""
     from tqdm import tqdm
 
     pq, av = _optional_deps()
     src = Path(src)
     if n < 1:
         raise HarnessError(f"--n must be at least 1, got {n}")
+    if horizon_max < 0:
+        raise HarnessError(f"--horizon_max must be >= 0, got {horizon_max}")
     if len(set(chunks)) != len(chunks) or any(c < 0 for c in chunks):
         raise HarnessError(f"--chunks must be distinct non-negative integers, got {chunks}")
     info = read_info(src, video_key)
@@ -211,6 +217,11 @@ def build_from_lerobot(src: str | os.PathLike, out: str | os.PathLike, n: int, s
                     image = image.resize(IMAGE_SIZE, Image.BICUBIC)
                 write_image(tmp, i, image)
         write_states(tmp, np.delete(states, PAD_INDEX, axis=1))
+        if horizon_max > 0:  # an episode is one (chunk, episode_index); frames in frame order
+            episode_keys = pool["chunk"] * (1 << 32) + pool["episode"]
+            seq, valid = future.from_pool(episode_keys, pool["frame"], pool["state"], rows,
+                                            horizon_max)
+            future.write(tmp, np.delete(seq, PAD_INDEX, axis=2), valid, horizon_max)
         meta = {
             "num_samples": len(rows),
             "state_dim_raw": STATE_DIM_RAW,

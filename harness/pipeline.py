@@ -18,7 +18,9 @@ from typing import Optional
 
 from harness import config as config_mod
 from harness import data as data_mod
+from harness import horizons as horizons_mod
 from harness import progress
+from harness import success
 from harness import states as states_mod
 from harness import views as views_mod
 from harness.config import LaxPath, ModelEntry, StudyConfig
@@ -226,6 +228,7 @@ def run_study(study: Study, log=None) -> dict:
     check_paths(study)
     check_against_data(study, prepare_data(study, log))
     data = data_mod.load(study.data_dir)
+    seq, horizons = future_states(study, data.metadata["num_samples"])
     fingerprint = data_mod.fingerprint(study.data_dir)
     status = {}
     for m in study.models:
@@ -290,6 +293,13 @@ def run_study(study: Study, log=None) -> dict:
         results["views"] = compare_all_views(views, states_l2, study, status)
     for name, entry in results["models"].items():
         entry["provenance"] = _provenance(Path(entry["feats_A_path"]))
+    if seq is not None:
+        log(f"metrics: CKNNA against future states, horizons {horizons}")
+        horizons_mod.add_to_results(results, models, data.take(seq), horizons, settings,
+                                    study.zscore_states, study.data_dir / horizons_mod.SEQ_FILE)
+    rates = {m.name: m.success_rate for m in study.models if m.success_rate is not None}
+    if rates:
+        results["success"] = success.study_section(results, rates, seed=study.seed)
     write_report(results, study.output_dir)
     return results
 
@@ -302,6 +312,25 @@ def compare_all_views(views: dict, states_l2, study: Study, status: dict) -> dic
         out[name]["text_fallback_samples"] = views_mod.text_fallback_count(
             Path(status[name]["feats_A_path"]))
     return out
+
+
+def future_states(study: Study, n: int):
+    """(seq, horizons) when data_dir has feats_B_seq.pt and horizons are wanted, else
+    (None, None); checked before any extraction."""
+    path = study.data_dir / horizons_mod.SEQ_FILE
+    if study.horizons == []:
+        return None, None
+    if not path.is_file():
+        if study.horizons:
+            _raise(study, [f"horizons = {study.horizons}: {path} does not exist (write it with "
+                           "`harness data build --horizon_max H`)"])
+        return None, None
+    seq = horizons_mod.load(path, n)
+    top = seq.shape[1] - 1
+    wanted = study.horizons or [a for a in horizons_mod.DEFAULT_HORIZONS if a <= top]
+    _raise(study, [f"horizons[{i}] = {a}: beyond H = {top} of {path}"
+                   for i, a in enumerate(wanted) if a > top])
+    return seq, sorted(set(wanted))
 
 
 def _provenance(feats_path: Path) -> dict | None:

@@ -348,6 +348,8 @@ FIGURE_CAPTIONS = {
     "heatmap": "CKNNA(row, column) between models",
     "layers": "CKNNA of each layer against the states",
     "views": "CKNNA against the states of the full, image, text and action representations",
+    "cknna_vs_horizon": "CKNNA against the states t..t+a (flattened) for each horizon a",
+    "success_vs_cknna": "Task success against CKNNA, one point per model, with Spearman's rho",
 }
 
 
@@ -362,6 +364,10 @@ def report_files(results: dict, out_dir: str | Path) -> dict[str, Path]:
         files["layers"] = out / "layers.png"
     if results.get("views"):
         files["views"] = out / "views.png"
+    if (results["_meta"].get("horizons") or {}).get("horizons"):
+        files["cknna_vs_horizon"] = out / "cknna_vs_horizon.png"
+    if results.get("success"):
+        files["success_vs_cknna"] = out / "success_vs_cknna.png"
     return files
 
 
@@ -398,6 +404,7 @@ def study_markdown(results: dict, figures: dict[str, str] | None = None) -> str:
                   "over the task's tokens only; the action representation is Pi0's action "
                   "expert (final norm, last denoising step, action tokens).", "",
                   views_markdown(results)]
+    lines += extra_sections(results)
     ks = meta["k_values"]
     for label, by_layer in results.get("layers", {}).items():
         lines += [f"## Per-layer CKNNA: {label}", "",
@@ -413,6 +420,19 @@ def study_markdown(results: dict, figures: dict[str, str] | None = None) -> str:
     if meta.get("warnings"):
         lines += ["## Warnings", ""] + [f"- {w}" for w in meta["warnings"]] + [""]
     return "\n".join(lines)
+
+
+def extra_sections(results: dict) -> list[str]:
+    """Horizons and task success, when the study has them."""
+    from harness.report_horizons import horizon_markdown
+    from harness.report_success import success_markdown
+
+    lines = []
+    if horizon_markdown(results):
+        lines += ["## CKNNA against future states (horizons)", horizon_markdown(results)]
+    if success_markdown(results):
+        lines += ["## CKNNA and task success across models", success_markdown(results)]
+    return lines
 
 
 def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
@@ -432,6 +452,12 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
         layer_curves(results, files["layers"])
     if "views" in files:
         _save(views_figure(results), files["views"])
+    if "cknna_vs_horizon" in files:
+        from harness.report_horizons import cknna_vs_horizon
+        cknna_vs_horizon(results, files["cknna_vs_horizon"])
+    if "success_vs_cknna" in files:
+        from harness.report_success import study_panels, success_vs_cknna
+        success_vs_cknna(study_panels(results), files["success_vs_cknna"])
     figures = {name: path.name for name, path in files.items() if name in FIGURE_CAPTIONS}
     markdown = study_markdown(results, figures)
     write_text(files["markdown"], markdown)

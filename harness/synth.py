@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 
 from harness.data import (IMAGE_SIZE, STATE_KEYS, staged_dir, write_image, write_metadata,
                           write_states)
+from harness.data import future
 from harness.errors import HarnessError
 
 GENERATOR_VERSION = 1
@@ -98,6 +99,10 @@ def sample_episodes(n: int, seed: int) -> dict:
         "tasks": [tasks[e] for e, _ in pairs],
         "distractors": [distractors[e] for e, _ in pairs],
         "n_episodes": n_episodes,
+        "pool_episodes": np.array([e for e, _ in pool]),
+        "pool_frames": np.array([f for _, f in pool]),
+        "pool_states": np.concatenate(trajectories).astype(np.float32),
+        "chosen": chosen,
     }
 
 
@@ -144,12 +149,17 @@ def render(state, distractor=None) -> Image.Image:
 
 
 def generate(out: str | os.PathLike, n: int, seed: int, force: bool = False,
-             progress: bool = False) -> dict:
-    """Write a synthetic data directory at `out` (atomically) and return its metadata."""
+             progress: bool = False, horizon_max: int = future.DEFAULT_HORIZON_MAX) -> dict:
+    """Write a synthetic data directory at `out` (atomically) and return its metadata.
+
+    With horizon_max > 0 it also writes each sample's future states (`harness.data.future`)
+    from its episode's trajectory; the other files are the same bytes either way."""
     from tqdm import tqdm
 
     if n < 5:
         raise HarnessError(f"--n must be at least 5 (CKNNA needs N >= 4 and k >= 1), got {n}")
+    if horizon_max < 0:
+        raise HarnessError(f"--horizon_max must be >= 0, got {horizon_max}")
     with staged_dir(out, force=force) as tmp:
         sample = sample_episodes(n, seed)
         rows = zip(sample["states"], sample["distractors"])
@@ -157,6 +167,10 @@ def generate(out: str | os.PathLike, n: int, seed: int, force: bool = False,
                                                      unit="img", disable=not progress)):
             write_image(tmp, i, render(state, distractor))
         write_states(tmp, sample["states"])
+        if horizon_max > 0:
+            seq, valid = future.from_pool(sample["pool_episodes"], sample["pool_frames"],
+                                            sample["pool_states"], sample["chosen"], horizon_max)
+            future.write(tmp, seq, valid, horizon_max)
         meta = {
             "num_samples": n,
             "state_dim_raw": 8,

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import torch
 
+from harness import horizons as horizons_mod
 from harness.cknna import TIES, all_rows_equal
 from harness.commands import resolve_device
 from harness.errors import HarnessError
 from harness.io import check_output_file, load_features, write_json
 from harness.knn import BACKENDS
 from harness.report import comparison_markdown, heatmap, heatmap_k, markdown_table, nan_note
+from harness.report_horizons import horizon_markdown
 from harness.results import Settings, compute
 from harness.states import normalised, standardised
 from harness.states import record as preprocessing_record
@@ -57,6 +59,12 @@ def register(sub) -> None:
     p.add_argument("--compare", action="store_true",
                    help="paired CKNNA differences between models with intervals from the same "
                         "subsets (implies --subsample 200 unless given)")
+    p.add_argument("--feats_B_seq", metavar="F",
+                   help="future states (N, H+1, D) from `data build`/`data synth`: also CKNNA "
+                        "against states t..t+a for each --horizon a")
+    p.add_argument("--horizon", nargs="+", type=int, metavar="A",
+                   help="horizons a (states t..t+a, flattened); default 0 1 2 4 8 up to H "
+                        "(needs --feats_B_seq)")
     p.set_defaults(func=run)
 
 
@@ -145,6 +153,8 @@ def _check_args(args, n: int) -> list[int]:
         raise HarnessError(f"--exclude_same_group needs --knn_backend torch, not {args.knn_backend}")
     if args.compare and len(args.feats_A) < 2:
         raise HarnessError("--compare needs at least two --feats_A models")
+    if args.horizon and not args.feats_B_seq:
+        raise HarnessError("--horizon needs --feats_B_seq FILE")
     return sorted(set(args.topk))
 
 
@@ -159,6 +169,17 @@ def _check_groups(args, groups: torch.Tensor, ks: list[int]) -> None:
         if round(args.subsample_fraction * n_groups) < 1:
             raise HarnessError(f"--subsample_fraction {args.subsample_fraction}: draws no "
                                f"whole group of {n_groups}")
+
+
+def _future_states(args, n: int):
+    """(seq, horizons) checked before any metric, or (None, None) without --feats_B_seq."""
+    if not args.feats_B_seq:
+        return None, None
+    seq = horizons_mod.load(args.feats_B_seq, n)
+    given = args.horizon or [a for a in horizons_mod.DEFAULT_HORIZONS if a < seq.shape[1]]
+    for a in given:
+        horizons_mod.horizon_states(seq, a)  # a one-line error for a horizon beyond H
+    return seq, sorted(set(given))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -182,6 +203,7 @@ def run(args: argparse.Namespace) -> int:
         if a.shape[0] != n:
             raise HarnessError(f"{path}: {a.shape[0]} samples but {b_path} has {n}")
         models[label] = (str(path), distinct(path, normalised(path, a)))
+    seq, horizons = _future_states(args, n)
     record = None
     if args.zscore_B:
         feats_b, record = standardised(b_path, feats_b)
@@ -195,7 +217,10 @@ def run(args: argparse.Namespace) -> int:
                         exclude_same_group=args.exclude_same_group, compare=args.compare)
     preprocessing = preprocessing_record(record)
     results = compute(models, feats_b, str(b_path), settings, preprocessing)
-    table = markdown_table(results) + comparison_markdown(results)
+    if seq is not None:
+        horizons_mod.add_to_results(results, models, seq, horizons, settings, args.zscore_B,
+                                    args.feats_B_seq)
+    table = markdown_table(results) + comparison_markdown(results) + horizon_markdown(results)
     if args.heatmap:
         k = heatmap_k(ks)
         heatmap(results["pairwise"][f"cknna_k{k}"], list(models), args.heatmap,

@@ -23,6 +23,9 @@ def register(subparsers) -> None:
     synth.add_argument("--n", type=int, default=200, help="number of samples (default 200)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--force", action="store_true", help="replace an existing data directory")
+    synth.add_argument("--horizon_max", type=int, default=10, metavar="H",
+                       help="also write feats_B_seq.pt, states t..t+H of each sample's episode "
+                            "(default 10; 0: none)")
     synth.set_defaults(func=_synth)
 
     build = sub.add_parser("build", help="sample a data directory from a local LeRobot dataset")
@@ -37,6 +40,9 @@ def register(subparsers) -> None:
     build.add_argument("--dataset-repo", default=None,
                        help="name recorded as dataset_repo (default: the SRC path)")
     build.add_argument("--force", action="store_true", help="replace an existing data directory")
+    build.add_argument("--horizon_max", type=int, default=10, metavar="H",
+                       help="also write feats_B_seq.pt, states t..t+H of each sample's episode, "
+                            "the last state repeated past its end (default 10; 0: none)")
     build.set_defaults(func=_build)
 
 
@@ -53,7 +59,7 @@ def _synth(args: argparse.Namespace) -> int:
     from harness.synth import generate
 
     meta = generate(args.dir, n=args.n, seed=args.seed, force=args.force,
-                    progress=sys.stderr.isatty())
+                    progress=sys.stderr.isatty(), horizon_max=args.horizon_max)
     print(f"wrote {meta['num_samples']} synthetic samples (seed {args.seed}) to {args.dir}")
     return 0
 
@@ -64,7 +70,7 @@ def _build(args: argparse.Namespace) -> int:
     meta = build_from_lerobot(args.lerobot, args.out, n=args.n, seed=args.seed,
                               chunks=args.chunks, per_episode=args.per_episode,
                               force=args.force, dataset_repo=args.dataset_repo,
-                              progress=sys.stderr.isatty())
+                              progress=sys.stderr.isatty(), horizon_max=args.horizon_max)
     print(f"wrote {meta['num_samples']} samples from {meta['num_episodes_sampled']} episodes "
           f"of chunks {meta['chunk_indices']} to {args.out}")
     return 0

@@ -12,6 +12,7 @@ from PIL import Image
 
 from harness.data.layout import (_IMAGE_NAME, _MAX_LISTED, PER_SAMPLE_KEYS, REQUIRED_KEYS,
                                  _listed, image_name)
+from harness.data import future
 from harness.errors import HarnessError
 from harness.states import zero_rows
 
@@ -132,6 +133,23 @@ def _check_states(root: Path, meta: dict | None, report: CheckReport) -> torch.T
     return states
 
 
+def _check_future_states(root: Path, states: torch.Tensor | None, report: CheckReport) -> None:
+    """feats_B_seq.pt, when present: (N, H+1, D) whose step 0 is feats_B itself."""
+    path = root / future.SEQ_FILE
+    if not path.is_file() or states is None or states.ndim != 2:
+        return
+    try:
+        seq = future.load(path, states.shape[0])
+    except HarnessError as err:
+        report.problems.append(str(err))
+        return
+    if seq.shape[2] != states.shape[1] or not torch.equal(seq[:, 0], states.float()):
+        report.problems.append(f"{path}: step 0 is not feats_B.pt (shape {tuple(seq.shape)})")
+    if not (root / future.SEQ_META).is_file():
+        report.problems.append(f"{root / future.SEQ_META}: missing (it records the padding "
+                               f"of {future.SEQ_FILE})")
+
+
 def _check_images(root: Path, n: int, decode: bool, report: CheckReport, progress: bool) -> None:
     from tqdm import tqdm
 
@@ -201,6 +219,7 @@ def validate(data_dir: str | os.PathLike, images: str = "decode",
     report = CheckReport(root)
     meta = _read_metadata(root, report)
     states = _check_states(root, meta, report)
+    _check_future_states(root, states, report)
     n = _count_sources(root, meta, states, report)
     report.n = n
     if n is not None and images != "skip":

@@ -48,6 +48,8 @@ BAD = [  # (top-level keys, model options, the key the error must name, words it
     ({"zscore_states": "false"}, {}, "zscore_states", "valid boolean"),
     ({}, {"batchsize": 4}, "models[0].options.batchsize", "did you mean 'batch_size'"),
     ({}, {"layers": "middle"}, "models[0].options.layers", "'last', 'all'"),
+    ({"horizons": [0, 20]}, {}, "horizons[1] = 20", "beyond H = 10"),
+    ({"horizons": [-1]}, {}, "horizons[0]", "greater than or equal to 0"),
 ]
 
 

@@ -43,11 +43,12 @@ def test_run_prints_where_every_file_is(demo, demo_console):
     for label, name in [("report", "report.md"), ("report (HTML, figures embedded)", "report.html"),
                         ("results", "results.json"), ("figure", "cknna_vs_k.png"),
                         ("figure", "heatmap.png"), ("figure", "layers.png"),
-                        ("figure", "views.png")]:
+                        ("figure", "views.png"),
+                        ("figure", "cknna_vs_horizon.png")]:
         assert f"{label}: {out / name}\n" in stdout, name
         assert (out / name).is_file()
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 4 and "RANDOM-WEIGHT" in html
+    assert html.count("data:image/png;base64,") == 5 and "RANDOM-WEIGHT" in html
 
 
 def test_extraction_progress_is_logged_for_every_model(demo):

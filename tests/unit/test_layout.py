@@ -42,6 +42,7 @@ RANKS = {
     "features": 3, "extra_outputs": 3,
     "knn": 4, "cknna": 4, "significance": 4,
     "results": 5, "report": 5, "report_html": 5, "views": 5,
+    "horizons": 5, "success": 5, "report_horizons": 5, "report_success": 5,
     "config": 6,
     "pipeline": 7,
     "commands": 8, "cli": 8, "__main__": 8, "__init__": 8,

@@ -221,3 +221,24 @@ def test_cli_build(src, tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert main(argv[:-1] + ["--per-episode", "--n", "3", "--force", str(out)]) == 0
     assert len(set(json.loads((out / "metadata.json").read_text())["episode_indices"])) == 3
+
+
+def test_future_states_stay_in_the_episode_and_repeat_its_end(src, tmp_path):
+    """feats_B_seq.pt[i, h] is the state of frame f+h of sample i's episode (pad column
+    dropped), the episode's last frame past its end; padding is counted per step."""
+    out = tmp_path / "out"
+    build_from_lerobot(src, out, n=12, seed=5, chunks=[0, 1], horizon_max=3)
+    loaded = data.load(out)
+    seq = torch.load(out / "feats_B_seq.pt", weights_only=True)
+    assert seq.shape == (12, 4, 7)
+    for i, (e, f) in enumerate(zip(loaded.episodes, loaded.frames)):
+        for h in range(4):
+            g = min(f + h, FRAMES - 1)
+            assert seq[i, h].tolist() == pytest.approx(state(e, g)[:6] + state(e, g)[7:]), (i, h)
+    side = json.loads((out / "feats_B_seq.json").read_text())
+    assert side["horizon_max"] == 3 and side["padded_per_step"][3] > 0  # the end is exercised
+    assert side["padded_per_step"] == [sum(f + h > FRAMES - 1 for f in loaded.frames)
+                                       for h in range(4)]
+    assert side["valid_steps"] == [min(3, FRAMES - 1 - f) + 1 for f in loaded.frames]
+    build_from_lerobot(src, tmp_path / "none", n=12, seed=5, chunks=[0, 1], horizon_max=0)
+    assert not (tmp_path / "none" / "feats_B_seq.pt").exists()
