@@ -115,9 +115,12 @@ def save_tensor(path: str | os.PathLike, tensor) -> None:
         tmp.write_bytes(buffer.getvalue())
 
 
-def load_features(path: str | os.PathLike) -> torch.Tensor:
-    """Read an (N, D) float matrix from .pt/.pth (tensor or dict with 'feats'), .npy or
-    .safetensors (single tensor or key 'feats'); every problem names the file."""
+def read_tensor(path: str | os.PathLike, feats_key: bool = True,
+                expected: str | None = None) -> torch.Tensor:
+    """One tensor as stored (no casting) from .pt/.pth (a tensor, or a dict's 'feats'
+    entry when `feats_key`), .npy or .safetensors (one tensor, or the one named 'feats').
+    Loads no pickled objects; an unreadable file gets one line saying what it is and what
+    was `expected` (default: the feature-file description of its suffix)."""
     path = Path(path)
     if not path.is_file():
         raise HarnessError(f"{path}: no such file")
@@ -127,7 +130,7 @@ def load_features(path: str | os.PathLike) -> torch.Tensor:
             with warnings.catch_warnings():  # torch warns about pickle protocols on stderr
                 warnings.simplefilter("ignore")
                 obj = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(obj, dict):
+            if isinstance(obj, dict) and feats_key:
                 if "feats" not in obj:
                     raise HarnessError(f"{path}: dict has no 'feats' key (keys: {sorted(obj)[:8]})")
                 obj = obj["feats"]
@@ -147,9 +150,16 @@ def load_features(path: str | os.PathLike) -> torch.Tensor:
     except HarnessError:
         raise
     except Exception as err:  # unreadable or corrupt file
-        raise HarnessError(f"{path}: {describe_unreadable(path, err)}") from None
+        raise HarnessError(f"{path}: {describe_unreadable(path, err, expected)}") from None
     if not isinstance(obj, torch.Tensor):
         raise HarnessError(f"{path}: expected a tensor, got {type(obj).__name__}")
+    return obj
+
+
+def load_features(path: str | os.PathLike) -> torch.Tensor:
+    """Read an (N, D) float matrix (see `read_tensor` for the formats); every problem
+    names the file."""
+    obj = read_tensor(path)
     if obj.ndim != 2:
         raise HarnessError(f"{path}: expected a 2-D (N, D) array, got shape {tuple(obj.shape)}")
     if not (obj.is_floating_point() or obj.dtype in (torch.int32, torch.int64)):
@@ -168,10 +178,10 @@ EXPECTED = {".pt": "a torch.save'd (N, D) tensor or dict with a 'feats' tensor",
             ".safetensors": "a safetensors file with one tensor or one named 'feats'"}
 
 
-def describe_unreadable(path: Path, err: Exception) -> str:
+def describe_unreadable(path: Path, err: Exception, expected: str | None = None) -> str:
     """What the file is and what was expected, in one line; never suggests unpickling
     untrusted objects (torch's own message does)."""
-    expected = EXPECTED[path.suffix.lower()]
+    expected = expected or EXPECTED[path.suffix.lower()]
     with open(path, "rb") as f:
         head = f.read(512)
     if not head:

@@ -230,6 +230,15 @@ def _legend_outside(ax) -> None:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
 
 
+def _finish(ax, title: str, xlabel: str | None, ylabel: str) -> None:
+    """Every line figure: a title, both axes named, the legend outside."""
+    ax.set_title(title)
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    _legend_outside(ax)
+
+
 def cknna_vs_k_figure(results: dict):
     """CKNNA against k, one line per model. Each model's permutation null (mean ± std)
     is a dotted error bar in its colour, set beside the others at each k: the nulls of
@@ -250,10 +259,7 @@ def cknna_vs_k_figure(results: dict):
                                color=line.get_color(), label=f"{label}: null mean ± std")
             bars[-1][0].set_linestyle(":")
     ax.set_xticks(x, [str(k) for k in ks])
-    ax.set_title("CKNNA vs k (x: permutation null mean ± std, beside each k per model)")
-    ax.set_xlabel("k (neighbours)")
-    ax.set_ylabel("CKNNA(model, states)")
-    _legend_outside(ax)
+    _finish(ax, "CKNNA vs k (x: permutation null mean ± std, beside each k per model)", "k (neighbours)", "CKNNA(model, states)")
     return fig
 
 
@@ -274,10 +280,7 @@ def layer_curves_figure(results: dict):
             ax.plot(range(len(names)), [by_layer[n][f"k{k}"] for n in names], marker="o",
                     label=f"{label} k={k}")
         ax.set_xticks(range(len(names)), names)
-    ax.set_title("CKNNA of each layer against the states")
-    ax.set_xlabel("hidden_states index")
-    ax.set_ylabel("CKNNA(layer, states)")
-    _legend_outside(ax)
+    _finish(ax, "CKNNA of each layer against the states", "hidden_states index", "CKNNA(layer, states)")
     return fig
 
 
@@ -335,9 +338,7 @@ def views_figure(results: dict):
         ax.bar(xs, [float("nan") if y is None else y for y in ys], width,
                label=VIEW_LABELS[view])
     ax.set_xticks(range(len(views)), list(views), rotation=20, ha="right")
-    ax.set_title(f"CKNNA against the states by representation, k={k}")
-    ax.set_ylabel("CKNNA(view, states)")
-    _legend_outside(ax)
+    _finish(ax, f"CKNNA against the states by representation, k={k}", None, "CKNNA(view, states)")
     return fig
 
 

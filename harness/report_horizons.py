@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness.report import _fmt, _legend_outside, _plt, _save
+from harness.report import _fmt, _finish, _plt, _save
 
 def _horizons(results: dict) -> list[int]:
     return (results["_meta"].get("horizons") or {}).get("horizons", [])
@@ -47,11 +47,10 @@ def cknna_vs_horizon_figure(results: dict):
             ax.plot(horizons, [by_h[f"h{a}"][f"cknna_k{k}"] for a in horizons], marker="o",
                     color=colour, linestyle=styles[j % len(styles)], label=f"{label} k={k}")
     ax.set_xticks(horizons, [str(a) for a in horizons])
-    ax.set_title("CKNNA against future states t..t+a")
-    ax.set_xlabel("horizon a (steps ahead, same episode)")
-    ax.set_ylabel("CKNNA(model, states t..t+a)")
-    _legend_outside(ax)
+    _finish(ax, "CKNNA against future states t..t+a", "horizon a (steps ahead, same episode)",
+            "CKNNA(model, states t..t+a)")
     return fig
+
 
 def cknna_vs_horizon(results: dict, path: str | Path) -> None:
     _save(cknna_vs_horizon_figure(results), Path(path))

@@ -15,7 +15,7 @@ from harness import horizons as horizons_mod
 from harness.cknna import TIES, all_rows_equal
 from harness.commands import resolve_device
 from harness.errors import HarnessError
-from harness.io import check_output_file, load_features, write_json
+from harness.io import check_output_file, load_features, read_tensor, write_json
 from harness.knn import BACKENDS
 from harness.report import comparison_markdown, heatmap, heatmap_k, markdown_table, nan_note
 from harness.report_horizons import horizon_markdown
@@ -91,34 +91,16 @@ def load_groups(path, n: int) -> torch.Tensor:
             raise HarnessError(f"--groups {path}: must be a JSON list of integers")
         groups = torch.tensor(raw, dtype=torch.long)
     else:
-        groups = _tensor_file(path)
+        try:
+            groups = read_tensor(path, expected="a 1-D integer tensor or array of length N")
+        except HarnessError as err:
+            raise HarnessError(f"--groups {err}") from None
         if groups.is_floating_point() or groups.is_complex() or groups.dtype == torch.bool:
             raise HarnessError(f"--groups {path}: must hold integers, not {groups.dtype}")
         groups = groups.long()
     if groups.ndim != 1 or len(groups) != n:
         raise HarnessError(f"--groups {path}: shape {tuple(groups.shape)}; need 1-D of length N={n}")
     return groups
-
-
-def _tensor_file(path: Path) -> torch.Tensor:
-    try:
-        if path.suffix == ".npy":
-            import numpy as np
-            return torch.from_numpy(np.load(path, allow_pickle=False))
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            tensors = load_file(str(path))
-            if len(tensors) != 1:
-                raise HarnessError(f"--groups {path}: holds {len(tensors)} tensors; need one")
-            return next(iter(tensors.values()))
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except HarnessError:
-        raise
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's input error
-        raise HarnessError(f"--groups {path}: cannot read ({type(err).__name__}: {err})") from None
-    if not isinstance(obj, torch.Tensor):
-        raise HarnessError(f"--groups {path}: holds a {type(obj).__name__}, not a tensor")
-    return obj
 
 
 def labels_for(paths: list[Path]) -> list[str]:

@@ -14,6 +14,7 @@ from harness.data.layout import (_IMAGE_NAME, _MAX_LISTED, PER_SAMPLE_KEYS, REQU
                                  _listed, image_name)
 from harness.data import future
 from harness.errors import HarnessError
+from harness.io import read_tensor
 from harness.states import zero_rows
 
 
@@ -97,13 +98,7 @@ def read_states(path: Path) -> torch.Tensor:
     """feats_B.pt as saved (no casting): the checks below must see its real dtype."""
     if not path.is_file():
         raise HarnessError(f"{path}: missing")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt or not a torch file
-        raise HarnessError(f"{path}: cannot read ({type(err).__name__}: {err})") from None
-    if not isinstance(obj, torch.Tensor):
-        raise HarnessError(f"{path}: expected a tensor, got {type(obj).__name__}")
-    return obj
+    return read_tensor(path, feats_key=False, expected="a torch.save'd float (N, 7) tensor")
 
 
 def _check_states(root: Path, meta: dict | None, report: CheckReport) -> torch.Tensor | None:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from harness.errors import HarnessError
-from harness.io import describe_unreadable, save_tensor, write_json
+from harness.io import read_tensor, save_tensor, write_json
 
 SEQ_FILE = "feats_B_seq.pt"
 SEQ_META = "feats_B_seq.json"
@@ -67,17 +67,7 @@ def write(root: Path, seq: np.ndarray, valid_steps: np.ndarray, horizon_max: int
 def load(path: str | Path, n: int) -> torch.Tensor:
     """A finite float (N, H+1, D) tensor (.pt, or .npy); one-line error naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise HarnessError(f"{path}: no such file")
-    try:
-        if path.suffix.lower() == ".npy":
-            obj = torch.from_numpy(np.load(path, allow_pickle=False))
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is an input error
-        raise HarnessError(f"{path}: {describe_unreadable(path, err)}") from None
-    if isinstance(obj, dict) and isinstance(obj.get("feats"), torch.Tensor):
-        obj = obj["feats"]
+    obj = read_tensor(path, expected="a float (N, H+1, D) tensor of future states")
     if not isinstance(obj, torch.Tensor) or obj.ndim != 3 or not obj.is_floating_point():
         shape = tuple(obj.shape) if isinstance(obj, torch.Tensor) else type(obj).__name__
         raise HarnessError(f"{path}: holds {shape}; expected a float (N, H+1, D) tensor of "

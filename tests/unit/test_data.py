@@ -132,7 +132,7 @@ def test_feats_b_not_a_tensor_or_corrupt(good):
     torch.save({"feats": torch.zeros(N, 7)}, good / "feats_B.pt")
     assert any("expected a tensor" in p for p in _problems(good))
     (good / "feats_B.pt").write_bytes(b"nope")
-    assert any("feats_B.pt: cannot read" in p for p in _problems(good))
+    assert any("feats_B.pt: is a text file; expected" in p for p in _problems(good))
 
 
 def test_metadata_problems_name_keys_and_indices(good):

@@ -134,3 +134,22 @@ def test_read_errors_say_what_the_file_is_and_what_was_expected(tmp_path, capfd)
         assert "weights_only" not in message and "False" not in message, message
     streams = capfd.readouterr()
     assert "Warning" not in streams.err + streams.out  # torch's pickle warning is silenced
+
+
+def test_every_tensor_reader_describes_an_unreadable_file(tmp_path):
+    """Features, states, future states and groups share one reader: a text file renamed
+    .pt is named as such, with what that reader expected."""
+    from harness.commands.cknna import load_groups
+    from harness.data import future
+    from harness.data.check import read_states
+    bad = tmp_path / "x.pt"
+    bad.write_text("hello\n")
+    readers = {"(N, D) tensor": io.load_features, "float (N, 7) tensor": read_states,
+               "(N, H+1, D) tensor": lambda p: future.load(p, 3),
+               "1-D integer tensor": lambda p: load_groups(p, 3)}
+    for expected, read in readers.items():
+        with pytest.raises(HarnessError) as info:
+            read(bad)
+        message = str(info.value)
+        assert "x.pt: is a text file; expected" in message and expected in message, message
+        assert "weights_only" not in message and "\n" not in message
