@@ -158,6 +158,35 @@ def all_rows_equal(x: torch.Tensor) -> bool:
     return bool(spread <= 8 * torch.finfo(x.dtype).eps * x.abs().max())
 
 
+class EdgeLookup:
+    """A graph's edges for membership tests: a map of one byte per pair row * N + col when
+    N^2 bytes is at most BITMAP_BYTES (25 MB at N = 5000; a byte per pair is faster to
+    index than packed bits here), sorted keys beyond; `position` finds an edge's index."""
+
+    BITMAP_BYTES = 1 << 26
+
+    def __init__(self, g: Graph):
+        self.n = g.n
+        keys = g.src * g.n + g.dst
+        self.order = keys.argsort()
+        self.sorted_keys = keys[self.order]
+        self.val, self.weight = g.val, g.weight
+        self.bitmap = None
+        if g.n * g.n <= self.BITMAP_BYTES:
+            bits = torch.zeros((g.n * g.n + 7) // 8 * 8, dtype=torch.bool, device=keys.device)
+            bits[keys] = True
+            self.bitmap = bits
+
+    def contains(self, keys: torch.Tensor) -> torch.Tensor:
+        if self.bitmap is not None:
+            return self.bitmap[keys]
+        pos = torch.searchsorted(self.sorted_keys, keys).clamp_max_(max(len(self.sorted_keys) - 1, 0))
+        return self.sorted_keys[pos] == keys
+
+    def position(self, keys: torch.Tensor) -> torch.Tensor:
+        return self.order[torch.searchsorted(self.sorted_keys, keys)]
+
+
 @dataclass
 class Space:
     """One feature matrix, its neighbour list searched once (at the largest k needed) and
@@ -215,8 +244,6 @@ class Space:
 
     def edge_lookup(self, k: int):
         """The graph at k as a membership index (cached: every model's null shares it)."""
-        from harness.significance import EdgeLookup
-
         key = ("lookup", k)
         if key not in self._graphs:
             self._graphs[key] = EdgeLookup(self.graph(k))

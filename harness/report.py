@@ -7,17 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from harness.io import atomic_path
-
-
-def _fmt(x) -> str:
-    if x is None:
-        return ""
-    if isinstance(x, float):
-        if math.isnan(x):
-            return "NaN"
-        return f"{x:.4f}" if abs(x) >= 1e-3 or x == 0 else f"{x:.2e}"
-    return str(x)
+from harness.figures import finish_axes, fmt, legend_outside, pyplot, save_figure
 
 
 def nan_note(results: dict) -> str:
@@ -29,21 +19,21 @@ def p_text(p, draws: int | None) -> str:
     """A p-value; the smallest a permutation test can give, 1/(draws+1), is a bound: no
     shuffle reached the observed value, and more draws would give a smaller p."""
     if p is None or draws is None:
-        return _fmt(p)
+        return fmt(p)
     if math.isclose(p, 1 / (draws + 1), rel_tol=1e-9):
         return f"p < 1/{draws + 1}"
-    return _fmt(p)
+    return fmt(p)
 
 
 def interval_text(sub: dict | None) -> str:
     if not sub:
         return ""
-    return f"[{_fmt(sub['low'])}, {_fmt(sub['high'])}]"
+    return f"[{fmt(sub['low'])}, {fmt(sub['high'])}]"
 
 
 def _value(m: dict, key: str) -> str:
     """A model entry's number; a key present as None is a NaN written as JSON null."""
-    return "NaN" if key in m and m[key] is None else _fmt(m.get(key))
+    return "NaN" if key in m and m[key] is None else fmt(m.get(key))
 
 
 def _columns(results: dict) -> list[tuple[str, callable]]:
@@ -92,7 +82,7 @@ def markdown_table(results: dict) -> str:
             matrix = pairwise[f"cknna_k{k}"]
             lines += ["", f"CKNNA(row, column), k={k}", "",
                       "| | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
-            lines += [f"| {a} | " + " | ".join(_fmt(v) for v in row) + " |"
+            lines += [f"| {a} | " + " | ".join(fmt(v) for v in row) + " |"
                       for a, row in zip(labels, matrix)]
     return "\n".join(lines) + "\n"
 
@@ -136,14 +126,14 @@ def comparison_markdown(results: dict) -> str:
                   "| rank | model | CKNNA | subset interval |", "|---:|---|---:|---|"]
         for rank, m in enumerate(ranked, 1):
             sub = models[m].get("details", {}).get(f"k{k}", {}).get("subsample") or {}
-            lines.append(f"| {rank} | {m} | {_fmt(models[m].get(f'cknna_k{k}'))} | "
-                         f"[{_fmt(sub.get('low'))}, {_fmt(sub.get('high'))}] |")
+            lines.append(f"| {rank} | {m} | {fmt(models[m].get(f'cknna_k{k}'))} | "
+                         f"[{fmt(sub.get('low'))}, {fmt(sub.get('high'))}] |")
         lines += ["", "| a | b | CKNNA(a) - CKNNA(b) | interval | excludes 0 |",
                   "|---|---|---:|---|---|"]
         for r in rows:
             lo, hi = r["interval"]
-            lines.append(f"| {r['a']} | {r['b']} | {_fmt(r['difference'])} | "
-                         f"[{_fmt(lo)}, {_fmt(hi)}] | {'yes' if r['excludes_zero'] else 'no'} |")
+            lines.append(f"| {r['a']} | {r['b']} | {fmt(r['difference'])} | "
+                         f"[{fmt(lo)}, {fmt(hi)}] | {'yes' if r['excludes_zero'] else 'no'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -164,28 +154,12 @@ def same_group_markdown(results: dict) -> str:
         for k in ks:
             with_, without = (other[f"cknna_k{k}"], m[f"cknna_k{k}"]) if excluded_main else (
                 m[f"cknna_k{k}"], other[f"cknna_k{k}"])
-            cells += [_fmt(with_), _fmt(without)]
+            cells += [fmt(with_), fmt(without)]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------ figures
-
-
-def _plt():
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ImportError("plots need matplotlib (a core dependency): pip install matplotlib") from None
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    _plt().close(fig)
 
 
 def text_colour(rgba) -> str:
@@ -198,7 +172,7 @@ def text_colour(rgba) -> str:
 
 
 def heatmap_figure(matrix: list[list[float]], labels: list[str], title: str):
-    plt = _plt()
+    plt = pyplot()
     size = 1.2 + 0.9 * len(labels)
     fig, ax = plt.subplots(figsize=(size + 1.5, size))
     values = [[float("nan") if v is None else v for v in row] for row in matrix]
@@ -208,7 +182,7 @@ def heatmap_figure(matrix: list[list[float]], labels: list[str], title: str):
     for i, row in enumerate(values):
         for j, value in enumerate(row):
             colour = "black" if math.isnan(value) else text_colour(image.cmap(image.norm(value)))
-            ax.text(j, i, _fmt(value), ha="center", va="center", color=colour, fontsize=8)
+            ax.text(j, i, fmt(value), ha="center", va="center", color=colour, fontsize=8)
     ax.set_title(title)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
@@ -217,7 +191,7 @@ def heatmap_figure(matrix: list[list[float]], labels: list[str], title: str):
 
 def heatmap(matrix: list[list[float]], labels: list[str], path: str | Path, title: str) -> None:
     """Model x model heatmap, written atomically; needs matplotlib (a core dependency)."""
-    _save(heatmap_figure(matrix, labels, title), Path(path))
+    save_figure(heatmap_figure(matrix, labels, title), Path(path))
 
 
 def heatmap_k(ks: list[int]) -> int:
@@ -225,25 +199,11 @@ def heatmap_k(ks: list[int]) -> int:
     return 10 if 10 in ks else ks[0]
 
 
-def _legend_outside(ax) -> None:
-    """Legend right of the axes, so it never hides a line."""
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
-
-
-def _finish(ax, title: str, xlabel: str | None, ylabel: str) -> None:
-    """Every line figure: a title, both axes named, the legend outside."""
-    ax.set_title(title)
-    if xlabel:
-        ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    _legend_outside(ax)
-
-
 def cknna_vs_k_figure(results: dict):
     """CKNNA against k, one line per model. Each model's permutation null (mean ± std)
     is a dotted error bar in its colour, set beside the others at each k: the nulls of
     different models are nearly equal, so lines through them would lie on each other."""
-    plt = _plt()
+    plt = pyplot()
     ks = results["_meta"]["k_values"]
     models = results["models"]
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -259,17 +219,17 @@ def cknna_vs_k_figure(results: dict):
                                color=line.get_color(), label=f"{label}: null mean ± std")
             bars[-1][0].set_linestyle(":")
     ax.set_xticks(x, [str(k) for k in ks])
-    _finish(ax, "CKNNA vs k (x: permutation null mean ± std, beside each k per model)", "k (neighbours)", "CKNNA(model, states)")
+    finish_axes(ax, "CKNNA vs k (x: permutation null mean ± std, beside each k per model)", "k (neighbours)", "CKNNA(model, states)")
     return fig
 
 
 def cknna_vs_k(results: dict, path: str | Path) -> None:
-    _save(cknna_vs_k_figure(results), Path(path))
+    save_figure(cknna_vs_k_figure(results), Path(path))
 
 
 def layer_curves_figure(results: dict):
     """Per-layer CKNNA against the states for every model whose layers were swept."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
     ks = results["_meta"]["k_values"]
     if len(results["layers"]) > 1:  # several families: one line each, at the heatmap's k
@@ -280,12 +240,12 @@ def layer_curves_figure(results: dict):
             ax.plot(range(len(names)), [by_layer[n][f"k{k}"] for n in names], marker="o",
                     label=f"{label} k={k}")
         ax.set_xticks(range(len(names)), names)
-    _finish(ax, "CKNNA of each layer against the states", "hidden_states index", "CKNNA(layer, states)")
+    finish_axes(ax, "CKNNA of each layer against the states", "hidden_states index", "CKNNA(layer, states)")
     return fig
 
 
 def layer_curves(results: dict, path: str | Path) -> None:
-    _save(layer_curves_figure(results), Path(path))
+    save_figure(layer_curves_figure(results), Path(path))
 
 
 VIEW_LABELS = {"full": "full (feats_A)", "image": "image tokens", "text": "task tokens",
@@ -305,14 +265,14 @@ def views_markdown(results: dict) -> str:
     for model, v in views.items():
         for view, by_k in v["against_states"].items():
             lines.append(f"| {model} | {VIEW_LABELS.get(view, view)} | "
-                         + " | ".join(_fmt(by_k[f"k{k}"]) for k in ks) + " |")
+                         + " | ".join(fmt(by_k[f"k{k}"]) for k in ks) + " |")
     lines += ["", "CKNNA between two views of the same model (same samples):", "",
               f"| model | views | {head} |", "|---|---|" + "---:|" * len(ks)]
     for model, v in views.items():
         for pair, by_k in v["pairs"].items():
             a, b = pair.split("~")
             lines.append(f"| {model} | {VIEW_LABELS.get(a, a)} vs {VIEW_LABELS.get(b, b)} | "
-                         + " | ".join(_fmt(by_k[f"k{k}"]) for k in ks) + " |")
+                         + " | ".join(fmt(by_k[f"k{k}"]) for k in ks) + " |")
     notes = [f"{model}: {v['text_fallback_samples']} of {results['_meta']['N']} samples have no "
              "task tokens (empty task or not found); their text feature is the mean over the "
              "prompt's non-image tokens (listed in the extraction metadata; "
@@ -325,7 +285,7 @@ def views_markdown(results: dict) -> str:
 
 def views_figure(results: dict):
     """Bars: CKNNA against the states of each view, per model, at the heatmap's k."""
-    plt = _plt()
+    plt = pyplot()
     k = heatmap_k(results["_meta"]["k_values"])
     views = results["views"]
     names = [v for v in ("full", "image", "text", "action")
@@ -338,7 +298,7 @@ def views_figure(results: dict):
         ax.bar(xs, [float("nan") if y is None else y for y in ys], width,
                label=VIEW_LABELS[view])
     ax.set_xticks(range(len(views)), list(views), rotation=20, ha="right")
-    _finish(ax, f"CKNNA against the states by representation, k={k}", None, "CKNNA(view, states)")
+    finish_axes(ax, f"CKNNA against the states by representation, k={k}", None, "CKNNA(view, states)")
     return fig
 
 
@@ -411,7 +371,7 @@ def study_markdown(results: dict, figures: dict[str, str] | None = None) -> str:
         lines += [f"## Per-layer CKNNA: {label}", "",
                   "| hidden_states index | " + " | ".join(f"k={k}" for k in ks) + " |",
                   "|---|" + "---:|" * len(ks)]
-        lines += [f"| {n} | " + " | ".join(_fmt(v[f"k{k}"]) for k in ks) + " |"
+        lines += [f"| {n} | " + " | ".join(fmt(v[f"k{k}"]) for k in ks) + " |"
                   for n, v in by_layer.items()]
         lines.append("")
     if figures:
@@ -452,7 +412,7 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
     if "layers" in files:
         layer_curves(results, files["layers"])
     if "views" in files:
-        _save(views_figure(results), files["views"])
+        save_figure(views_figure(results), files["views"])
     if "cknna_vs_horizon" in files:
         from harness.report_horizons import cknna_vs_horizon
         cknna_vs_horizon(results, files["cknna_vs_horizon"])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness.report import _fmt, _finish, _plt, _save
+from harness.figures import finish_axes, fmt, pyplot, save_figure
 
 def _horizons(results: dict) -> list[int]:
     return (results["_meta"].get("horizons") or {}).get("horizons", [])
@@ -24,7 +24,7 @@ def horizon_markdown(results: dict) -> str:
             continue
         for k in results["_meta"]["k_values"]:
             lines.append(f"| {label} | {k} | "
-                         + " | ".join(_fmt(by_h[f"h{a}"][f"cknna_k{k}"]) for a in horizons) + " |")
+                         + " | ".join(fmt(by_h[f"h{a}"][f"cknna_k{k}"]) for a in horizons) + " |")
     padded = meta.get("padded_per_step")
     if padded:
         shown = ", ".join(f"a={a}: {padded[a]}" for a in horizons if a < len(padded))
@@ -34,7 +34,7 @@ def horizon_markdown(results: dict) -> str:
 
 def cknna_vs_horizon_figure(results: dict):
     """CKNNA against horizon: one colour per model, one line style per k."""
-    plt = _plt()
+    plt = pyplot()
     horizons, ks = _horizons(results), results["_meta"]["k_values"]
     fig, ax = plt.subplots(figsize=(8, 4))
     styles = ["-", "--", ":", "-."]
@@ -47,10 +47,10 @@ def cknna_vs_horizon_figure(results: dict):
             ax.plot(horizons, [by_h[f"h{a}"][f"cknna_k{k}"] for a in horizons], marker="o",
                     color=colour, linestyle=styles[j % len(styles)], label=f"{label} k={k}")
     ax.set_xticks(horizons, [str(a) for a in horizons])
-    _finish(ax, "CKNNA against future states t..t+a", "horizon a (steps ahead, same episode)",
+    finish_axes(ax, "CKNNA against future states t..t+a", "horizon a (steps ahead, same episode)",
             "CKNNA(model, states t..t+a)")
     return fig
 
 
 def cknna_vs_horizon(results: dict, path: str | Path) -> None:
-    _save(cknna_vs_horizon_figure(results), Path(path))
+    save_figure(cknna_vs_horizon_figure(results), Path(path))

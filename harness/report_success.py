@@ -3,14 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness.report import _fmt, _plt, _save
+from harness.figures import fmt, pyplot, save_figure
 
 def rho_text(record: dict) -> str:
     """'rho = 0.43 [-0.3, 0.9] (95%, 2000 model resamples), 8 models' or why there is none."""
     if record.get("spearman_rho") is None:
         return record["note"]
     iv = record["interval"]
-    return (f"Spearman rho = {_fmt(record['spearman_rho'])} [{_fmt(iv['low'])}, {_fmt(iv['high'])}] "
+    return (f"Spearman rho = {fmt(record['spearman_rho'])} [{fmt(iv['low'])}, {fmt(iv['high'])}] "
             f"({iv['level']:.0%} bootstrap, {iv['draws']} resamples of the models), "
             f"{record['n_models']} models")
 
@@ -33,15 +33,15 @@ def success_markdown(results: dict) -> str:
     for k in results["_meta"]["k_values"]:
         r = section[f"k{k}"]
         iv = r.get("interval") or {}
-        cell = f"[{_fmt(iv.get('low'))}, {_fmt(iv.get('high'))}]" if iv else r["note"]
-        lines.append(f"| {k} | {r['n_models']} | {_fmt(r.get('spearman_rho')) or 'not computed'} | {cell} |")
+        cell = f"[{fmt(iv.get('low'))}, {fmt(iv.get('high'))}]" if iv else r["note"]
+        lines.append(f"| {k} | {r['n_models']} | {fmt(r.get('spearman_rho')) or 'not computed'} | {cell} |")
     if section.get("left_out"):
         lines += ["", f"- left out (no success rate or no CKNNA): {', '.join(section['left_out'])}"]
     return "\n".join(lines) + "\n"
 
 def scatter_figure(panels: list[tuple[str, dict]], success_label: str = "task success"):
     """One panel per (title, correlate() record): success against CKNNA, points named."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
     for ax, (title, record) in zip(axes[0], panels):
         ax.scatter(record["cknna"], record["success"])
@@ -55,7 +55,7 @@ def scatter_figure(panels: list[tuple[str, dict]], success_label: str = "task su
 
 def success_vs_cknna(panels: list[tuple[str, dict]], path: str | Path,
                      success_label: str = "task success") -> None:
-    _save(scatter_figure(panels, success_label), Path(path))
+    save_figure(scatter_figure(panels, success_label), Path(path))
 
 def study_panels(results: dict) -> list[tuple[str, dict]]:
     return [(f"CKNNA k={k}", results["success"][f"k{k}"]) for k in results["_meta"]["k_values"]]

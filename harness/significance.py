@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from harness.cknna import (EPS, Scores, Space, _check, _EdgeIndex, _hsic_on_edges,
+from harness.cknna import (EPS, EdgeLookup, Scores, Space, _check, _EdgeIndex, _hsic_on_edges,
                            scores_from_graphs, scores_from_neighbours, self_terms, sorted_keys,
                            space_scores)
 from harness.knn import Graph, Neighbours, knn_among, tie_graph
@@ -111,7 +111,7 @@ def null_draws(sa: Space, sb: Space, observed: Scores, n_permutations: int, seed
 NULL_BATCH_ELEMENTS = 1 << 22  # relabelled edges looked up at once (a few 16 MB arrays)
 
 
-def _batched_null(ga: Graph, lookup: "EdgeLookup", draws, n_draws: int, denom: float,
+def _batched_null(ga: Graph, lookup: EdgeLookup, draws, n_draws: int, denom: float,
                   null: torch.Tensor) -> torch.Tensor:
     """sim(K, L) of A[p] against B for many permutations at once, in the same operations
     (and so to the same bits) as one `shared_edges` + `_weighted_hsic` per permutation:
@@ -160,35 +160,6 @@ def _sim_kl_batch(which, src, dst, k_val, l_val, weight, n: int, p: int) -> torc
     l_sum = torch.stack([part.sum() for part in lw.split(counts)])
     hsic = trace + k_sum * l_sum / ((n - 1) * (n - 2)) - 2 * cross / (n - 2)
     return hsic / (n * (n - 3))
-
-
-class EdgeLookup:
-    """A graph's edges for membership tests: a map of one byte per pair row * N + col when
-    N^2 bytes is at most BITMAP_BYTES (25 MB at N = 5000; a byte per pair is faster to
-    index than packed bits here), sorted keys beyond; `position` finds an edge's index."""
-
-    BITMAP_BYTES = 1 << 26
-
-    def __init__(self, g: Graph):
-        self.n = g.n
-        keys = g.src * g.n + g.dst
-        self.order = keys.argsort()
-        self.sorted_keys = keys[self.order]
-        self.val, self.weight = g.val, g.weight
-        self.bitmap = None
-        if g.n * g.n <= self.BITMAP_BYTES:
-            bits = torch.zeros((g.n * g.n + 7) // 8 * 8, dtype=torch.bool, device=keys.device)
-            bits[keys] = True
-            self.bitmap = bits
-
-    def contains(self, keys: torch.Tensor) -> torch.Tensor:
-        if self.bitmap is not None:
-            return self.bitmap[keys]
-        pos = torch.searchsorted(self.sorted_keys, keys).clamp_max_(max(len(self.sorted_keys) - 1, 0))
-        return self.sorted_keys[pos] == keys
-
-    def position(self, keys: torch.Tensor) -> torch.Tensor:
-        return self.order[torch.searchsorted(self.sorted_keys, keys)]
 
 
 def summarise_null(observed: float, null: torch.Tensor, seed: int) -> dict:
