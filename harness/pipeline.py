@@ -251,12 +251,9 @@ def run_study(study: Study, log=None) -> dict:
             continue
         path = Path(st["feats_A_path"])
         try:
-            feats = data.take(load_features(path))
-            models[name] = (str(path), states_mod.normalised(path, feats))
-            by_layer = {layer: states_mod.normalised(p, data.take(load_features(p)))
-                        for layer, p in _layer_files(path).items()}
-            by_view = {view: states_mod.normalised(p, data.take(load_features(p)))
-                       for view, p in views_mod.view_files(path).items()}
+            models[name] = (str(path), _rows(path, data))
+            by_layer = {layer: _rows(p, data) for layer, p in _layer_files(path).items()}
+            by_view = {view: _rows(p, data) for view, p in views_mod.view_files(path).items()}
         except HarnessError as err:
             status[name] = dict(st, status="failed", error=str(err))
             log(f"metrics {name}: FAILED: {err}")
@@ -302,6 +299,11 @@ def run_study(study: Study, log=None) -> dict:
         results["success"] = success.study_section(results, rates, seed=study.seed)
     write_report(results, study.output_dir)
     return results
+
+
+def _rows(path: Path, data) -> "torch.Tensor":
+    """A feature file's rows for the samples the metrics see, L2-normalised."""
+    return states_mod.normalised(path, data.take(load_features(path)))
 
 
 def compare_all_views(views: dict, states_l2, study: Study, status: dict) -> dict:

@@ -14,6 +14,7 @@ from typing import Iterator
 
 import torch
 
+from harness.errors import HarnessError
 from harness.hooks import HookError, _first_tensor
 
 
@@ -68,7 +69,6 @@ def capture_residual_stream(decoder: torch.nn.Module) -> Iterator[ResidualStream
 def layer_indices(spec, n_states: int) -> list[int]:
     """Non-negative `hidden_states` indices a layer spec ('last' | 'all' | [int]) asks
     for besides the final layer."""
-    from harness.errors import HarnessError
     if spec == "last":
         return []
     wanted = range(n_states) if spec == "all" else spec

@@ -22,6 +22,7 @@ from harness.extractors.compat import attention_in_use, dtype_kwarg
 from harness.extractors.observed import Observed, note_token_inputs
 from harness.extractors.registry import Common, FamilySpec, Option, parse_layers
 from harness.pooling import TOKENS, token_mask
+from harness.residual_stream import layer_indices
 
 TINY_PREFIX = "tiny:"
 
@@ -155,15 +156,7 @@ class HfVlmExtractor(Extractor):
 
     def layer_indices(self, n_states: int) -> list[int]:
         """Non-negative `hidden_states` indices to return besides the final layer."""
-        if self.layer_spec == FINAL:
-            return []
-        wanted = range(n_states) if self.layer_spec == "all" else self.layer_spec
-        out = []
-        for i in wanted:
-            if not -n_states <= i < n_states:
-                raise HarnessError(f"layer {i} out of range: the model has {n_states} hidden states")
-            out.append(i % n_states)
-        return out
+        return layer_indices(self.layer_spec, n_states)
 
     def prepare_images(self, images: list) -> list:
         """RGB images as handed to the processor: resized to `image_size` if one is set."""
