@@ -40,6 +40,52 @@ class Edges:
     n: int
 
 
+# Pair maps: one int32 entry per pair row * n + col, shared and wiped after each use,
+# while n^2 fits (N <= 5792 here: 128 MB); sorted keys and binary search beyond.
+MAP_ELEMENTS = 1 << 25
+_PAIR_MAPS: dict = {}
+
+
+def _pair_map(size: int, device: torch.device) -> torch.Tensor:
+    """A zeroed int32 array of at least `size` entries, kept for reuse (callers wipe what
+    they write)."""
+    table = _PAIR_MAPS.get(device)
+    if table is None or len(table) < size:
+        table = _PAIR_MAPS[device] = torch.zeros(size, dtype=torch.int32, device=device)
+    return table
+
+
+class EdgeKeys:
+    """Where each edge (src[e], dst[e]) sits, found by pair key src * n + dst: written into
+    the shared pair map for one lookup and wiped after it (no sort), or binary search in
+    sorted keys (computed once: `sort`, or n^2 too large for the map), better when the
+    same edges are searched many times for few keys."""
+
+    def __init__(self, src: torch.Tensor, dst: torch.Tensor, n: int, sort: bool | None = None):
+        self.keys, self.n = src * n + dst, n
+        self.sorted = None
+        if sort or (sort is None and n * n > MAP_ELEMENTS):
+            order = self.keys.argsort()
+            self.sorted = order, self.keys[order]
+
+    def find(self, queries: torch.Tensor) -> torch.Tensor:
+        """The edge index of each query key, -1 where it is not an edge."""
+        if self.sorted is not None:
+            order, ordered = self.sorted
+            if len(ordered) == 0:
+                return torch.full_like(queries, -1)
+            pos = torch.searchsorted(ordered, queries).clamp_max_(len(ordered) - 1)
+            return torch.where(ordered[pos] == queries, order[pos], -1)
+        table = _pair_map(self.n * self.n, self.keys.device)
+        # index_copy_/index_select: the plain kernels, much faster than [] indexing.
+        table.index_copy_(0, self.keys, torch.arange(1, len(self.keys) + 1, dtype=torch.int32,
+                                                     device=self.keys.device))
+        try:
+            return table.index_select(0, queries.flatten()).view(queries.shape).long() - 1
+        finally:
+            table.index_fill_(0, self.keys, 0)
+
+
 def _contains(keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     """queries ∈ keys, by binary search (torch.isin can fall back to an O(n m) scan)."""
     if len(keys) == 0:
@@ -158,33 +204,28 @@ def all_rows_equal(x: torch.Tensor) -> bool:
     return bool(spread <= 8 * torch.finfo(x.dtype).eps * x.abs().max())
 
 
-class EdgeLookup:
-    """A graph's edges for membership tests: a map of one byte per pair row * N + col when
-    N^2 bytes is at most BITMAP_BYTES (25 MB at N = 5000; a byte per pair is faster to
-    index than packed bits here), sorted keys beyond; `position` finds an edge's index."""
+class PairSet:
+    """Membership of pair keys row * N + col: a map of one byte per pair when N^2 is at
+    most BITMAP_BYTES (25 MB at N = 5000; a byte per pair is faster to index than packed
+    bits), sorted unique keys beyond."""
 
     BITMAP_BYTES = 1 << 26
 
-    def __init__(self, g: Graph):
-        self.n = g.n
-        keys = g.src * g.n + g.dst
-        self.order = keys.argsort()
-        self.sorted_keys = keys[self.order]
-        self.val, self.weight = g.val, g.weight
-        self.bitmap = None
-        if g.n * g.n <= self.BITMAP_BYTES:
-            bits = torch.zeros((g.n * g.n + 7) // 8 * 8, dtype=torch.bool, device=keys.device)
-            bits[keys] = True
-            self.bitmap = bits
+    def __init__(self, keys: torch.Tensor, n: int):
+        self.bitmap = self.sorted = None
+        if n * n <= self.BITMAP_BYTES:
+            self.bitmap = torch.zeros(n * n, dtype=torch.bool, device=keys.device)
+            self.bitmap[keys] = True
+        else:
+            self.sorted = keys.unique()
 
-    def contains(self, keys: torch.Tensor) -> torch.Tensor:
-        if self.bitmap is not None:
-            return self.bitmap[keys]
-        pos = torch.searchsorted(self.sorted_keys, keys).clamp_max_(max(len(self.sorted_keys) - 1, 0))
-        return self.sorted_keys[pos] == keys
-
-    def position(self, keys: torch.Tensor) -> torch.Tensor:
-        return self.order[torch.searchsorted(self.sorted_keys, keys)]
+    def contains(self, queries: torch.Tensor) -> torch.Tensor:
+        if self.bitmap is not None:  # index_select: several times faster than [] here
+            return self.bitmap.index_select(0, queries.flatten()).view(queries.shape)
+        if len(self.sorted) == 0:
+            return torch.zeros_like(queries, dtype=torch.bool)
+        pos = torch.searchsorted(self.sorted, queries).clamp_max_(len(self.sorted) - 1)
+        return self.sorted[pos] == queries
 
 
 @dataclass
@@ -226,9 +267,9 @@ class Space:
         """sim(X, X) at k and its scale (cached: every pair and model reuses them)."""
         return self._cached(("self", k), lambda: self_terms(self.graph(k)))
 
-    def sorted_keys(self, k: int):
-        """The graph's sorted edge keys (cached), for lookups of other graphs' edges."""
-        return self._cached(("sorted", k), lambda: sorted_keys(self.graph(k)))
+    def edge_keys(self, k: int, sort: bool | None = None) -> EdgeKeys:
+        """The graph's edge index (cached), for lookups of other graphs' edges."""
+        return self._cached(("keys", k, sort), lambda: edge_keys(self.graph(k), sort))
 
     def _cached(self, key, make):
         if key not in self._graphs:
@@ -242,13 +283,6 @@ class Space:
             self._graphs["memo"] = ZoneMemo(self.x, self.neighbours)
         return self._graphs["memo"]
 
-    def edge_lookup(self, k: int):
-        """The graph at k as a membership index (cached: every model's null shares it)."""
-        key = ("lookup", k)
-        if key not in self._graphs:
-            self._graphs[key] = EdgeLookup(self.graph(k))
-        return self._graphs[key]
-
 
 def _weighted_hsic(src, dst, k_val, l_val, weight, n) -> float:
     """Unbiased HSIC of M*K and M*L for a weighted mask M (M_ij = weight on edge (i, j)).
@@ -257,13 +291,9 @@ def _weighted_hsic(src, dst, k_val, l_val, weight, n) -> float:
     edge of M_ij M_ji K_ij L_ij; 1'K~1 = sum M K; 1'L~1 = sum M L;
     1'K~L~1 = sum_l (K~ into l)(L~ out of l)."""
     kw, lw = weight * k_val.double(), weight * l_val.double()
-    keys = src * n + dst
-    order = keys.argsort()
-    ordered = keys[order]
-    reverse = dst * n + src
-    pos = torch.searchsorted(ordered, reverse).clamp_max_(max(len(keys) - 1, 0))
-    has_reverse = ordered[pos] == reverse if len(keys) else reverse == -1
-    trace = (kw * l_val.double() * weight[order[pos]])[has_reverse].sum()
+    reverse = EdgeKeys(src, dst, n).find(dst * n + src)
+    has_reverse = reverse >= 0
+    trace = (kw * l_val.double() * weight[reverse.clamp_min(0)])[has_reverse].sum()
     k_into = torch.zeros(n, dtype=torch.float64, device=kw.device).index_add_(0, dst, kw)
     l_out = torch.zeros(n, dtype=torch.float64, device=kw.device).index_add_(0, src, lw)
     cross = (k_into * l_out).sum()
@@ -276,22 +306,17 @@ def _self_scale(g: Graph) -> float:
     return ((g.weight * g.val) ** 2).sum().item() / (g.n * (g.n - 3))
 
 
-def sorted_keys(g: Graph) -> tuple[torch.Tensor, torch.Tensor]:
-    """A graph's edge keys row * N + col, sorted, and the order that sorts them."""
-    keys = g.src * g.n + g.dst
-    order = keys.argsort()
-    return order, keys[order]
+def edge_keys(g: Graph, sort: bool | None = None) -> EdgeKeys:
+    return EdgeKeys(g.src, g.dst, g.n, sort)
 
 
-def shared_edges(ga: Graph, gb: Graph, b_sorted=None):
-    """Edges in both graphs with M = min(w_A, w_B): (src, dst, K, L, M). `b_sorted`:
-    `sorted_keys(gb)` when already known."""
+def shared_edges(ga: Graph, gb: Graph, b_keys: EdgeKeys | None = None):
+    """Edges in both graphs with M = min(w_A, w_B): (src, dst, K, L, M). `b_keys`:
+    `edge_keys(gb)` when already known."""
     n = ga.n
-    order, ordered = b_sorted or sorted_keys(gb)
-    keys = ga.src * n + ga.dst
-    pos = torch.searchsorted(ordered, keys).clamp_max_(max(len(ordered) - 1, 0))
-    hit = ordered[pos] == keys
-    at = order[pos[hit]]
+    found = (b_keys or edge_keys(gb)).find(ga.src * n + ga.dst)
+    hit = found >= 0
+    at = found[hit]
     return (ga.src[hit], ga.dst[hit], ga.val[hit], gb.val[at],
             torch.minimum(ga.weight[hit], gb.weight[at]))
 
@@ -301,11 +326,11 @@ def self_terms(g: Graph) -> tuple[float, float]:
     return _weighted_hsic(g.src, g.dst, g.val, g.val, g.weight, g.n), _self_scale(g)
 
 
-def scores_from_graphs(ga: Graph, gb: Graph, self_a=None, self_b=None, b_sorted=None) -> Scores:
-    """CKNNA and mutual kNN at k from two tie graphs (self terms and B's sorted keys may
+def scores_from_graphs(ga: Graph, gb: Graph, self_a=None, self_b=None, b_keys=None) -> Scores:
+    """CKNNA and mutual kNN at k from two tie graphs (self terms and B's edge keys may
     be passed in when already computed)."""
     k, n = ga.k, ga.n
-    src, dst, kv, lv, m = shared_edges(ga, gb, b_sorted)
+    src, dst, kv, lv, m = shared_edges(ga, gb, b_keys)
     kl = _weighted_hsic(src, dst, kv, lv, m, n)
     kk, kk_scale = self_a or self_terms(ga)
     ll, ll_scale = self_b or self_terms(gb)
@@ -331,7 +356,7 @@ def space_scores(sa: Space, sb: Space, k: int) -> Scores:
     if sa.ties == "index":
         return scores_from_neighbours(sa.neighbours, sb.neighbours, k)
     return scores_from_graphs(sa.graph(k), sb.graph(k), sa.self_terms(k), sb.self_terms(k),
-                              sb.sorted_keys(k))
+                              sb.edge_keys(k))
 
 
 def _spaces(feats_a, feats_b, topk, ties, groups, knn_options):

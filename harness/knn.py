@@ -274,13 +274,19 @@ def _weights(exact: torch.Tensor, zone: torch.Tensor, n_above: torch.Tensor, k: 
     return weights, n_up + n_tied > k
 
 
+PRODUCT_ELEMENTS = 1 << 17  # float64 pair products per chunk: 1 MB, stays in cache
+
+
 def _dot64(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Float64 x_rows[e] . x_cols[e], pair by pair, in chunks (rows converted to float64
-    as they are gathered, so no float64 copy of x is kept)."""
+    """Float64 x_rows[e] . x_cols[e], pair by pair, in cache-sized chunks (rows converted
+    to float64 as they are gathered, so no float64 copy of x is kept). Each pair is one
+    row sum of the same length, so chunking never changes a bit of the result."""
     out = torch.empty(len(rows), dtype=torch.float64, device=x.device)
-    chunk = max(1, RESCAN_ELEMENTS // x.shape[1])
+    chunk = max(1, PRODUCT_ELEMENTS // x.shape[1])
     for s in range(0, len(rows), chunk):
-        out[s:s + chunk] = (x[rows[s:s + chunk]].double() * x[cols[s:s + chunk]].double()).sum(1)
+        pairs = x[rows[s:s + chunk]].double()
+        pairs.mul_(x[cols[s:s + chunk]].double())
+        torch.sum(pairs, 1, out=out[s:s + chunk])
     return out
 
 

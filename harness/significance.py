@@ -12,8 +12,8 @@ import warnings
 
 import torch
 
-from harness.cknna import (EPS, EdgeLookup, Scores, Space, _check, _EdgeIndex, _hsic_on_edges,
-                           scores_from_graphs, scores_from_neighbours, self_terms, sorted_keys,
+from harness.cknna import (EPS, PairSet, Scores, Space, _check, _EdgeIndex, _hsic_on_edges,
+                           edge_keys, scores_from_graphs, scores_from_neighbours, self_terms,
                            space_scores)
 from harness.knn import Graph, Neighbours, knn_among, tie_graph
 
@@ -90,16 +90,15 @@ def null_draws(sa: Space, sb: Space, observed: Scores, n_permutations: int, seed
     CKNNA(A[p], B) = CKNNA(A, B[p^-1]): A's graph is relabelled (no new search);
     sim(K,K) and sim(L,L) do not change under a shuffle, only sim(K, L) is redone."""
     k, n = observed.k, sa.x.shape[0]
-    denom = _denominator(observed)
     null = torch.empty(n_permutations, dtype=torch.float64)
     if sa.degenerate or sb.degenerate:
         return null.fill_(float("nan"))
-    device = sa.x.device
-    draws = permutations(n, n_permutations, seed, groups)
     if sa.ties == "shared":
-        return _batched_null(sa.graph(k), sb.edge_lookup(k), draws, n_permutations, denom, null)
+        return shared_null(sa, sb, {k: observed}, n_permutations, seed, groups)[k]
+    device = sa.x.device
+    denom = _denominator(observed)
     na, b_index = sa.neighbours.prefix(k), _EdgeIndex(sb.neighbours.prefix(k))
-    for d, perm in enumerate(draws):
+    for d, perm in enumerate(permutations(n, n_permutations, seed, groups)):
         perm = perm.to(device)
         inverse = torch.empty_like(perm)
         inverse[perm] = torch.arange(n, device=device)
@@ -111,32 +110,47 @@ def null_draws(sa: Space, sb: Space, observed: Scores, n_permutations: int, seed
 NULL_BATCH_ELEMENTS = 1 << 22  # relabelled edges looked up at once (a few 16 MB arrays)
 
 
-def _batched_null(ga: Graph, lookup: EdgeLookup, draws, n_draws: int, denom: float,
-                  null: torch.Tensor) -> torch.Tensor:
-    """sim(K, L) of A[p] against B for many permutations at once, in the same operations
-    (and so to the same bits) as one `shared_edges` + `_weighted_hsic` per permutation:
-    A's edges are relabelled and looked up in B's byte map for a batch of permutations;
-    only the sums over each permutation's shared edges run one by one."""
-    n, device = ga.n, ga.src.device
-    batch = max(1, NULL_BATCH_ELEMENTS // max(1, len(ga.src)))
+def shared_null(sa: Space, sb: Space, observed: dict[int, Scores], n_permutations: int,
+                seed: int = 0, groups: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+    """`null_draws` under shared ties for every k in `observed` at once, to the same bits.
+
+    Edge (i, j) of B is an edge of A[p] when (p[i], p[j]) is an edge of A. So, for a batch
+    of permutations, B's edges (all k together) are relabelled and looked up in one byte
+    map of A's edges (all k); only the few hits are then placed in each k's graphs and
+    summed as one `shared_edges` + `_weighted_hsic` per permutation would."""
+    ks = sorted(observed)
+    n, device = sb.x.shape[0], sb.x.device
+    graphs_a, graphs_b = {k: sa.graph(k) for k in ks}, {k: sb.graph(k) for k in ks}
+    union_a = PairSet(torch.cat([g.src * n + g.dst for g in graphs_a.values()]), n)
+    b_keys = torch.cat([g.src * n + g.dst for g in graphs_b.values()]).unique()
+    b_src, b_dst = b_keys // n, b_keys % n
+    find_a = {k: sa.edge_keys(k, sort=True) for k in ks}
+    find_b = {k: sb.edge_keys(k, sort=True) for k in ks}
+    nulls = {k: torch.empty(n_permutations, dtype=torch.float64) for k in ks}
+    small = torch.int32 if n * n < 2 ** 31 else torch.long  # halves the relabelling's traffic
+    draws = permutations(n, n_permutations, seed, groups)
+    batch = max(1, NULL_BATCH_ELEMENTS // max(1, len(b_keys)))
     done = 0
-    while done < n_draws:
-        perms = [next(draws).to(device) for _ in range(min(batch, n_draws - done))]
-        perm = torch.stack(perms)
-        inverse = torch.empty_like(perm).scatter_(
-            1, perm, torch.arange(n, device=device).expand_as(perm).contiguous())
-        src = torch.gather(inverse, 1, ga.src.expand(len(perms), -1))
-        dst = torch.gather(inverse, 1, ga.dst.expand(len(perms), -1))
-        keys = src * n + dst
-        hit = lookup.contains(keys)
-        which, edge = hit.nonzero(as_tuple=True)
-        at = lookup.position(keys[which, edge])
-        values = _sim_kl_batch(which, src[which, edge], dst[which, edge], ga.val[edge],
-                               lookup.val[at], torch.minimum(ga.weight[edge], lookup.weight[at]),
-                               n, len(perms))
-        null[done:done + len(perms)] = values / denom
-        done += len(perms)
-    return null
+    while done < n_permutations:
+        perm = torch.stack([next(draws) for _ in range(min(batch, n_permutations - done))])
+        perm = perm.to(device=device, dtype=small)
+        p = len(perm)
+        u = torch.gather(perm, 1, b_src.expand(p, -1))
+        v = torch.gather(perm, 1, b_dst.expand(p, -1))
+        which, edge = union_a.contains(u * n + v).nonzero(as_tuple=True)
+        a_keys = u[which, edge].long() * n + v[which, edge]
+        for k in ks:
+            ga, gb = graphs_a[k], graphs_b[k]
+            at_a, at_b = find_a[k].find(a_keys), find_b[k].find(b_keys[edge])
+            both = ((at_a >= 0) & (at_b >= 0)).nonzero().flatten()
+            # The order one permutation at a time gives: by permutation, then A's edge.
+            both = both[(which[both] * len(ga.src) + at_a[both]).argsort()]
+            ia, ib, e = at_a[both], at_b[both], edge[both]
+            values = _sim_kl_batch(which[both], b_src[e], b_dst[e], ga.val[ia], gb.val[ib],
+                                   torch.minimum(ga.weight[ia], gb.weight[ib]), n, p)
+            nulls[k][done:done + p] = values.cpu() / _denominator(observed[k])
+        done += p
+    return nulls
 
 
 def _sim_kl_batch(which, src, dst, k_val, l_val, weight, n: int, p: int) -> torch.Tensor:
@@ -178,9 +192,12 @@ def summarise_null(observed: float, null: torch.Tensor, seed: int) -> dict:
 
 
 def permutation_null(sa: Space, sb: Space, observed: Scores, n_permutations: int,
-                     seed: int = 0, groups: torch.Tensor | None = None) -> dict:
-    """Summary of `null_draws`; p-value = (1 + #{null >= observed}) / (1 + draws)."""
-    null = null_draws(sa, sb, observed, n_permutations, seed, groups)
+                     seed: int = 0, groups: torch.Tensor | None = None,
+                     null: torch.Tensor | None = None) -> dict:
+    """Summary of `null_draws` (or of `null` when already drawn); p-value =
+    (1 + #{null >= observed}) / (1 + draws)."""
+    if null is None:
+        null = null_draws(sa, sb, observed, n_permutations, seed, groups)
     out = summarise_null(observed.cknna, null, seed)
     out["groups_respected"] = groups is not None
     return out
@@ -228,6 +245,16 @@ def _subsample_neighbours(x: torch.Tensor, long: Neighbours, subset: torch.Tenso
     return Neighbours(out_i, out_v, long.exact), len(short)
 
 
+def _finite_first(values: torch.Tensor) -> torch.Tensor:
+    """The stable descending argsort of rows that are already descending except for -inf
+    entries: a stable partition, finite values first, each part in its old order."""
+    finite = values > float("-inf")
+    n_finite = finite.sum(1, keepdim=True)
+    place = torch.where(finite, finite.cumsum(1) - 1, n_finite + (~finite).cumsum(1) - 1)
+    cols = torch.arange(values.shape[1], device=values.device).expand_as(place)
+    return torch.empty_like(place).scatter_(1, place, cols)
+
+
 def restrict(nb: Neighbours, subset: torch.Tensor):
     """A search's lists for the subset's rows, kept to subset members (local indices; other
     entries become -inf at the end); per row the value bounding every unlisted candidate
@@ -238,7 +265,7 @@ def restrict(nb: Neighbours, subset: torch.Tensor):
     local[subset] = torch.arange(len(subset), device=subset.device)
     idx = local[nb.indices[subset]]
     values = nb.values[subset].masked_fill(idx < 0, float("-inf"))
-    order = values.argsort(dim=1, descending=True, stable=True)
+    order = _finite_first(values)
     last = nb.values[subset, -1]
     if nb.k == n - 1:
         last = torch.full_like(last, float("-inf"))
@@ -289,14 +316,14 @@ def subsample_table(spaces_a: list[Space], sb: Space, ks: list[int],
                 shared_b = None
                 if sb.ties == "shared" and not sb.degenerate:
                     gb, rb = subset_graph(sb, subset, k)
-                    shared_b = gb, rb, self_terms(gb), sorted_keys(gb)
+                    shared_b = gb, rb, self_terms(gb), edge_keys(gb)
                 for i, sa in enumerate(spaces_a):
                     if shared_b is None or sa.degenerate or sa.ties != "shared":
                         s, r = subset_scores(sa, sb, subset, k)
                     else:
-                        gb, rb, self_b, b_sorted = shared_b
+                        gb, rb, self_b, b_keys = shared_b
                         ga, ra = subset_graph(sa, subset, k)
-                        s = scores_from_graphs(ga, gb, self_b=self_b, b_sorted=b_sorted)
+                        s = scores_from_graphs(ga, gb, self_b=self_b, b_keys=b_keys)
                         r = ra + rb
                     values[i][k].append(s.cknna)
                     redone[i][k] += r
@@ -453,16 +480,21 @@ def align(feats_a: torch.Tensor, feats_b: torch.Tensor, ks, *, permutations: int
     sa, sb = space(feats_a, space_a), space(feats_b, space_b)
     draws = subsets(n, subsample_draws, subsample_fraction, seed, groups) if subsample_draws else []
     table = subsample_table([sa], sb, ks, draws)[0] if subsample_draws and not skip_subsample else {}
+    scores = {k: space_scores(sa, sb, k) for k in ks}
+    nulls = {}
+    if permutations and ties == "shared" and not (sa.degenerate or sb.degenerate):
+        nulls = shared_null(sa, sb, scores, permutations, seed, groups)  # every k in one pass
     results = {}
     for k in ks:
-        s = space_scores(sa, sb, k)
+        s = scores[k]
         row = {"cknna": s.cknna, "mutual_knn": s.mutual_knn,
                "sim_kl": s.sim_kl, "sim_kk": s.sim_kk, "sim_ll": s.sim_ll}
         if ties == "shared" and not (sa.degenerate or sb.degenerate):
             row["tied_rows_A"] = sa.graph(k).tied_rows
             row["tied_rows_B"] = sb.graph(k).tied_rows
         if permutations:
-            row["permutation"] = permutation_null(sa, sb, s, permutations, seed, groups)
+            row["permutation"] = permutation_null(sa, sb, s, permutations, seed, groups,
+                                                  nulls.get(k))
         if subsample_draws:
             vals, redone = table[k] if k in table else precomputed[k]
             row["subsample"] = interval_record(vals, redone, fraction=subsample_fraction,

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from harness import cknna as C
 from harness import results as R
 from harness import significance as S
 from tests.issue12_engine import cknna as old_cknna
@@ -66,8 +67,13 @@ def test_align_matches_the_issue_12_engine_bit_for_bit(seed, tied, grouped, excl
              old_significance.align(a, b, [3, 5, 10], **options))
 
 
+@pytest.mark.parametrize("pair_map", [True, False])
 @pytest.mark.parametrize("seed,tied,grouped", [(5, False, False), (6, True, True)])
-def test_the_whole_results_json_matches_the_issue_12_engine(seed, tied, grouped):
+def test_the_whole_results_json_matches_the_issue_12_engine(seed, tied, grouped, pair_map,
+                                                             monkeypatch):
+    """Both ways of finding edges (the shared pair map, sorted keys beyond its size)."""
+    if not pair_map:
+        monkeypatch.setattr(C, "MAP_ELEMENTS", 0)
     b, models, groups = data(seed, n=100, ties=tied)
     settings = R.Settings(ks=[3, 5, 10], permutations=30, subsample_draws=10,
                           subsample_fraction=0.75, seed=seed, pairwise=True, compare=True,
@@ -99,6 +105,7 @@ def test_edge_lookup_without_a_bitmap_agrees(monkeypatch):
     sa, sb = S.Space(models["m2"], 10), S.Space(b, 10)
     observed = S.space_scores(sa, sb, 10)
     with_bitmap = S.null_draws(sa, sb, observed, 20, seed=1)
-    monkeypatch.setattr(S.EdgeLookup, "BITMAP_BYTES", 0)
+    monkeypatch.setattr(C.PairSet, "BITMAP_BYTES", 0)
+    monkeypatch.setattr(C, "MAP_ELEMENTS", 0)
     sb_sorted = S.Space(b, 10)
     same(S.null_draws(sa, sb_sorted, observed, 20, seed=1), with_bitmap)
