@@ -290,6 +290,17 @@ def _dot64(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Ten
     return out
 
 
+def _count_at_least(values: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """Per row, how many float32 `values` are >= the float64 `bound`: compared against the
+    smallest float32 >= bound, so the values need no float64 copy."""
+    if values.dtype != torch.float32:
+        return (values.double() >= bound.unsqueeze(1)).sum(1)
+    rounded = bound.float()
+    up = torch.nextafter(rounded, torch.full_like(rounded, float("inf")))
+    at_least = torch.where(rounded.double() < bound, up, rounded)
+    return (values >= at_least.unsqueeze(1)).sum(1)
+
+
 def tie_graph(x: torch.Tensor, nb: Neighbours, k: int, *, universe: torch.Tensor | None = None,
               groups: torch.Tensor | None = None, last: torch.Tensor | None = None,
               memo: "ZoneMemo | None" = None, positions: torch.Tensor | None = None) -> Graph:
@@ -322,7 +333,7 @@ def tie_graph(x: torch.Tensor, nb: Neighbours, k: int, *, universe: torch.Tensor
     hi, lo = kth + reach, kth - reach
     last = nb.values[:, -1].double() if last is None else last.double()
     # Entries below every row's zone weigh 0: drop those columns (lists are sorted).
-    width = max(k, int((nb.values.double() >= lo.unsqueeze(1)).sum(1).max()))
+    width = max(k, int(_count_at_least(nb.values, lo).max()))
     if width < length:
         nb = Neighbours(nb.indices[:, :width], nb.values[:, :width], nb.exact)
         positions = positions[:, :width] if positions is not None else None
@@ -341,10 +352,10 @@ def tie_graph(x: torch.Tensor, nb: Neighbours, k: int, *, universe: torch.Tensor
         exact[r, c] = _dot64(x, members[r], members[nb.indices[r, c]])
     weights, crossing = _weights(exact, zone, above.sum(1), k, tol)
     weights = weights + above.double()
-    keep = (weights > 0) & ~unsafe.unsqueeze(1)
-    rows = torch.arange(n, device=device).unsqueeze(1).expand_as(keep)
+    keep = ((weights > 0) & ~unsafe.unsqueeze(1)).view(-1).nonzero().flatten()
     vals = torch.where(zone, exact, values)
-    parts = [(rows[keep], nb.indices[keep], vals[keep], weights[keep])]
+    parts = [(keep // values.shape[1], nb.indices.reshape(-1).index_select(0, keep),
+              vals.view(-1).index_select(0, keep), weights.view(-1).index_select(0, keep))]
     crossing = crossing & ~unsafe
     redo = unsafe.nonzero().flatten()
     if len(redo):
@@ -367,12 +378,14 @@ class ZoneMemo:
         self.values = torch.zeros(nb.indices.shape, dtype=torch.float64, device=nb.indices.device)
 
     def products(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        missing = ~self.known[rows, positions]
-        if missing.any():
-            r, p = rows[missing], positions[missing]
-            self.values[r, p] = _dot64(self.x, r, self.indices[r, p])
-            self.known[r, p] = True
-        return self.values[rows, positions]
+        flat = rows * self.indices.shape[1] + positions  # flat views: plain index kernels
+        known, values = self.known.view(-1), self.values.view(-1)
+        missing = flat[~known.index_select(0, flat)]
+        if len(missing):
+            r, p = missing // self.indices.shape[1], missing % self.indices.shape[1]
+            values.index_copy_(0, missing, _dot64(self.x, r, self.indices[r, p]))
+            known.index_fill_(0, missing, True)
+        return values.index_select(0, flat)
 
 
 def _rescan(x64, members, redo, k, tol, groups):

@@ -263,8 +263,9 @@ def restrict(nb: Neighbours, subset: torch.Tensor):
     n = nb.indices.shape[0]
     local = torch.full((n,), -1, dtype=torch.long, device=subset.device)
     local[subset] = torch.arange(len(subset), device=subset.device)
-    idx = local[nb.indices[subset]]
-    values = nb.values[subset].masked_fill(idx < 0, float("-inf"))
+    lists = nb.indices.index_select(0, subset)
+    idx = local.index_select(0, lists.view(-1)).view(lists.shape)
+    values = nb.values.index_select(0, subset).masked_fill_(idx < 0, float("-inf"))
     order = _finite_first(values)
     last = nb.values[subset, -1]
     if nb.k == n - 1:
