@@ -5,8 +5,11 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from harness import cknna as C
+from harness import knn as K
 from harness import results as R
 from harness import significance as S
 from tests.issue12_engine import cknna as old_cknna
@@ -109,3 +112,29 @@ def test_edge_lookup_without_a_bitmap_agrees(monkeypatch):
     monkeypatch.setattr(C, "MAP_ELEMENTS", 0)
     sb_sorted = S.Space(b, 10)
     same(S.null_draws(sa, sb_sorted, observed, 20, seed=1), with_bitmap)
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.integers(1, 8), cols=st.integers(1, 12), seed=st.integers(0, 2 ** 31 - 1),
+       spread=st.sampled_from([0.0, 1e-9, 1e-7, 1.0]))
+def test_count_at_least_is_the_float64_comparison(rows, cols, seed, spread):
+    """The float32 comparison against a rounded-up bound counts exactly what comparing
+    float64 copies counts, for bounds at, between and beside float32 values."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(rows, cols, generator=g)
+    values[torch.rand(rows, cols, generator=g) < 0.2] = float("-inf")
+    bound = values[:, torch.randint(0, cols, (1,), generator=g)].squeeze(1).double()
+    bound = bound + spread * torch.randn(rows, generator=g, dtype=torch.float64)
+    expected = (values.double() >= bound.unsqueeze(1)).sum(1)
+    assert torch.equal(K._count_at_least(values, bound), expected)
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.integers(1, 8), cols=st.integers(1, 12), seed=st.integers(0, 2 ** 31 - 1))
+def test_finite_first_is_the_stable_descending_argsort_of_restricted_lists(rows, cols, seed):
+    """Restricted lists (descending, with -inf for dropped entries, ties included)."""
+    g = torch.Generator().manual_seed(seed)
+    values = (torch.randn(rows, cols, generator=g) * 2).round().sort(1, descending=True).values
+    values[torch.rand(rows, cols, generator=g) < 0.3] = float("-inf")
+    assert torch.equal(S._finite_first(values),
+                       values.argsort(dim=1, descending=True, stable=True))
