@@ -3,8 +3,8 @@
 On CPU the caller's fixed budget is returned unchanged (its constants were tuned for
 speed there, and results must not move). On CUDA a block is sized from the memory free
 now, so a large card takes few large blocks (fewer kernel launches and top-k passes) and
-a busy one small blocks instead of running out of memory. Block size never changes a
-result: the kNN search is exact and tie-ordered whatever the blocks.
+a busy one small blocks instead of running out of memory. Which neighbours tie and how
+ties are broken do not depend on the blocks; only float32 rounding of a product can.
 """
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ Tensors "on the device" are CPU tensors of the subclass `OnDevice`. Inside
 - an operation mixing device tensors with host tensors of one element or more fails on
   CUDA ("Expected all tensors to be on the same device"): it is recorded as a mismatch,
   with the innermost harness/ line that called it (host 0-dim tensors are allowed, as
-  on CUDA; so are host indices into a device tensor, recorded as a transfer);
+  on CUDA; so are host indices into a device tensor, recorded as a transfer, like
+  `.to(device)` of a host tensor);
 - `.numpy()` of a device tensor is a mismatch; `.item()`, `.tolist()`, `bool()`,
   `int()`, `float()`, `.nonzero()`, boolean-mask indexing and `.cpu()` wait for the
   device, so they are counted as syncs, per line.
@@ -87,11 +88,13 @@ class _Mode(TorchFunctionMode):
         name = getattr(func, "__name__", str(func))
         tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         self._check(name, args, tensors)
+        moves = name == "to" and _names_a_device(args, kwargs)
+        if moves and _host(args[0]):
+            self.f.transfers[(_site(), "host tensor copied to the device")] += 1
         out = func(*args, **kwargs)
         if name == "cpu":
             return out.as_subclass(torch.Tensor)
-        if (name == "to" and _names_a_device(args, kwargs)) or \
-                (name in FACTORIES and kwargs.get("device") is not None):
+        if moves or (name in FACTORIES and kwargs.get("device") is not None):
             return out.as_subclass(OnDevice) if isinstance(out, torch.Tensor) else out
         return out
 
