@@ -20,11 +20,17 @@ from dataclasses import dataclass
 
 import torch
 
-# Gram block sizes (float32). Row strategy: 16 M elements = 64 MB per block. Symmetric
-# strategy: 2048 x 2048 = 16 MB, big enough for an efficient matmul and top-k, small
-# enough that skipping the lower triangle saves a third of the product at N = 5000.
+from harness.device_memory import block_elements
+
+# Gram block sizes (float32) on CPU; on CUDA they follow free memory (device_memory).
+# Row strategy: 16 M elements = 64 MB per block. Symmetric strategy: 2048 x 2048 = 16 MB,
+# big enough for an efficient matmul and top-k, small enough that skipping the lower
+# triangle saves a third of the product at N = 5000.
 ROW_BLOCK_ELEMENTS = 1 << 24
 SYMMETRIC_BLOCK = 2048
+# Working bytes per Gram element: the float32 block, a copy of it for a transposed top-k,
+# and for rows with ties at the k-th place a gathered copy sorted with int64 indices.
+GRAM_BYTES_PER_ELEMENT = 32
 # Below this width the top-k costs more than the product: the row strategy wins.
 SYMMETRIC_MIN_DIM = 64
 STRATEGIES = ("auto", "rows", "symmetric")
@@ -106,7 +112,8 @@ def _search_rows(x: torch.Tensor, k: int, block_rows: int | None,
     """Row blocks against all rows: one wide top-k per row. Best when D is small and the
     top-k, not the product, dominates (e.g. 7-D states)."""
     n = x.shape[0]
-    block = block_rows or max(1, ROW_BLOCK_ELEMENTS // n)
+    block = block_rows or max(1, block_elements(x.device, ROW_BLOCK_ELEMENTS,
+                                                GRAM_BYTES_PER_ELEMENT) // n)
     out_v = torch.empty(n, k, dtype=x.dtype, device=x.device)
     out_i = torch.empty(n, k, dtype=torch.long, device=x.device)
     with _exact_matmul():
@@ -124,7 +131,8 @@ def _search_symmetric(x: torch.Tensor, k: int, block_rows: int | None,
     among columns J, and its transpose gives rows J theirs among columns I, so each
     inner product is computed once. Best when D is large and the product dominates."""
     n = x.shape[0]
-    block = block_rows or SYMMETRIC_BLOCK
+    block = block_rows or math.isqrt(block_elements(x.device, SYMMETRIC_BLOCK ** 2,
+                                                    GRAM_BYTES_PER_ELEMENT))
     starts = list(range(0, n, block))
     best = [None] * len(starts)
     out_v = torch.empty(n, k, dtype=x.dtype, device=x.device)

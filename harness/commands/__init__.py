@@ -19,4 +19,8 @@ def resolve_device(name: str):
         raise HarnessError(f"--device {name!r}: not a device name") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise HarnessError(f"--device {name}: CUDA is not available here (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise HarnessError(f"--device {name}: this machine has {count} CUDA device(s), "
+                           f"cuda:0 to cuda:{count - 1}")
     return device

@@ -36,7 +36,7 @@ def test_no_unit_test_builds_a_model():
 # Lower rank = further downhill; a module may import its own rank or lower ranks only.
 RANKS = {
     "errors": 0, "io": 0, "states": 0, "provenance": 0, "pooling": 0, "hooks": 0,
-    "progress": 0, "modality": 0, "residual_stream": 0,
+    "progress": 0, "modality": 0, "residual_stream": 0, "device_memory": 0,
     "data": 1, "synth": 1, "lerobot_build": 1,
     "extractors": 2,
     "features": 3, "extra_outputs": 3,
