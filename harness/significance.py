@@ -15,6 +15,7 @@ import torch
 from harness.cknna import (EPS, PairSet, Scores, Space, _check, _EdgeIndex, _hsic_on_edges,
                            edge_keys, scores_from_graphs, scores_from_neighbours, self_terms,
                            space_scores)
+from harness.device_memory import block_elements
 from harness.knn import Graph, Neighbours, knn_among, tie_graph
 
 # ---------------------------------------------------------------- draws
@@ -108,6 +109,7 @@ def null_draws(sa: Space, sb: Space, observed: Scores, n_permutations: int, seed
 
 
 NULL_BATCH_ELEMENTS = 1 << 22  # relabelled edges looked up at once (a few 16 MB arrays)
+NULL_BYTES_PER_ELEMENT = 24  # two int32 labels, an int64 key, the hit flag, the hits
 
 
 def shared_null(sa: Space, sb: Space, observed: dict[int, Scores], n_permutations: int,
@@ -129,7 +131,8 @@ def shared_null(sa: Space, sb: Space, observed: dict[int, Scores], n_permutation
     nulls = {k: torch.empty(n_permutations, dtype=torch.float64) for k in ks}
     small = torch.int32 if n * n < 2 ** 31 else torch.long  # halves the relabelling's traffic
     draws = permutations(n, n_permutations, seed, groups)
-    batch = max(1, NULL_BATCH_ELEMENTS // max(1, len(b_keys)))
+    budget = block_elements(device, NULL_BATCH_ELEMENTS, NULL_BYTES_PER_ELEMENT)
+    batch = max(1, budget // max(1, len(b_keys)))
     done = 0
     while done < n_permutations:
         perm = torch.stack([next(draws) for _ in range(min(batch, n_permutations - done))])
