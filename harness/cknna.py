@@ -292,8 +292,9 @@ def _weighted_hsic(src, dst, k_val, l_val, weight, n) -> float:
     1'K~L~1 = sum_l (K~ into l)(L~ out of l)."""
     kw, lw = weight * k_val.double(), weight * l_val.double()
     reverse = EdgeKeys(src, dst, n).find(dst * n + src)
-    has_reverse = reverse >= 0
-    trace = (kw * l_val.double() * weight[reverse.clamp_min(0)])[has_reverse].sum()
+    mutual = (reverse >= 0).nonzero().flatten()  # then index_select: faster than masks
+    trace = (kw.index_select(0, mutual) * l_val.index_select(0, mutual).double()
+             * weight.index_select(0, reverse.index_select(0, mutual))).sum()
     k_into = torch.zeros(n, dtype=torch.float64, device=kw.device).index_add_(0, dst, kw)
     l_out = torch.zeros(n, dtype=torch.float64, device=kw.device).index_add_(0, src, lw)
     cross = (k_into * l_out).sum()
@@ -315,10 +316,11 @@ def shared_edges(ga: Graph, gb: Graph, b_keys: EdgeKeys | None = None):
     `edge_keys(gb)` when already known."""
     n = ga.n
     found = (b_keys or edge_keys(gb)).find(ga.src * n + ga.dst)
-    hit = found >= 0
-    at = found[hit]
-    return (ga.src[hit], ga.dst[hit], ga.val[hit], gb.val[at],
-            torch.minimum(ga.weight[hit], gb.weight[at]))
+    hit = (found >= 0).nonzero().flatten()
+    at = found.index_select(0, hit)
+    return (ga.src.index_select(0, hit), ga.dst.index_select(0, hit),
+            ga.val.index_select(0, hit), gb.val.index_select(0, at),
+            torch.minimum(ga.weight.index_select(0, hit), gb.weight.index_select(0, at)))
 
 
 def self_terms(g: Graph) -> tuple[float, float]:
