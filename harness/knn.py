@@ -309,6 +309,22 @@ def _count_at_least(values: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
     return (values >= at_least.unsqueeze(1)).sum(1)
 
 
+def zone_reach(x: torch.Tensor, members: torch.Tensor, memo: "ZoneMemo | None" = None):
+    """Per member row: the tie tolerance, and how far a listed (searched) similarity may
+    lie from the true one plus that tolerance (see `tie_graph`)."""
+    norms = memo.norms if memo is not None else x.double().norm(dim=1)
+    scale = norms[members] * norms[members].max()
+    tol = TIE_RTOL * scale
+    return tol, 2 * product_error(x) * scale + tol
+
+
+def zone_ends_inside(nb: Neighbours, k: int, reach: torch.Tensor) -> bool:
+    """Whether every row's zone at k ends before its last listed entry: then `tie_graph`
+    never looks past it, and longer lists (same leading entries) give the same graph."""
+    lo = nb.values[:, k - 1].double() - reach
+    return bool((_count_at_least(nb.values, lo) < nb.k).all())
+
+
 def tie_graph(x: torch.Tensor, nb: Neighbours, k: int, *, universe: torch.Tensor | None = None,
               groups: torch.Tensor | None = None, last: torch.Tensor | None = None,
               memo: "ZoneMemo | None" = None, positions: torch.Tensor | None = None) -> Graph:
@@ -333,10 +349,7 @@ def tie_graph(x: torch.Tensor, nb: Neighbours, k: int, *, universe: torch.Tensor
     n, length = nb.indices.shape
     device = nb.indices.device
     members = universe if universe is not None else torch.arange(x.shape[0], device=device)
-    norms = memo.norms if memo is not None else x.double().norm(dim=1)
-    scale = norms[members] * norms[members].max()
-    tol = TIE_RTOL * scale
-    reach = 2 * product_error(x) * scale + tol
+    tol, reach = zone_reach(x, members, memo)
     kth = nb.values[:, k - 1].double()
     hi, lo = kth + reach, kth - reach
     last = nb.values[:, -1].double() if last is None else last.double()

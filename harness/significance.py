@@ -16,7 +16,7 @@ from harness.cknna import (EPS, PairSet, Scores, Space, _check, _EdgeIndex, _hsi
                            edge_keys, scores_from_graphs, scores_from_neighbours, self_terms,
                            space_scores)
 from harness.device_memory import block_elements
-from harness.knn import Graph, Neighbours, knn_among, tie_graph
+from harness.knn import Graph, Neighbours, knn_among, tie_graph, zone_ends_inside, zone_reach
 
 # ---------------------------------------------------------------- draws
 
@@ -258,18 +258,29 @@ def _finite_first(values: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(place).scatter_(1, place, cols)
 
 
-def restrict(nb: Neighbours, subset: torch.Tensor):
+def restrict(nb: Neighbours, subset: torch.Tensor, columns: int | None = None):
     """A search's lists for the subset's rows, kept to subset members (local indices; other
     entries become -inf at the end); per row the value bounding every unlisted candidate
     (the full list's last value; -inf when it held every sample); and each entry's
-    position in the full list."""
+    position in the full list.
+
+    With `columns`, only each row's first `columns` entries, read from the first
+    READ_MARGIN x columns / (subset fraction) of the list: None when that leaves some
+    row short (the caller then restricts whole lists)."""
     n = nb.indices.shape[0]
     local = torch.full((n,), -1, dtype=torch.long, device=subset.device)
     local[subset] = torch.arange(len(subset), device=subset.device)
-    lists = nb.indices.index_select(0, subset)
+    read = nb.k
+    if columns is not None:
+        read = min(nb.k, math.ceil(READ_MARGIN * columns * n / len(subset)))
+    lists = nb.indices[:, :read].index_select(0, subset)
     idx = local.index_select(0, lists.view(-1)).view(lists.shape)
-    values = nb.values.index_select(0, subset).masked_fill_(idx < 0, float("-inf"))
+    values = nb.values[:, :read].index_select(0, subset).masked_fill_(idx < 0, float("-inf"))
     order = _finite_first(values)
+    if columns is not None:
+        if read < nb.k and bool(((values > float("-inf")).sum(1) < columns).any()):
+            return None
+        order = order[:, :columns]
     last = nb.values[subset, -1]
     if nb.k == n - 1:
         last = torch.full_like(last, float("-inf"))
@@ -277,14 +288,30 @@ def restrict(nb: Neighbours, subset: torch.Tensor):
     return restricted, last, order
 
 
-def subset_graph(space: Space, subset: torch.Tensor, k: int) -> tuple[Graph, int]:
+READ_MARGIN = 1.5  # list entries read per restricted entry kept, over the subset fraction
+RESTRICT_SLACK = 16  # restricted entries kept beyond the largest k (a zone rarely needs more)
+
+
+def subset_graph(space: Space, subset: torch.Tensor, k: int,
+                 columns: int | None = None) -> tuple[Graph, int]:
     """A space's tie graph at k within a subset, and how many rows were scanned again.
-    The subset's restricted lists are kept until the next subset (every k uses them)."""
+    The subset's restricted lists are kept until the next subset (every k uses them).
+    `columns`: restrict only that many leading entries per row when every zone at k ends
+    inside them (the graph is then the same), whole lists otherwise."""
     key = (hash(subset.cpu().numpy().tobytes()), len(subset))
     cache = space._graphs
     if cache.get("restricted_key") != key:
-        cache["restricted_key"], cache["restricted"] = key, restrict(space.neighbours, subset)
-    nb, last, positions = cache["restricted"]
+        short = restrict(space.neighbours, subset, columns) if columns else None
+        cache["restricted_key"], cache["restricted"], cache["restricted_whole"] = key, short, None
+    lists = cache["restricted"]
+    if lists is not None and not zone_ends_inside(lists[0], k, zone_reach(space.x, subset,
+                                                                          space.memo)[1]):
+        lists = None
+    if lists is None:
+        if cache["restricted_whole"] is None:
+            cache["restricted_whole"] = restrict(space.neighbours, subset)
+        lists = cache["restricted_whole"]
+    nb, last, positions = lists
     graph = tie_graph(space.x, nb, k, universe=subset, groups=space.groups, last=last,
                       memo=space.memo, positions=positions)
     return graph, int((nb.values[:, k - 1] == float("-inf")).sum())
@@ -312,6 +339,7 @@ def subsample_table(spaces_a: list[Space], sb: Space, ks: list[int],
     models, and each space's restricted lists once for all k."""
     values = [{k: [] for k in ks} for _ in spaces_a]
     redone = [{k: 0 for k in ks} for _ in spaces_a]
+    columns = max(ks) + RESTRICT_SLACK
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         for subset in draws:
@@ -319,14 +347,14 @@ def subsample_table(spaces_a: list[Space], sb: Space, ks: list[int],
             for k in ks:
                 shared_b = None
                 if sb.ties == "shared" and not sb.degenerate:
-                    gb, rb = subset_graph(sb, subset, k)
+                    gb, rb = subset_graph(sb, subset, k, columns)
                     shared_b = gb, rb, self_terms(gb), edge_keys(gb)
                 for i, sa in enumerate(spaces_a):
                     if shared_b is None or sa.degenerate or sa.ties != "shared":
                         s, r = subset_scores(sa, sb, subset, k)
                     else:
                         gb, rb, self_b, b_keys = shared_b
-                        ga, ra = subset_graph(sa, subset, k)
+                        ga, ra = subset_graph(sa, subset, k, columns)
                         s = scores_from_graphs(ga, gb, self_b=self_b, b_keys=b_keys)
                         r = ra + rb
                     values[i][k].append(s.cknna)

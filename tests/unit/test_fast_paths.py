@@ -138,3 +138,18 @@ def test_finite_first_is_the_stable_descending_argsort_of_restricted_lists(rows,
     values[torch.rand(rows, cols, generator=g) < 0.3] = float("-inf")
     assert torch.equal(S._finite_first(values),
                        values.argsort(dim=1, descending=True, stable=True))
+
+
+@pytest.mark.parametrize("slack,margin", [(0, 1.0), (0, 3.0), (2, 3.0), (16, 1.5)])
+@pytest.mark.parametrize("tied", [False, True])
+def test_short_restricted_lists_give_the_whole_lists_graphs(slack, margin, tied, monkeypatch):
+    """Subset graphs from each row's leading restricted entries (falling back to whole lists
+    where a zone reaches their end or a row runs short) are the issue 12 engine's."""
+    monkeypatch.setattr(S, "RESTRICT_SLACK", slack)
+    monkeypatch.setattr(S, "READ_MARGIN", margin)
+    b, models, groups = data(9, n=160, ties=tied)
+    options = dict(subsample_draws=15, subsample_fraction=0.75, seed=2, keep_draws=True)
+    for g in (None, groups):
+        for a in models.values():
+            same(S.align(a, b, [1, 4, 9], groups=g, **options),
+                 old_significance.align(a, b, [1, 4, 9], groups=g, **options))
