@@ -41,7 +41,7 @@ def _tree(data64: np.ndarray):
     sq = (data64 ** 2).sum(1)
     m2 = sq.max()
     lifted = np.concatenate([data64, np.sqrt(np.maximum(m2 - sq, 0.0))[:, None]], axis=1)
-    return cKDTree(lifted, balanced_tree=False, compact_nodes=False), sq, m2
+    return cKDTree(lifted, leafsize=32, balanced_tree=False, compact_nodes=False), sq, m2
 
 
 def search_tree(x: torch.Tensor, k: int, groups: torch.Tensor | None = None) -> Neighbours:
