@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from harness.knn import Neighbours, _order_ties, knn, knn_among, product_error
+from harness.knn import Neighbours, _block_topk, _order_ties, knn, product_error
 
 MAX_DIM = 16
 MARGIN = 8  # candidates beyond k, so a close (k+1)-th rarely forces a second query
@@ -88,9 +88,17 @@ def search_tree(x: torch.Tensor, k: int, groups: torch.Tensor | None = None) -> 
     chunk = max(1, BRUTE_ELEMENTS // n)
     for s in range(0, len(todo), chunk):  # heavy ties or many same-group neighbours
         rows = todo[s:s + chunk]
-        nb = knn_among(data, rows, torch.arange(n), k, groups)
-        out_v[rows], out_i[rows] = nb.values, nb.indices
+        out_v[rows], out_i[rows] = _brute(data, rows, k, groups)
     return Neighbours(out_i.to(x.device), out_v.to(x.device))
+
+
+def _brute(data, rows, k, groups):
+    """Rows against every row, as the torch backend scores them."""
+    gram = data[rows] @ data.T
+    gram[torch.arange(len(rows)), rows] = float("-inf")
+    if groups is not None:
+        gram.masked_fill_(groups[rows].unsqueeze(1) == groups.unsqueeze(0), float("-inf"))
+    return _block_topk(gram, k)
 
 
 def _score(data, rows, idx, k, groups):

@@ -94,8 +94,8 @@ def test_growing_queries_and_brute_force_keep_the_graph(monkeypatch, max_candida
     small cap) the row is searched against every row; the graph stays the torch one."""
     monkeypatch.setattr(knn_lowdim, "MAX_CANDIDATES", max_candidates)
     calls = []
-    brute = knn_lowdim.knn_among
-    monkeypatch.setattr(knn_lowdim, "knn_among", lambda *a, **kw: calls.append(1) or brute(*a, **kw))
+    brute = knn_lowdim._brute
+    monkeypatch.setattr(knn_lowdim, "_brute", lambda *a: calls.append(1) or brute(*a))
     x = duplicated_rows(6, n=500, prototypes=5)
     for k in (1, 5, 20):
         assert_same_graph(C.Space(x, k), C.Space(x, k, knn_options={"backend": "tree"}), k)
