@@ -34,7 +34,7 @@ GRAM_BYTES_PER_ELEMENT = 32
 # Below this width the top-k costs more than the product: the row strategy wins.
 SYMMETRIC_MIN_DIM = 64
 STRATEGIES = ("auto", "rows", "symmetric")
-BACKENDS = ("torch", "faiss-flat", "faiss-hnsw")
+BACKENDS = ("torch", "faiss-flat", "faiss-hnsw", "tree")
 
 
 @dataclass(frozen=True)
@@ -188,7 +188,8 @@ def knn(x: torch.Tensor, k: int, *, backend: str = "torch", strategy: str = "aut
 
     Both torch strategies give identical lists; `auto` picks the faster one for the
     width. `faiss-flat` is exact but breaks boundary ties its own way; `faiss-hnsw` is
-    approximate (measure it with `recall`). With `groups` (N integer labels) rows of one
+    approximate (measure it with `recall`); `tree` gives the torch lists by a k-d tree
+    (faster for low-D rows at large N). With `groups` (N integer labels) rows of one
     group are never neighbours; a row with fewer than k others outside its group gets
     -inf similarities at the end of its list."""
     n = x.shape[0]
@@ -202,6 +203,9 @@ def knn(x: torch.Tensor, k: int, *, backend: str = "torch", strategy: str = "aut
         if strategy == "symmetric" or (strategy == "auto" and x.shape[1] >= SYMMETRIC_MIN_DIM):
             return _search_symmetric(x, k, block_rows, groups)
         return _search_rows(x, k, block_rows, groups)
+    if backend == "tree":  # exact k-d tree for low-D rows (harness.knn_lowdim)
+        from harness.knn_lowdim import search_tree
+        return search_tree(x, k, groups)
     if groups is not None:
         raise ValueError(f"excluding same-group neighbours needs the torch kNN backend, not {backend!r}")
     if backend in ("faiss-flat", "faiss-hnsw"):

@@ -131,8 +131,8 @@ def _check_args(args, n: int) -> list[int]:
                            f"{m} are too small for k={max(args.topk)}")
     if args.exclude_same_group and not args.groups:
         raise HarnessError("--exclude_same_group needs --groups FILE")
-    if args.exclude_same_group and args.knn_backend != "torch":
-        raise HarnessError(f"--exclude_same_group needs --knn_backend torch, not {args.knn_backend}")
+    if args.exclude_same_group and args.knn_backend not in ("torch", "tree"):
+        raise HarnessError(f"--exclude_same_group needs --knn_backend torch or tree, not {args.knn_backend}")
     if args.compare and len(args.feats_A) < 2:
         raise HarnessError("--compare needs at least two --feats_A models")
     if args.horizon and not args.feats_B_seq:
