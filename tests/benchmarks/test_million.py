@@ -1,11 +1,9 @@
 """benchmarks/million.py at small N (HARNESS_BENCH_N scales it; the real run is N = 1M by
 hand): the JSON has every part, recalls are fractions, and the exact tree lists agree with
 brute force. Timings are printed, never asserted."""
-import importlib.util
 import json
 import math
 import os
-from pathlib import Path
 
 import pytest
 
@@ -14,18 +12,10 @@ pytest.importorskip("faiss")
 pytest.importorskip("scipy")
 
 N = min(int(os.environ.get("HARNESS_BENCH_N", 5000)), 5000)
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "million.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("million", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_million_script_at_small_n():
-    million = load_script()
+    from benchmarks import million
     out = json.loads(json.dumps(million.run(n=N, dim=32, queries=200, sub=N // 2)))
     ks = [str(k) for k in million.KS]
     assert out["n"] == N and out["queries"] == 200 and out["subsample"]["m"] == N // 2

@@ -4,28 +4,18 @@ seed-style dense computation of one model in the same run (benchmarks/study_stag
 N defaults to the real 5000; HARNESS_BENCH_N makes it smaller (CI), and below 5000 the
 permutations and subsets shrink in proportion so that the quick run stays quick. The
 ratio and peak extra memory are printed; timings are never asserted."""
-import importlib.util
 import os
-from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.benchmark
 
 N = int(os.environ.get("HARNESS_BENCH_N", 5000))
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "study_stage.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("study_stage", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.benchmark(group="study-stage")
 def test_study_stage_against_dense_one_model(benchmark):
-    stage = load_script()
+    from benchmarks import study_stage as stage
     scale = min(1.0, N / 5000)
     settings = {"n": N, "permutations": max(10, round(1000 * scale)),
                 "draws": max(10, round(200 * scale))}
