@@ -21,6 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from harness.device_memory import block_elements
+from harness.knn_lowdim import MAX_DIM as TREE_MAX_DIM
+from harness.knn_lowdim import search_tree
+from harness.neighbours import Neighbours, _block_topk, _order_ties, product_error  # noqa: F401
 
 # Gram block sizes (float32) on CPU; on CUDA they follow free memory (device_memory).
 # Row strategy: 16 M elements = 64 MB per block. Symmetric strategy: 2048 x 2048 = 16 MB,
@@ -37,24 +40,6 @@ STRATEGIES = ("auto", "rows", "symmetric")
 BACKENDS = ("torch", "faiss-flat", "faiss-hnsw", "tree")
 
 
-@dataclass(frozen=True)
-class Neighbours:
-    """Each row's neighbours, best first: indices (N, k) int64 and similarities (N, k)."""
-
-    indices: torch.Tensor
-    values: torch.Tensor
-    exact: bool = True
-
-    @property
-    def k(self) -> int:
-        return self.indices.shape[1]
-
-    def prefix(self, k: int) -> "Neighbours":
-        if k > self.k:
-            raise ValueError(f"asked for k={k} but only {self.k} neighbours were searched")
-        return Neighbours(self.indices[:, :k], self.values[:, :k], self.exact)
-
-
 @contextlib.contextmanager
 def _exact_matmul():
     """TF32 matmuls change neighbour sets on CUDA; keep full float32 during the search."""
@@ -64,30 +49,6 @@ def _exact_matmul():
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
-
-
-def _order_ties(values: torch.Tensor, indices: torch.Tensor):
-    """Reorder each row by (value descending, index ascending)."""
-    by_index = indices.argsort(dim=1)
-    indices, values = indices.gather(1, by_index), values.gather(1, by_index)
-    by_value = values.argsort(dim=1, descending=True, stable=True)
-    return values.gather(1, by_value), indices.gather(1, by_value)
-
-
-def _block_topk(gram: torch.Tensor, k: int):
-    """Top-k of each row of a Gram block under the tie rule (all columns if fewer than k)."""
-    if k >= gram.shape[1]:
-        return _order_ties(*torch.sort(gram, dim=1, descending=True, stable=True))
-    values, indices = torch.topk(gram, k + 1, dim=1)
-    # A left-out value equal to the k-th one means topk chose among ties arbitrarily.
-    ambiguous = values[:, k] == values[:, k - 1]
-    values, indices = _order_ties(values[:, :k], indices[:, :k])
-    if ambiguous.any():
-        rows = ambiguous.nonzero().flatten()
-        # Columns are in index order, so a stable sort puts the lower index first.
-        v, i = torch.sort(gram[rows], dim=1, descending=True, stable=True)
-        values[rows], indices[rows] = v[:, :k], i[:, :k]
-    return values, indices
 
 
 def _merge(best, values, indices, k):
@@ -203,9 +164,10 @@ def knn(x: torch.Tensor, k: int, *, backend: str = "torch", strategy: str = "aut
         if strategy == "symmetric" or (strategy == "auto" and x.shape[1] >= SYMMETRIC_MIN_DIM):
             return _search_symmetric(x, k, block_rows, groups)
         return _search_rows(x, k, block_rows, groups)
-    if backend == "tree":  # exact k-d tree for low-D rows (harness.knn_lowdim)
-        from harness.knn_lowdim import search_tree
+    if backend == "tree" and x.shape[1] <= TREE_MAX_DIM:  # exact k-d tree for low-D rows
         return search_tree(x, k, groups)
+    if backend == "tree":  # wider rows: a tree visits most of itself, torch is faster
+        return knn(x, k, strategy=strategy, block_rows=block_rows, groups=groups)
     if groups is not None:
         raise ValueError(f"excluding same-group neighbours needs the torch kNN backend, not {backend!r}")
     if backend in ("faiss-flat", "faiss-hnsw"):
@@ -245,12 +207,6 @@ TIE_MARGIN = 8
 RESCAN_ELEMENTS = 1 << 22  # float64 similarities per re-scan chunk (32 MB)
 # A weighted graph larger than this is refused rather than filling memory.
 MAX_GRAPH_EDGES = 50_000_000
-
-
-def product_error(x: torch.Tensor) -> float:
-    """gamma_D: bound on |fl(x_i . x_j) - x_i . x_j| / (|x_i| |x_j|) in the search's dtype."""
-    nu = x.shape[1] * torch.finfo(x.dtype).eps / 2
-    return nu / (1 - nu) if nu < 1 else math.inf
 
 
 @dataclass(frozen=True)

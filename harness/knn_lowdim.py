@@ -15,14 +15,15 @@ lists are exact top-k lists, ties included, and `tie_graph` builds the same grap
 them as from the torch lists.
 
 Above MAX_DIM columns a tree stops paying (most of it is visited), so wider inputs are
-searched by the torch backend: `--knn_backend tree` can serve features and states alike.
+searched by the torch backend (`knn` decides): `--knn_backend tree` can serve features and
+states alike.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from harness.knn import Neighbours, _block_topk, _order_ties, knn, product_error
+from harness.neighbours import Neighbours, _block_topk, _order_ties, product_error
 
 MAX_DIM = 16
 MARGIN = 8  # candidates beyond k, so a close (k+1)-th rarely forces a second query
@@ -48,7 +49,7 @@ def search_tree(x: torch.Tensor, k: int, groups: torch.Tensor | None = None) -> 
     """knn(x, k) by a k-d tree: the same exact lists as the torch backend (ties to the
     lower index, self and same-group rows excluded, -inf padding where too few remain)."""
     if x.shape[1] > MAX_DIM:
-        return knn(x, k, groups=groups)
+        raise ValueError(f"x: {x.shape[1]} columns; the tree search is for <= {MAX_DIM}")
     if not torch.isfinite(x).all():
         raise ValueError("x: the tree kNN backend needs finite values")
     n = x.shape[0]

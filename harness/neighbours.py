@@ -1,0 +1,58 @@
+"""Neighbour lists and the tie-ordered top-k that every search backend shares.
+
+Rows are ordered by similarity, highest first, and among exactly equal similarities the
+lower sample index wins (deterministic, unlike `torch.topk` alone)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    """Each row's neighbours, best first: indices (N, k) int64 and similarities (N, k)."""
+
+    indices: torch.Tensor
+    values: torch.Tensor
+    exact: bool = True
+
+    @property
+    def k(self) -> int:
+        return self.indices.shape[1]
+
+    def prefix(self, k: int) -> "Neighbours":
+        if k > self.k:
+            raise ValueError(f"asked for k={k} but only {self.k} neighbours were searched")
+        return Neighbours(self.indices[:, :k], self.values[:, :k], self.exact)
+
+
+def _order_ties(values: torch.Tensor, indices: torch.Tensor):
+    """Reorder each row by (value descending, index ascending)."""
+    by_index = indices.argsort(dim=1)
+    indices, values = indices.gather(1, by_index), values.gather(1, by_index)
+    by_value = values.argsort(dim=1, descending=True, stable=True)
+    return values.gather(1, by_value), indices.gather(1, by_value)
+
+
+def _block_topk(gram: torch.Tensor, k: int):
+    """Top-k of each row of a Gram block under the tie rule (all columns if fewer than k)."""
+    if k >= gram.shape[1]:
+        return _order_ties(*torch.sort(gram, dim=1, descending=True, stable=True))
+    values, indices = torch.topk(gram, k + 1, dim=1)
+    # A left-out value equal to the k-th one means topk chose among ties arbitrarily.
+    ambiguous = values[:, k] == values[:, k - 1]
+    values, indices = _order_ties(values[:, :k], indices[:, :k])
+    if ambiguous.any():
+        rows = ambiguous.nonzero().flatten()
+        # Columns are in index order, so a stable sort puts the lower index first.
+        v, i = torch.sort(gram[rows], dim=1, descending=True, stable=True)
+        values[rows], indices[rows] = v[:, :k], i[:, :k]
+    return values, indices
+
+
+def product_error(x: torch.Tensor) -> float:
+    """gamma_D: bound on |fl(x_i . x_j) - x_i . x_j| / (|x_i| |x_j|) in the search's dtype."""
+    nu = x.shape[1] * torch.finfo(x.dtype).eps / 2
+    return nu / (1 - nu) if nu < 1 else math.inf
