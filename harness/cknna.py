@@ -86,15 +86,6 @@ class EdgeKeys:
             table.index_fill_(0, self.keys, 0)
 
 
-def _contains(keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    """queries ∈ keys, by binary search (torch.isin can fall back to an O(n m) scan)."""
-    if len(keys) == 0:
-        return torch.zeros_like(queries, dtype=torch.bool)
-    ordered = keys.sort().values
-    pos = torch.searchsorted(ordered, queries).clamp_max_(len(ordered) - 1)
-    return ordered[pos] == queries
-
-
 def _hsic_on_edges(e: Edges) -> float:
     """Unbiased HSIC (Song et al. 2012, eq. 5) of M*K and M*L, M the edge mask.
 
@@ -102,7 +93,7 @@ def _hsic_on_edges(e: Edges) -> float:
     1'K~1 = sum_E K; 1'L~1 = sum_E L; 1'K~L~1 = sum_l (K into l)(L out of l)."""
     m = e.n
     kv, lv = e.k_val.double(), e.l_val.double()
-    has_reverse = _contains(e.src * m + e.dst, e.dst * m + e.src)
+    has_reverse = EdgeKeys(e.src, e.dst, m).find(e.dst * m + e.src) >= 0
     trace = (kv * lv)[has_reverse].sum()
     k_into = torch.zeros(m, dtype=torch.float64, device=kv.device).index_add_(0, e.dst, kv)
     l_out = torch.zeros(m, dtype=torch.float64, device=kv.device).index_add_(0, e.src, lv)
@@ -120,24 +111,22 @@ def _self_edges(nb: Neighbours) -> Edges:
 
 
 class _EdgeIndex:
-    """B's kNN edges as sorted keys row*N + col, so A's edges can be looked up in them."""
+    """B's kNN edges (every listed neighbour), so A's edges can be looked up in them, many
+    times over for a null (sorted keys, searched once per lookup)."""
 
     def __init__(self, nb: Neighbours):
         n, k = nb.indices.shape
         self.n, self.k = n, k
         self.rows = torch.arange(n, device=nb.indices.device).repeat_interleave(k)
-        keys = self.rows * n + nb.indices.flatten()
-        self.order = keys.argsort()
-        self.sorted_keys = keys[self.order]
+        self.keys = EdgeKeys(self.rows, nb.indices.flatten(), n, sort=True)
         self.values = nb.values.flatten()
 
     def shared(self, na: Neighbours) -> tuple[Edges, torch.Tensor]:
         """Edges of A also in B, row by row (kNN_A(i) ∩ kNN_B(i)), and per-row overlaps."""
         dst = na.indices.flatten()
-        keys = self.rows * self.n + dst
-        pos = torch.searchsorted(self.sorted_keys, keys).clamp_max_(len(keys) - 1)
-        hit = self.sorted_keys[pos] == keys
-        l_val = self.values[self.order[pos[hit]]]
+        found = self.keys.find(self.rows * self.n + dst)
+        hit = found >= 0
+        l_val = self.values[found[hit]]
         edges = Edges(self.rows[hit], dst[hit], na.values.flatten()[hit], l_val, self.n)
         return edges, hit.view(self.n, self.k).sum(dim=1)
 

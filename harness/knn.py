@@ -23,7 +23,7 @@ import torch
 from harness.device_memory import block_elements
 from harness.knn_lowdim import MAX_DIM as TREE_MAX_DIM
 from harness.knn_lowdim import search_tree
-from harness.neighbours import Neighbours, _block_topk, _order_ties, product_error  # noqa: F401
+from harness.neighbours import Neighbours, _block_topk, _order_ties, product_error
 
 # Gram block sizes (float32) on CPU; on CUDA they follow free memory (device_memory).
 # Row strategy: 16 M elements = 64 MB per block. Symmetric strategy: 2048 x 2048 = 16 MB,

@@ -88,7 +88,7 @@ def null_draws(sa: Space, sb: Space, observed: Scores, n_permutations: int, seed
                groups: torch.Tensor | None = None) -> torch.Tensor:
     """CKNNA(A[p], B) for the permutations p of `permutations(N, draws, seed, groups)`.
 
-    CKNNA(A[p], B) = CKNNA(A, B[p^-1]): A's graph is relabelled (no new search);
+    Relabelling replaces a new search (A's lists here, B's edges in `shared_null`);
     sim(K,K) and sim(L,L) do not change under a shuffle, only sim(K, L) is redone."""
     k, n = observed.k, sa.x.shape[0]
     null = torch.empty(n_permutations, dtype=torch.float64)
