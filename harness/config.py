@@ -93,6 +93,8 @@ class StudyConfig(_Strict):
     compare: bool = False  # paired model comparisons on shared subsets
     # CKNNA against states t..t+a when data_dir has feats_B_seq.pt; None: 0,1,2,4,8 up to H
     horizons: Optional[list[Annotated[StrictInt, Field(ge=0)]]] = None
+    # torch threads; None: chosen from the CPUs free to this process (harness.threads)
+    threads: Optional[Annotated[StrictInt, Field(ge=1)]] = None
     models: Annotated[list[ModelEntry], Field(min_length=1)]
 
     @field_validator("models")
@@ -202,6 +204,15 @@ def parse(raw: dict) -> tuple[StudyConfig | None, list[str]]:
     return (None if problems else config), problems
 
 
+class ConfigError(HarnessError):
+    """Schema problems, with the raw table, so a caller can add the problems it can
+    still find (`k_values` against the data's N) and report them all at once."""
+
+    def __init__(self, message: str, problems: list[str], raw: dict):
+        super().__init__(message)
+        self.problems, self.raw = problems, raw
+
+
 def load(path: str | os.PathLike) -> StudyConfig:
     """Read, type-check and resolve (paths relative to the file) a study config."""
     path = Path(path)
@@ -213,7 +224,8 @@ def load(path: str | os.PathLike) -> StudyConfig:
         raise HarnessError(f"{path}: not valid TOML ({err})") from None
     config, problems = parse(raw)
     if problems:
-        raise HarnessError(f"{path}: {len(problems)} problem(s): " + "; ".join(problems))
+        raise ConfigError(f"{path}: {len(problems)} problem(s): " + "; ".join(problems),
+                          problems, raw)
     base = path.resolve().parent
 
     def resolve(p: Path) -> Path:

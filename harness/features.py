@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from harness import provenance as prov
+from harness import ranks
 from harness.errors import HarnessError
 from harness.extra_outputs import Outputs, merge_extras
 from harness.extractors import observed as obs
@@ -34,7 +35,7 @@ FEATS = "feats_A.pt"
 METADATA = "extraction_metadata.json"
 # Recorded but not part of a shard's identity: they change with no effect on the values
 # (the git hash moves with every unrelated commit; ranks and batch size only schedule).
-VOLATILE = ("git_hash", "created", "batch_size", "world_size", "command")
+VOLATILE = ("git_hash", "created", "batch_size", "world_size", "command", "threads")
 
 
 def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
@@ -85,7 +86,7 @@ def run_provenance(extractor, pooling: str, dataset_fingerprint, n: int, shard_s
     record = dict(extractor.provenance())
     record.update(pooling=pooling, dataset_fingerprint=dataset_fingerprint, n_samples=n,
                   shard_size=shard_size, versions=prov.versions(), git_hash=prov.git_hash(),
-                  batch_size=batch_size)
+                  batch_size=batch_size, threads=torch.get_num_threads())
     if outputs is not None:
         record.update(outputs.record(extractor))
     return record
@@ -177,6 +178,14 @@ def batch_size_record(shards: list[dict]) -> dict:
             "shard_batch_sizes": sizes}
 
 
+def resume_note(out_dir: Path, ranges: list[tuple[int, int]]) -> None:
+    """Say so when finished shards are reused (stderr: the console, and extract.log)."""
+    done = [(s, e) for s, e in ranges if shard_path(out_dir, s, e).is_file()]
+    if done:
+        print(ProgressLines.resuming(sum(e - s for s, e in done), ranges[-1][1], len(done)),
+              file=sys.stderr, flush=True)
+
+
 def merge(out_dir: Path, ranges: list[tuple[int, int]], record: dict) -> dict[str, torch.Tensor]:
     """Concatenate every shard in order into feats_A.pt (+ per-layer files) and metadata."""
     ident = identity(record)
@@ -243,18 +252,20 @@ def extract(extractor, samples: Sequence[Sample], out_dir, *, batch_size: int = 
             todo.append((start, end))
     total = sum(e - s for s, e in mine)
     already = total - sum(e - s for s, e in todo)
+    if rank == 0:
+        resume_note(out_dir, ranges)
     if progress and sys.stderr.isatty():
         bar = tqdm(total=total, initial=already, unit="sample", position=rank,
                    desc=f"extract {record.get('model')} [rank {rank}/{world}]")
     else:  # a log or a parent process (`harness run`) reads plain lines
         bar = contextlib.nullcontext(ProgressLines(total, already, every_s=progress_every_s)
                                      if progress else _Silent())
-    with bar as bar:
+    with ranks.fail_together(out_dir, rank, world), bar as bar:  # a failed rank stops all
         for start, end in todo:
             _run_shard(extractor, samples, start, end, batch_size, pooling, ident,
                        shard_path(out_dir, start, end), bar, outputs)
-    if world > 1:
-        torch.distributed.barrier()
+        if world > 1:
+            torch.distributed.barrier()
     if rank != 0:
         return None
     record["world_size"] = world

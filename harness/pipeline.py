@@ -19,9 +19,12 @@ from typing import Optional
 from harness import config as config_mod
 from harness import data as data_mod
 from harness import horizons as horizons_mod
+from harness import locks
 from harness import progress
+from harness import provenance as prov
 from harness import success
 from harness import states as states_mod
+from harness import threads as threads_mod
 from harness import views as views_mod
 from harness.config import LaxPath, ModelEntry, StudyConfig
 from harness.errors import HarnessError
@@ -66,8 +69,21 @@ def default_study(output_dir: Path) -> Study:
 
 
 def load_config(path: str | os.PathLike, output_dir: Path | None = None) -> Study:
-    """Read and type-check a study config (`harness.config`); every problem at once."""
-    config = config_mod.load(path)
+    """Read and type-check a study config (`harness.config`); every problem at once,
+    `k_values` against the data's N included."""
+    try:
+        config = config_mod.load(path)
+    except config_mod.ConfigError as err:
+        raw, base = err.raw, Path(path).resolve().parent
+        data_dir, ks = raw.get("data_dir"), raw.get("k_values", [5, 10, 20])
+        n = quick_n(base / os.path.expanduser(data_dir), raw.get("drop_empty_tasks") is True) \
+            if isinstance(data_dir, str) else None
+        if n is None or not isinstance(ks, list):
+            raise
+        told = " ".join(err.problems)  # a k the schema already refused is not listed twice
+        problems = err.problems + [p for p in k_problems(ks, n, raw.get("drop_empty_tasks") is True)
+                                   if p.split(" =")[0] + ":" not in told]
+        raise HarnessError(f"{path}: {len(problems)} problem(s): " + "; ".join(problems)) from None
     fields = dict(config)
     if output_dir is not None:
         fields["output_dir"] = Path(output_dir)
@@ -93,14 +109,73 @@ def check_paths(study: Study) -> None:
         looks_local = ckpt.startswith((".", "/", "~")) or os.sep in ckpt and ckpt.count("/") > 1
         if looks_local and not Path(os.path.expanduser(ckpt)).exists():
             problems.append(f"{where}.ckpt {ckpt}: no such path")
+        device = str(m.options.get("device", "auto"))
+        if m.feats is None and device.startswith("cuda") and _runnable(m.python):
+            problems += [f"{where}.options.device = {device!r}: {why}"
+                         for why in [cuda_problem(m.python, device)] if why]
+    if study.synthetic is None:
+        n = quick_n(study.data_dir, study.drop_empty_tasks)
+        problems += k_problems(study.k_values, n, study.drop_empty_tasks) if n else []
     _raise(study, problems)
+
+
+def quick_n(data_dir: Path, drop_empty: bool) -> int | None:
+    """N from metadata.json alone (before the full data check), None when unreadable."""
+    try:
+        meta = json.loads((Path(data_dir) / "metadata.json").read_text())
+        n = int(meta["num_samples"])
+        if drop_empty:
+            n -= sum(1 for t in meta.get("task_descriptions", []) if not str(t).strip())
+        return n
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def k_problems(ks: list, n: int, drop_empty: bool) -> list[str]:
+    return [f"k_values[{i}] = {k}: must be in [1, N-1] = [1, {n - 1}] (N = {n} samples"
+            f"{' after drop_empty_tasks' if drop_empty else ''})"
+            for i, k in enumerate(ks) if isinstance(k, int) and not 1 <= k <= n - 1]
+
+
+_CUDA_PROBE = ("import torch, sys; n = torch.cuda.device_count() if torch.cuda.is_available() "
+               "else 0; sys.stdout.write(str(n))")
+
+
+def cuda_problem(python: str, device: str) -> str | None:
+    """Why `device` (cuda or cuda:N) cannot work in the model's interpreter, else None.
+    Asked of that interpreter: each model may run in its own environment."""
+    count = _cuda_devices(python)
+    index = int(device.split(":")[1]) if device.count(":") == 1 and device.split(":")[1].isdigit() else 0
+    if count is None:
+        return f"could not ask {python} whether CUDA is available"
+    if count == 0:
+        return f"CUDA is not available to {python} (use device = 'cpu' or 'auto')"
+    if index >= count:
+        return f"{python} sees {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+    return None
+
+
+_CUDA_SEEN: dict[str, int | None] = {}
+
+
+def _cuda_devices(python: str) -> int | None:
+    if python not in _CUDA_SEEN:
+        if python == sys.executable:
+            import torch
+            _CUDA_SEEN[python] = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        else:
+            try:
+                done = subprocess.run([python, "-c", _CUDA_PROBE], capture_output=True,
+                                      text=True, timeout=120)
+                _CUDA_SEEN[python] = int(done.stdout) if done.returncode == 0 else None
+            except (OSError, ValueError, subprocess.SubprocessError):
+                _CUDA_SEEN[python] = None
+    return _CUDA_SEEN[python]
 
 
 def check_against_data(study: Study, n: int) -> None:
     """Checks that need N, the number of samples the metrics will see."""
-    problems = [f"k_values[{i}] = {k}: must be in [1, N-1] = [1, {n - 1}] (N = {n} samples"
-                f"{' after drop_empty_tasks' if study.drop_empty_tasks else ''})"
-                for i, k in enumerate(study.k_values) if not 1 <= k <= n - 1]
+    problems = k_problems(study.k_values, n, study.drop_empty_tasks)
     if n < 4:
         problems.insert(0, f"data_dir {study.data_dir}: N = {n} samples; CKNNA needs at least 4")
     _raise(study, problems)
@@ -187,7 +262,8 @@ def extract_model(study: Study, m: Model, fingerprint: str, log) -> dict:
                             lambda line: log(f"extract {m.name}: {line}"))
     seconds = round(time.perf_counter() - start, 1)
     if returncode != 0:
-        tail = (out / "extract.log").read_text(errors="replace").strip().splitlines()[-5:]
+        attempt = (out / "extract.log").read_text(errors="replace").rsplit("===== attempt", 1)[-1]
+        tail = attempt.strip().splitlines()[1:][-5:]
         log(f"extract {m.name}: FAILED (exit {returncode}); see {out / 'extract.log'}")
         return {"status": "failed", "exit_code": returncode, "seconds": seconds,
                 "log": str(out / "extract.log"), "error": "\n".join(tail)}
@@ -195,17 +271,24 @@ def extract_model(study: Study, m: Model, fingerprint: str, log) -> dict:
 
 
 def run_logged(cmd: list[str], env: dict, log_path: Path, relay) -> int:
-    """Run `cmd`, writing all its output to `log_path` as it comes and passing its
-    progress lines (`harness.progress`) to `relay`; returns the exit status."""
-    with open(log_path, "w") as log_file, subprocess.Popen(
+    """Run `cmd`, appending all its output to `log_path` as it comes, after a header line
+    per attempt (an earlier attempt's log is kept), and passing its progress and resume
+    lines (`harness.progress`) to `relay`; returns the exit status."""
+    with open(log_path, "a") as log_file, subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
             text=True, errors="replace", bufsize=1) as proc:
+        log_file.write(attempt_header(cmd))
+        log_file.flush()
         for line in proc.stdout:
             log_file.write(line)
             log_file.flush()
-            if progress.parse(line):
+            if progress.relayed(line):
                 relay(line.strip())
     return proc.returncode
+
+
+def attempt_header(cmd: list[str]) -> str:
+    return f"===== attempt started {prov.now()}: {' '.join(cmd)}\n"
 
 
 def _layer_files(feats_path: Path) -> dict[str, Path]:
@@ -219,16 +302,25 @@ def _layer_files(feats_path: Path) -> dict[str, Path]:
 
 def run_study(study: Study, log=None) -> dict:
     """All phases; returns the results dict (also written under output_dir)."""
-    import torch
-
-    from harness.report import write_report
-    from harness.results import Settings, compute
-
     log = log or (lambda msg: print(f"[run] {msg}", file=sys.stderr, flush=True))
     check_paths(study)
     check_against_data(study, prepare_data(study, log))
     data = data_mod.load(study.data_dir)
     seq, horizons = future_states(study, data.metadata["num_samples"])
+    with locks.output_lock(study.output_dir, "output_dir", note=log):  # one run per folder
+        return _locked_run(study, log, data, seq, horizons)
+
+
+def _locked_run(study: Study, log, data, seq, horizons) -> dict:
+    """The work of `run_study` once every check has passed and the folder is ours."""
+    import torch
+
+    from harness.report import write_report
+    from harness.results import Settings, compute
+
+    clear_previous_report(study.output_dir, log)
+    threads = threads_mod.apply(threads_mod.choose(study.threads, "threads"))
+    log(f"threads: {threads.threads} ({threads.source})")
     fingerprint = data_mod.fingerprint(study.data_dir)
     status = {}
     for m in study.models:
@@ -281,6 +373,7 @@ def run_study(study: Study, log=None) -> dict:
                        "data_dir": str(study.data_dir),
                        "dataset_fingerprint": fingerprint,
                        "stand_ins": study.stand_ins,
+                       "threads": threads.record(),
                        "notice": STAND_IN_NOTICE if study.stand_ins else None,
                        "models": status}}
     states_l2 = states_mod.normalised(states_path, states)
@@ -299,6 +392,22 @@ def run_study(study: Study, log=None) -> dict:
         results["success"] = success.study_section(results, rates, seed=study.seed)
     write_report(results, study.output_dir)
     return results
+
+
+PREVIOUS_REPORT = ("report.md", "report.html", "results.json")
+
+
+def clear_previous_report(out_dir: Path, log) -> None:
+    """A new run removes the last run's report first: interrupted later, it would look
+    current. The new one is written (atomically) only when the metrics are done."""
+    gone = []
+    for name in PREVIOUS_REPORT:
+        path = Path(out_dir) / name
+        if path.is_file():
+            path.unlink()
+            gone.append(name)
+    if gone:
+        log(f"removed the previous run's {', '.join(gone)} (rewritten when this run ends)")
 
 
 def _rows(path: Path, data) -> "torch.Tensor":

@@ -10,6 +10,7 @@ import sys
 import time
 
 PREFIX = "progress:"
+RESUMING = "resuming:"
 _LINE = re.compile(r"^progress: (?P<done>\d+)/(?P<total>\d+) samples")
 
 
@@ -30,6 +31,12 @@ class ProgressLines:
             self.last = now
             print(self.line(now), file=self.stream, flush=True)
 
+    @staticmethod
+    def resuming(done: int, total: int, shards: int) -> str:
+        """`resuming: 768 of 1500 samples already extracted (3 shards)`."""
+        return (f"{RESUMING} {done} of {total} samples already extracted "
+                f"({shards} shard{'s' if shards != 1 else ''})")
+
     def line(self, now: float) -> str:
         elapsed = max(now - self.start, 1e-9)
         rate = (self.done - self.start_done) / elapsed
@@ -45,6 +52,11 @@ def format_seconds(seconds: float) -> str:
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def relayed(line: str) -> bool:
+    """Whether a parent process shows this line of a child's output on its console."""
+    return parse(line) is not None or line.startswith(RESUMING)
 
 
 def parse(line: str) -> tuple[int, int] | None:

@@ -5,7 +5,19 @@ Exit codes: 0 ok; 1 `check` found problems; 2 unusable input (printed as one lin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+
+from harness.errors import HarnessError
+
+
+@contextlib.contextmanager
+def one_line_os_errors(out: str):
+    """A write that the file system refuses (read-only, full) as one line naming it."""
+    try:
+        yield
+    except OSError as err:
+        raise HarnessError(f"{out}: cannot write {err.filename or ''} ({err.strerror})") from None
 
 
 def register(subparsers) -> None:
@@ -56,21 +68,27 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
+    from harness.io import check_output_dir
     from harness.synth import generate
 
-    meta = generate(args.dir, n=args.n, seed=args.seed, force=args.force,
-                    progress=sys.stderr.isatty(), horizon_max=args.horizon_max)
+    check_output_dir(args.dir, "DIR")
+    with one_line_os_errors(args.dir):
+        meta = generate(args.dir, n=args.n, seed=args.seed, force=args.force,
+                        progress=sys.stderr.isatty(), horizon_max=args.horizon_max)
     print(f"wrote {meta['num_samples']} synthetic samples (seed {args.seed}) to {args.dir}")
     return 0
 
 
 def _build(args: argparse.Namespace) -> int:
+    from harness.io import check_output_dir
     from harness.lerobot_build import build_from_lerobot
 
-    meta = build_from_lerobot(args.lerobot, args.out, n=args.n, seed=args.seed,
-                              chunks=args.chunks, per_episode=args.per_episode,
-                              force=args.force, dataset_repo=args.dataset_repo,
-                              progress=sys.stderr.isatty(), horizon_max=args.horizon_max)
+    check_output_dir(args.out, "OUT")
+    with one_line_os_errors(args.out):
+        meta = build_from_lerobot(args.lerobot, args.out, n=args.n, seed=args.seed,
+                                  chunks=args.chunks, per_episode=args.per_episode,
+                                  force=args.force, dataset_repo=args.dataset_repo,
+                                  progress=sys.stderr.isatty(), horizon_max=args.horizon_max)
     print(f"wrote {meta['num_samples']} samples from {meta['num_episodes_sampled']} episodes "
           f"of chunks {meta['chunk_indices']} to {args.out}")
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 from typing import Iterator
 
 from harness.commands import resolve_device
@@ -41,6 +42,9 @@ def add_family_arguments(p: argparse.ArgumentParser, spec: FamilySpec) -> None:
                    help="where feats_A.pt and extraction_metadata.json go")
     for option in spec.option_fields():
         _add_option(p, option)
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch threads per process (default: chosen from the CPUs free to "
+                        "this process and the ranks on this machine; see README, Threads)")
     add_seed_resume_flags(p)
 
 
@@ -97,10 +101,7 @@ def build_extractor(args: argparse.Namespace) -> Iterator[object]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from torch.utils.data import Subset
-
-    from harness import data as data_mod
-    from harness import features
+    from harness import features, locks, ranks, threads
     from harness.io import check_output_dir
 
     refuse_seed_resume_flags(args)
@@ -110,16 +111,41 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise HarnessError(f"--batch_size must be >= 1, got {args.batch_size}")
     out = check_output_dir(args.output_dir, "--output_dir")
+    if args.limit is not None and args.limit < 1:
+        raise HarnessError(f"--limit must be >= 1, got {args.limit}")
+    apply_threads(threads.choose(args.threads))
+    rank, world = features.init_from_env()  # torchrun: each rank takes its share of the shards
+    with contextlib.ExitStack() as held:
+        def lock() -> None:  # rank 0 holds the folder's lock for the whole job
+            if rank == 0:
+                held.enter_context(locks.output_lock(out, "--output_dir"))
+        ranks.agree(lock, rank, world)  # a refusal on rank 0 stops every rank
+        return _extract_locked(args, out)
+
+
+def apply_threads(choice) -> None:
+    from harness import threads
+
+    threads.apply(choice)
+    if choice.source == "auto":
+        print(f"threads: {choice.threads} (of {choice.cpus_allowed} CPUs allowed, "
+              f"{choice.cpus_busy_elsewhere} busy elsewhere, {choice.workers} worker(s) here)",
+              file=sys.stderr, flush=True)
+
+
+def _extract_locked(args: argparse.Namespace, out) -> int:
+    from torch.utils.data import Subset
+
+    from harness import data as data_mod
+    from harness import features
+
     if not args.resume and any((out / features.SHARD_DIR).glob("shard_*.pt")):
         raise HarnessError(f"{out}: holds shards of an earlier run; pass --resume to finish "
                            "it, or choose an empty output directory")
     data = data_mod.load(args.data_dir)
     samples = data_mod.ImageTaskDataset(data)
     if args.limit is not None:
-        if args.limit < 1:
-            raise HarnessError(f"--limit must be >= 1, got {args.limit}")
         samples = Subset(samples, range(min(args.limit, len(samples))))
-    features.init_from_env()  # torchrun: each rank takes its share of the shards
     with build_extractor(args) as extractor:
         layers = features.extract(extractor, samples, out, batch_size=args.batch_size,
                                   dataset_fingerprint=data_mod.fingerprint(args.data_dir),

@@ -19,6 +19,9 @@ def register(sub) -> None:
     p.add_argument("--output_dir", "--output-dir", dest="output_dir", default=None,
                    help="where features and the report go (default: the config's, or "
                         "harness_out/demo for the demo)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch threads (default: the config's `threads`, else chosen from "
+                        "the CPUs free to this process; see README, Threads)")
     p.set_defaults(func=run)
 
 
@@ -32,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         study = pipeline.default_study(out or Path("harness_out/demo"))
         print(f"[run] built-in demo. {pipeline.STAND_IN_NOTICE}", file=sys.stderr)
+    if args.threads is not None:
+        study.threads = args.threads
     results = pipeline.run_study(study)
     failed = [n for n, s in results["_meta"]["study"]["models"].items() if s["status"] == "failed"]
     files = report_files(results, study.output_dir)

@@ -36,8 +36,11 @@ def staged_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise HarnessError(f"{out.parent}: cannot create ({err})") from None
-    tmp = shareable_dir(Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial",
-                                              dir=out.parent)))
+    try:
+        tmp = shareable_dir(Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial",
+                                                  dir=out.parent)))
+    except OSError as err:  # read-only folder or file system (even for root)
+        raise HarnessError(f"{out}: cannot write in {out.parent} ({err.strerror})") from None
     try:
         yield tmp
         if out.is_dir() and any(out.iterdir()):
