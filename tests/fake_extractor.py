@@ -97,11 +97,34 @@ def image_samples(n: int, seed: int = 0):
     return out
 
 
-if __name__ == "__main__":  # torchrun entry: python -m tests.fake_extractor OUT N SHARD BATCH
-    import sys
+def _main() -> None:
+    """torchrun entry: python -m tests.fake_extractor OUT N SHARD BATCH [--fail_at I]
+    [--delay S]: --fail_at makes the rank holding sample I fail there (RuntimeError),
+    --delay makes every forward of rank 0 take S seconds (a rank busy when another fails)."""
+    import argparse
+    import time
 
     from harness.features import extract, init_from_env
-    out, n, shard, batch = sys.argv[1], *map(int, sys.argv[2:5])
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("numbers", type=int, nargs=3)
+    p.add_argument("--fail_at", type=int, default=None)
+    p.add_argument("--delay", type=float, default=0.0)
+    args = p.parse_args()
+    n, shard, batch = args.numbers
     rank, world = init_from_env("gloo")
-    extract(FakeExtractor(), samples(n), out, shard_size=shard, batch_size=batch, progress=False)
+
+    class Failing(FakeExtractor):
+        def forward(self, inputs):
+            if args.fail_at in inputs["indices"]:
+                raise RuntimeError(f"simulated failure at sample {args.fail_at}")
+            if rank == 0:
+                time.sleep(args.delay)
+            return super().forward(inputs)
+
+    extract(Failing(), samples(n), args.out, shard_size=shard, batch_size=batch, progress=False)
     print(f"rank {rank}/{world} done")
+
+
+if __name__ == "__main__":
+    _main()
