@@ -14,6 +14,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
+from harness import threads  # noqa: E402  (imports no torch)
+
+# The session's torch threads, chosen as `harness` chooses them (README, Threads): on a
+# machine shared with other jobs, torch's one-thread-per-core default oversubscribes the
+# cores (measured: `pytest -m unit` 42 s alone, 6:50 beside one CPU-bound job). Set before
+# torch is imported, and inherited by every `python -m harness` the tests start.
+THREADS = threads.choose(workers=int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+os.environ["OMP_NUM_THREADS"] = os.environ["HARNESS_THREADS"] = str(THREADS.threads)
+
+
+def pytest_report_header(config):
+    return f"harness threads: {THREADS.record()}"
+
 settings.register_profile(
     "ci", derandomize=True, deadline=None, max_examples=40,
     suppress_health_check=[HealthCheck.too_slow],

@@ -288,7 +288,9 @@ def run_logged(cmd: list[str], env: dict, log_path: Path, relay) -> int:
 
 
 def attempt_header(cmd: list[str]) -> str:
-    return f"===== attempt started {prov.now()}: {' '.join(cmd)}\n"
+    """One line, so the attempts in a log are easy to find (`grep '^=====' extract.log`)."""
+    command = " ".join(" ".join(cmd).split())
+    return f"===== attempt started {prov.now()}: {command}\n"
 
 
 def _layer_files(feats_path: Path) -> dict[str, Path]:
@@ -303,15 +305,16 @@ def _layer_files(feats_path: Path) -> dict[str, Path]:
 def run_study(study: Study, log=None) -> dict:
     """All phases; returns the results dict (also written under output_dir)."""
     log = log or (lambda msg: print(f"[run] {msg}", file=sys.stderr, flush=True))
+    threads = threads_mod.apply(threads_mod.choose(study.threads, "threads"))
     check_paths(study)
     check_against_data(study, prepare_data(study, log))
     data = data_mod.load(study.data_dir)
     seq, horizons = future_states(study, data.metadata["num_samples"])
     with locks.output_lock(study.output_dir, "output_dir", note=log):  # one run per folder
-        return _locked_run(study, log, data, seq, horizons)
+        return _locked_run(study, log, data, seq, horizons, threads)
 
 
-def _locked_run(study: Study, log, data, seq, horizons) -> dict:
+def _locked_run(study: Study, log, data, seq, horizons, threads) -> dict:
     """The work of `run_study` once every check has passed and the folder is ours."""
     import torch
 
@@ -319,8 +322,7 @@ def _locked_run(study: Study, log, data, seq, horizons) -> dict:
     from harness.results import Settings, compute
 
     clear_previous_report(study.output_dir, log)
-    threads = threads_mod.apply(threads_mod.choose(study.threads, "threads"))
-    log(f"threads: {threads.threads} ({threads.source})")
+    log(f"threads: {threads.describe()}")
     fingerprint = data_mod.fingerprint(study.data_dir)
     status = {}
     for m in study.models:

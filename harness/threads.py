@@ -33,6 +33,13 @@ class Choice:
     cpus_busy_elsewhere: float | None = None
     workers: int = 1
 
+    def describe(self) -> str:
+        """'1 (auto: 2 CPUs allowed, 1.0 busy elsewhere, 1 worker here)' or '4 (--threads)'."""
+        if self.source != "auto":
+            return f"{self.threads} ({self.source})"
+        return (f"{self.threads} (auto: {self.cpus_allowed} CPUs allowed, "
+                f"{self.cpus_busy_elsewhere} busy elsewhere, {self.workers} worker(s) here)")
+
     def record(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
 

@@ -127,10 +127,8 @@ def apply_threads(choice) -> None:
     from harness import threads
 
     threads.apply(choice)
-    if choice.source == "auto":
-        print(f"threads: {choice.threads} (of {choice.cpus_allowed} CPUs allowed, "
-              f"{choice.cpus_busy_elsewhere} busy elsewhere, {choice.workers} worker(s) here)",
-              file=sys.stderr, flush=True)
+    if choice.source == "auto":  # in a `run`, the parent's choice arrives as HARNESS_THREADS
+        print(f"threads: {choice.describe()}", file=sys.stderr, flush=True)
 
 
 def _extract_locked(args: argparse.Namespace, out) -> int:

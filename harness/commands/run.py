@@ -27,8 +27,11 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from harness import pipeline
+    from harness.errors import HarnessError
     from harness.report import report_files
 
+    if args.threads is not None and args.threads < 1:
+        raise HarnessError(f"--threads must be >= 1, got {args.threads}")
     out = Path(args.output_dir) if args.output_dir else None
     if args.config:
         study = pipeline.load_config(args.config, output_dir=out)

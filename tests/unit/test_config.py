@@ -139,7 +139,7 @@ def test_the_top_level_keys_are_the_documented_ones():
     """README documents these keys; a new key is one field of StudyConfig."""
     assert set(config.StudyConfig.model_fields) == {
         "data_dir", "output_dir", "k_values", "permutations", "seed", "zscore_states",
-        "drop_empty_tasks", "group_by", "compare", "horizons", "models"}
+        "drop_empty_tasks", "group_by", "compare", "horizons", "threads", "models"}
 
 
 def test_split_modalities_and_action_repr_are_per_model_options(tmp_path):

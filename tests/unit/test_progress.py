@@ -93,5 +93,6 @@ def test_run_logged_relays_progress_and_keeps_every_line(tmp_path):
     assert code == 0
     assert relayed == ["progress: 2/4 samples, 1.0/s, 0s left",
                        "progress: 4/4 samples, 1.0/s, 0s left"]
-    assert (tmp_path / "x.log").read_text().splitlines() == [
-        "loading model", *relayed, "done"]
+    lines = (tmp_path / "x.log").read_text().splitlines()
+    assert lines[0].startswith("===== attempt started ")  # issue 21: one header per attempt
+    assert lines[1:] == ["loading model", *relayed, "done"]
