@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from harness import config as config_mod
+from harness.checks import cuda_problem, k_problems, quick_n
 from harness import data as data_mod
 from harness import horizons as horizons_mod
 from harness import locks
@@ -117,60 +118,6 @@ def check_paths(study: Study) -> None:
         n = quick_n(study.data_dir, study.drop_empty_tasks)
         problems += k_problems(study.k_values, n, study.drop_empty_tasks) if n else []
     _raise(study, problems)
-
-
-def quick_n(data_dir: Path, drop_empty: bool) -> int | None:
-    """N from metadata.json alone (before the full data check), None when unreadable."""
-    try:
-        meta = json.loads((Path(data_dir) / "metadata.json").read_text())
-        n = int(meta["num_samples"])
-        if drop_empty:
-            n -= sum(1 for t in meta.get("task_descriptions", []) if not str(t).strip())
-        return n
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def k_problems(ks: list, n: int, drop_empty: bool) -> list[str]:
-    return [f"k_values[{i}] = {k}: must be in [1, N-1] = [1, {n - 1}] (N = {n} samples"
-            f"{' after drop_empty_tasks' if drop_empty else ''})"
-            for i, k in enumerate(ks) if isinstance(k, int) and not 1 <= k <= n - 1]
-
-
-_CUDA_PROBE = ("import torch, sys; n = torch.cuda.device_count() if torch.cuda.is_available() "
-               "else 0; sys.stdout.write(str(n))")
-
-
-def cuda_problem(python: str, device: str) -> str | None:
-    """Why `device` (cuda or cuda:N) cannot work in the model's interpreter, else None.
-    Asked of that interpreter: each model may run in its own environment."""
-    count = _cuda_devices(python)
-    index = int(device.split(":")[1]) if device.count(":") == 1 and device.split(":")[1].isdigit() else 0
-    if count is None:
-        return f"could not ask {python} whether CUDA is available"
-    if count == 0:
-        return f"CUDA is not available to {python} (use device = 'cpu' or 'auto')"
-    if index >= count:
-        return f"{python} sees {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
-    return None
-
-
-_CUDA_SEEN: dict[str, int | None] = {}
-
-
-def _cuda_devices(python: str) -> int | None:
-    if python not in _CUDA_SEEN:
-        if python == sys.executable:
-            import torch
-            _CUDA_SEEN[python] = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        else:
-            try:
-                done = subprocess.run([python, "-c", _CUDA_PROBE], capture_output=True,
-                                      text=True, timeout=120)
-                _CUDA_SEEN[python] = int(done.stdout) if done.returncode == 0 else None
-            except (OSError, ValueError, subprocess.SubprocessError):
-                _CUDA_SEEN[python] = None
-    return _CUDA_SEEN[python]
 
 
 def check_against_data(study: Study, n: int) -> None:

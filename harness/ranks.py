@@ -22,6 +22,7 @@ from harness.errors import HarnessError
 
 POLL_S = 0.5
 EXIT_PEER_FAILED = 1
+_active: list[str] = []  # run ids of the fail_together blocks this process is in
 
 
 def _dist():
@@ -100,10 +101,10 @@ class _Watcher(threading.Thread):
 
 @contextlib.contextmanager
 def fail_together(out_dir, rank: int, world: int) -> Iterator[None]:
-    """The block is one rank's share of a distributed run (its shards and the final
-    barrier). A failure here is announced to the other ranks, which end within about a
+    """The block is one rank's share of a distributed run (model loading, its shards, the
+    final barrier; all ranks must enter it together). A failure here is announced to the other ranks, which end within about a
     second; a collective broken by another rank's death names that rank when it can."""
-    if world == 1:
+    if world == 1 or _active:  # nested (the command covers model loading too): one watch
         yield
         return
     out_dir = Path(out_dir)
@@ -117,6 +118,7 @@ def fail_together(out_dir, rank: int, world: int) -> Iterator[None]:
     _note_dir(out_dir).mkdir(parents=True, exist_ok=True)
     watcher = _Watcher(out_dir, run, rank)
     watcher.start()
+    _active.append(run)
     try:
         yield
     except BaseException as err:
@@ -130,4 +132,5 @@ def fail_together(out_dir, rank: int, world: int) -> Iterator[None]:
                                             f"{_reason(err)}", out_dir)) from None
         raise
     finally:
+        _active.remove(run)
         watcher.stopped.set()

@@ -120,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
             if rank == 0:
                 held.enter_context(locks.output_lock(out, "--output_dir"))
         ranks.agree(lock, rank, world)  # a refusal on rank 0 stops every rank
-        return _extract_locked(args, out)
+        with ranks.fail_together(out, rank, world):  # e.g. one rank cannot load the model
+            return _extract_locked(args, out)
 
 
 def apply_threads(choice) -> None:
