@@ -252,7 +252,7 @@ def _layer_files(feats_path: Path) -> dict[str, Path]:
 def run_study(study: Study, log=None) -> dict:
     """All phases; returns the results dict (also written under output_dir)."""
     log = log or (lambda msg: print(f"[run] {msg}", file=sys.stderr, flush=True))
-    threads = threads_mod.apply(threads_mod.choose(study.threads, "threads"))
+    threads = threads_mod.apply(threads_mod.choose(study.threads, "threads setting"))
     check_paths(study)
     check_against_data(study, prepare_data(study, log))
     data = data_mod.load(study.data_dir)

@@ -37,13 +37,14 @@ def test_no_unit_test_builds_a_model():
 RANKS = {
     "errors": 0, "io": 0, "states": 0, "provenance": 0, "pooling": 0, "hooks": 0,
     "progress": 0, "modality": 0, "residual_stream": 0, "device_memory": 0,
+    "locks": 0, "ranks": 0, "threads": 0,
     "data": 1, "synth": 1, "lerobot_build": 1,
     "extractors": 2,
     "features": 3, "extra_outputs": 3,
     "neighbours": 4, "knn": 4, "knn_lowdim": 4, "cknna": 4, "significance": 4,
     "results": 5, "report": 5, "report_html": 5, "views": 5, "figures": 5,
     "horizons": 5, "success": 5, "report_horizons": 5, "report_success": 5,
-    "config": 6,
+    "config": 6, "checks": 6,
     "pipeline": 7,
     "commands": 8, "cli": 8, "__main__": 8, "__init__": 8,
 }

@@ -46,8 +46,9 @@ def cli(*args) -> subprocess.CompletedProcess:
 
 def test_a_second_extract_into_a_locked_folder_is_refused_naming_the_holder(holder, tmp_path):
     out, proc = holder
-    done = cli("extract", "hf", "--ckpt", "tiny", "--data_dir", str(tmp_path / "no-data"),
-               "--output_dir", str(out))
+    # refused before any data or model is loaded
+    done = cli("extract", "hf", "--data_dir", str(tmp_path / "no-data"), "--output_dir", str(out),
+               "--ckpt", "tiny")
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr

@@ -100,7 +100,7 @@ def test_threads_are_recorded_but_not_part_of_a_shards_identity():
 
 
 @pytest.mark.parametrize("argv", [
-    ["extract", "hf", "--ckpt", "tiny", "--data_dir", "d", "--output_dir", "o", "--threads", "0"],
+    ["extract", "hf", "--data_dir", "d", "--output_dir", "o", "--threads", "0", "--ckpt", "tiny"],
     ["run", "--threads", "0"],
 ])
 def test_threads_flag_is_checked(argv, tmp_path, monkeypatch, capsys):
