@@ -11,6 +11,7 @@ from harness.cli import build_parser, main
 from harness.extractors import registry
 
 NOT_OPTIONS = {"help", "ckpt", "data_dir", "output_dir",  # per-run arguments, not options
+               "threads",  # per process; a study's `threads` is top-level (README, Threads)
                "resume_from", "save_every"}  # the seed's flags: parsed only to be refused
 
 
