@@ -30,6 +30,20 @@ def _dist():
     return dist
 
 
+_GROUP: list = []
+
+
+def _cpu_group():
+    """A gloo group for the small object collectives here: under NCCL they would need
+    each rank's CUDA device set, which the run loop does not require. Made on first use,
+    which every rank reaches in the same order (agree, then fail_together)."""
+    if not _GROUP:
+        dist = _dist()
+        _GROUP.append(dist.group.WORLD if dist.get_backend() == "gloo"
+                      else dist.new_group(backend="gloo"))
+    return _GROUP[0]
+
+
 def agree(step: Callable[[], object], rank: int, world: int) -> object:
     """Run `step` on this rank; if it raised a HarnessError on any rank, raise one naming
     that rank on every rank (so a refusal on rank 0, say a locked folder, stops all)."""
@@ -41,7 +55,7 @@ def agree(step: Callable[[], object], rank: int, world: int) -> object:
     except HarnessError as err:
         error = str(err)
     errors = [None] * world
-    _dist().all_gather_object(errors, error)
+    _dist().all_gather_object(errors, error, group=_cpu_group())
     failed = [(r, e) for r, e in enumerate(errors) if e]
     if failed:
         r, e = failed[0]
@@ -81,29 +95,28 @@ def stop_message(rank: int, failed: int, reason: str, out_dir: Path) -> str:
 
 
 class _Watcher(threading.Thread):
-    def __init__(self, out_dir: Path, run: str, rank: int, on_failure=None):
+    """Reads the other ranks' notes; on one, prints why and ends this process at once."""
+
+    def __init__(self, out_dir: Path, run: str, rank: int):
         super().__init__(daemon=True, name="harness-rank-watcher")
         self.out_dir, self.run_id, self.rank = out_dir, run, rank
         self.stopped = threading.Event()
-        self.on_failure = on_failure or self._exit
-
-    def _exit(self, line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-        os._exit(EXIT_PEER_FAILED)  # the main thread may sit in a C++ collective
 
     def run(self) -> None:
         while not self.stopped.wait(POLL_S):
             notes = _notes(self.out_dir, self.run_id, self.rank)
             if notes and not self.stopped.is_set():
-                self.on_failure(stop_message(self.rank, *notes[0], self.out_dir))
-                return
+                print(stop_message(self.rank, *notes[0], self.out_dir), file=sys.stderr,
+                      flush=True)
+                os._exit(EXIT_PEER_FAILED)  # the main thread may sit in a C++ collective
 
 
 @contextlib.contextmanager
 def fail_together(out_dir, rank: int, world: int) -> Iterator[None]:
     """The block is one rank's share of a distributed run (model loading, its shards, the
-    final barrier; all ranks must enter it together). A failure here is announced to the other ranks, which end within about a
-    second; a collective broken by another rank's death names that rank when it can."""
+    final barrier; all ranks enter it together). A failure in it is announced to the other
+    ranks, which end within about a second; a collective broken by another rank's death
+    names that rank when it can (two ranks)."""
     if world == 1 or _active:  # nested (the command covers model loading too): one watch
         yield
         return
@@ -113,7 +126,7 @@ def fail_together(out_dir, rank: int, world: int) -> Iterator[None]:
             with contextlib.suppress(OSError):
                 old.unlink()
     box = [uuid.uuid4().hex[:12] if rank == 0 else None]
-    _dist().broadcast_object_list(box, src=0)  # one run id: old notes never count
+    _dist().broadcast_object_list(box, src=0, group=_cpu_group())  # one run id for all ranks
     run = box[0]
     _note_dir(out_dir).mkdir(parents=True, exist_ok=True)
     watcher = _Watcher(out_dir, run, rank)
