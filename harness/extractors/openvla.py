@@ -224,7 +224,7 @@ class OpenVLAExtractor(Extractor):
             steps = []
             for _ in range(N_ACTION_TOKENS - 1):  # the last token is generated, never fed
                 token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
-                out = self.model(input_ids=token, past_key_values=out.past_key_values,
+                out = self.model(input_ids=token, past_key_values=_cache(out),
                                  use_cache=True, output_hidden_states=True, return_dict=True)
                 steps.append(out.hidden_states[-1][:, -1])
             feats.append(torch.cat(steps).float().mean(dim=0))
@@ -264,6 +264,11 @@ class OpenVLAExtractor(Extractor):
             "image_interpolations": list(image.interpolations),
             "image_means": [list(m) for m in image.means], "image_stds": [list(s) for s in image.stds],
         }
+
+
+def _cache(out):
+    """The KV cache of a forward's output (`cache` in transformers 5, else `past_key_values`)."""
+    return out["cache"] if "cache" in out.keys() else out.past_key_values
 
 
 def _build(common: Common, opts: dict, stack) -> OpenVLAExtractor:

@@ -22,6 +22,7 @@ dependency whose data module imports torchvision, which does not install beside 
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -198,7 +199,8 @@ class TinyOpenVLA(nn.Module):
         lm = self.language_model
         common = dict(use_cache=use_cache, output_hidden_states=output_hidden_states, return_dict=True)
         if input_ids.shape[1] == 1 and past_key_values is not None:  # cached generation step
-            return lm(input_ids=input_ids, past_key_values=past_key_values, **common)
+            cache = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+            return lm(input_ids=input_ids, **{cache: past_key_values}, **common)  # 5.x renamed it
         patches = self.projector(self.vision_backbone(pixel_values))
         embeds = lm.get_input_embeddings()(input_ids)
         embeds = torch.cat([embeds[:, :1], patches, embeds[:, 1:]], dim=1)
@@ -214,16 +216,20 @@ def tokenizer(padding_side: str = "right"):
     """Characters as tokens, ids laid out like Llama-2's (BOS prepended, pad 32000)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
-    chars = [chr(c) for c in range(32, 127)] + ["\n"]
-    vocab = {"<unk>": UNK, "<s>": BOS, "</s>": EOS, "▁": EMPTY, "<PAD>": PAD}
-    vocab.update({c: 3 + i for i, c in enumerate(chars)})
+    names = [f"<unused{i}>" for i in range(VOCAB)]  # no holes in the id range
+    for i, c in enumerate([chr(c) for c in range(32, 127)] + ["\n"]):
+        names[3 + i] = c
+    for i, name in ((UNK, "<unk>"), (BOS, "<s>"), (EOS, "</s>"), (EMPTY, "▁"), (PAD, "<PAD>")):
+        names[i] = name
+    vocab = {name: i for i, name in enumerate(names)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     core.decoder = decoders.Fuse()
     core.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
                                                         special_tokens=[("<s>", BOS)])
     return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", pad_token="<PAD>", padding_side=padding_side)
+                                   eos_token="</s>", pad_token="<PAD>", padding_side=padding_side,
+                                   model_input_names=["input_ids", "attention_mask"])
 
 
 class TinyImageProcessor:
