@@ -10,7 +10,8 @@ project from its public description (docs/facts.md §3):
   concatenated along the feature axis (256 patches at 224 px, patch 14);
 - projector: fc1 (4x the fused width), GELU, fc2, GELU, fc3;
 - language model: transformers' own `LlamaForCausalLM`; the projected patches are inserted
-  right after BOS, with mask ones; a one-token forward with a cache continues a generation;
+  right after BOS, with mask ones; a one-token forward with a cache continues a generation
+  (logits: last position only, all the extractor reads);
 - processor: resize-naive 224 bicubic, /255, DINO half ImageNet mean/std, SigLIP half
   0.5/0.5, stacked to 6 channels; a character tokenizer laid out like Llama-2's ids
   (unk 0, BOS 1, EOS 2, "▁" 29871, pad 32000 = vocab 32064), right padding.
@@ -197,7 +198,8 @@ class TinyOpenVLA(nn.Module):
                 past_key_values=None, use_cache=None, output_hidden_states=None,
                 return_dict=True, **_):
         lm = self.language_model
-        common = dict(use_cache=use_cache, output_hidden_states=output_hidden_states, return_dict=True)
+        common = dict(use_cache=use_cache, output_hidden_states=output_hidden_states,
+                      return_dict=True, **_last_logits_only(lm))
         if input_ids.shape[1] == 1 and past_key_values is not None:  # cached generation step
             cache = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
             return lm(input_ids=input_ids, **{cache: past_key_values}, **common)  # 5.x renamed it
@@ -209,6 +211,14 @@ class TinyOpenVLA(nn.Module):
             ones = attention_mask.new_ones(patches.shape[:2])
             mask = torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], dim=1)
         return lm(inputs_embeds=embeds, attention_mask=mask, **common)
+
+
+def _last_logits_only(lm) -> dict:
+    """Logits of the last position only: the extractor reads no others (the greedy step),
+    and the 32064-wide head over every position would be most of the stand-in's time. The
+    real model computes them all; the values read are the same."""
+    params = inspect.signature(lm.forward).parameters
+    return next(({name: 1} for name in ("logits_to_keep", "num_logits_to_keep") if name in params), {})
 
 
 # ---------------------------------------------------------------- processor
