@@ -25,6 +25,7 @@ stand-in written here (`openvla_standin`), checked against the real files by an 
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 from typing import Sequence
 
 import torch
@@ -146,7 +147,9 @@ class OpenVLAExtractor(Extractor):
         check_environment()
         import transformers
         common = dict(trust_remote_code=True, revision=self.revision)
-        kwargs = dict(low_cpu_mem_usage=True, **dtype_kwarg(self.dtype or torch.bfloat16), **common)
+        kwargs = dict(**dtype_kwarg(self.dtype or torch.bfloat16), **common)
+        if importlib.util.find_spec("accelerate") is not None:  # the seed's; needs accelerate
+            kwargs["low_cpu_mem_usage"] = True  # (memory at load only, not the values)
         if self.attn_request is not None:
             kwargs["attn_implementation"] = self.attn_request
         try:

@@ -110,7 +110,7 @@ def test_split_and_layers_all_from_the_cli(data_dir, tmp_path):
     assert torch.equal(torch.load(tmp_path / "plain" / "feats_A.pt"), last)
 
 
-@pytest.mark.parametrize("dtype,atol", [("float32", 1e-5), ("bfloat16", 0.0)])
+@pytest.mark.parametrize("dtype,atol", [("float32", 1e-5), ("bfloat16", 2e-2)])
 def test_batch_of_one_equals_batch_of_four(dtype, atol):
     ex = extractor(standin.tiny_openvla(), dtype=dtype)
     samples = random_samples()
@@ -119,7 +119,7 @@ def test_batch_of_one_equals_batch_of_four(dtype, atol):
     for i, sample in enumerate(samples):
         alone = ex.forward(ex.build_inputs([sample]))
         torch.testing.assert_close(masked_mean(alone.layers["last"], alone.mask), together[i:i + 1],
-                                   rtol=0, atol=atol if dtype == "float32" else 2e-2)
+                                   rtol=0, atol=atol)
 
 
 def test_hook_on_the_final_norm_equals_last_hidden_state(built):

@@ -247,3 +247,33 @@ def test_bfloat16_loader_dtypes_equal_the_stand_in_policy(real, tmp_path):
     assert a.layers["last"].dtype == b.layers["last"].dtype == torch.bfloat16
     torch.testing.assert_close(masked_mean(b.layers["last"], b.mask),
                                masked_mean(a.layers["last"], a.mask), rtol=0, atol=2e-2)
+
+
+def test_extractor_loads_a_checkpoint_directory_with_its_own_code(real, tmp_path):
+    """The extractor's real loading path (`trust_remote_code`, AutoProcessor,
+    AutoModelForVision2Seq, bf16) on a tiny checkpoint directory written with the real
+    classes: the features equal the in-memory real model's, cast by the loader policy."""
+    model, processor, _ = real
+    for cls, auto in ((config_mod.OpenVLAConfig, "AutoConfig"),
+                      (modeling.OpenVLAForActionPrediction, "AutoModelForVision2Seq"),
+                      (processing.PrismaticImageProcessor, "AutoImageProcessor"),
+                      (processing.PrismaticProcessor, "AutoProcessor")):
+        cls.register_for_auto_class(auto)
+    original = timm.create_model
+    timm.create_model = tiny_timm
+    try:
+        model.save_pretrained(tmp_path)
+        processor.save_pretrained(tmp_path)
+        loaded = openvla.OpenVLAExtractor(str(tmp_path), dtype="bfloat16").load()
+        direct = modeling.OpenVLAForActionPrediction.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    finally:
+        timm.create_model = original
+    assert type(loaded.model).__name__ == "OpenVLAForActionPrediction" and not loaded.stand_in
+    prov = loaded.provenance()
+    assert prov["dtype"] == "bfloat16" and prov["float32_tensors"] == openvla.float32_tensors(direct)
+    assert prov["image_resize_strategy"] == "resize-naive" and prov["padding_side"] == "right"
+    reference = openvla.OpenVLAExtractor("real", dtype="bfloat16", model=direct, processor=processor).load()
+    samples = random_samples(2, 0)
+    a = loaded.forward(loaded.build_inputs(samples))
+    b = reference.forward(reference.build_inputs(samples))
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.layers["last"], b.layers["last"])
