@@ -155,6 +155,13 @@ class OpenVLAExtractor(Extractor):
         try:
             processor = transformers.AutoProcessor.from_pretrained(self.ckpt, **common)
             model = transformers.AutoModelForVision2Seq.from_pretrained(self.ckpt, **kwargs)
+        except AttributeError as err:
+            if "_supports_sdpa" not in str(err):
+                raise
+            raise HarnessError(f"{self.ckpt}: on transformers {transformers.__version__} OpenVLA's "
+                               "code cannot pick its attention (its _supports_sdpa reads the "
+                               "language model before it is built): pass --attn_implementation "
+                               "eager, or use transformers 4.40.1-4.47.1") from None
         except (OSError, ValueError, ImportError) as err:
             raise HarnessError(f"{self.ckpt}: cannot load OpenVLA ({type(err).__name__}: {err})") from None
         return model, processor

@@ -98,6 +98,25 @@ def tiny_timm(name, pretrained=False, num_classes=0, img_size=224, act_layer=Non
     raise AssertionError(f"unexpected timm id {name}")
 
 
+ATTN: dict = {"given": None}  # attention passed to the real loader (None: its own choice)
+
+
+def build_real(config):
+    """The real model; on transformers 4.57 its `_supports_sdpa` property reads the
+    language model before it exists, so only an explicit eager attention builds there."""
+    try:
+        return modeling.OpenVLAForActionPrediction(config)
+    except AttributeError as err:
+        if "_supports_sdpa" not in str(err):
+            raise
+    config._attn_implementation = ATTN["given"] = "eager"
+    return modeling.OpenVLAForActionPrediction(config)
+
+
+def loader_kwargs() -> dict:
+    return {} if ATTN["given"] is None else {"attn_implementation": ATTN["given"]}
+
+
 @pytest.fixture(scope="module")
 def real():
     """(real model fp32 with randomised weights, real processor, stand-in with those weights)."""
@@ -108,7 +127,7 @@ def real():
             vision_backbone_id="dinosiglip-vit-so-224px", llm_backbone_id="llama2-7b-pure",
             image_resize_strategy="resize-naive", text_config=standin.llama_config().to_dict(),
             norm_stats={"bridge_orig": {"action": {"q01": [0.0] * 7, "q99": [1.0] * 7}}})
-        model = modeling.OpenVLAForActionPrediction(config).float().eval()
+        model = build_real(config).float().eval()
     finally:
         timm.create_model = original
     generator = torch.Generator().manual_seed(1)
@@ -227,7 +246,8 @@ def test_bfloat16_loader_dtypes_equal_the_stand_in_policy(real, tmp_path):
     timm.create_model = tiny_timm
     try:
         model.save_pretrained(tmp_path)
-        loaded = modeling.OpenVLAForActionPrediction.from_pretrained(tmp_path, torch_dtype=torch.bfloat16).eval()
+        loaded = modeling.OpenVLAForActionPrediction.from_pretrained(
+            tmp_path, torch_dtype=torch.bfloat16, **loader_kwargs()).eval()
     finally:
         timm.create_model = original
     twin = standin.TinyOpenVLA(attn=attention_in_use(loaded.language_model))
@@ -264,8 +284,10 @@ def test_extractor_loads_a_checkpoint_directory_with_its_own_code(real, tmp_path
     try:
         model.save_pretrained(tmp_path)
         processor.save_pretrained(tmp_path)
-        loaded = openvla.OpenVLAExtractor(str(tmp_path), dtype="bfloat16").load()
-        direct = modeling.OpenVLAForActionPrediction.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+        loaded = openvla.OpenVLAExtractor(str(tmp_path), dtype="bfloat16",
+                                          attn_implementation=ATTN["given"]).load()
+        direct = modeling.OpenVLAForActionPrediction.from_pretrained(
+            tmp_path, torch_dtype=torch.bfloat16, **loader_kwargs())
     finally:
         timm.create_model = original
     assert type(loaded.model).__name__ == "OpenVLAForActionPrediction" and not loaded.stand_in
