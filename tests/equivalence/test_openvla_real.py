@@ -253,11 +253,17 @@ def test_bfloat16_loader_dtypes_equal_the_stand_in_policy(real, tmp_path):
     twin = standin.TinyOpenVLA(attn=attention_in_use(loaded.language_model))
     twin.load_state_dict(model.state_dict(), strict=False)
     openvla.cast_like_loader(twin, torch.bfloat16)
-    real_dtypes = {n: t.dtype for n, t in [*loaded.named_parameters(), *loaded.named_buffers()]
-                   if "attn_pool" not in n}
-    mine = {n: t.dtype for n, t in [*twin.named_parameters(), *twin.named_buffers()]}
-    assert mine == real_dtypes
-    assert openvla.float32_tensors(loaded) == openvla.float32_tensors(twin) != []
+    # transformers 4.40.1 also keeps rotary `_cos_cached`/`_sin_cached` buffers, made in the
+    # default dtype (bf16 under the loader) and never read by its forward: left out here.
+    unused = ("attn_pool", "_cos_cached", "_sin_cached")
+
+    def dtypes(m):
+        return {n: t.dtype for n, t in [*m.named_parameters(), *m.named_buffers()]
+                if not any(u in n for u in unused)}
+
+    assert dtypes(twin) == dtypes(loaded)
+    assert [n for n, d in dtypes(loaded).items() if d == torch.float32] == \
+        [n for n, d in dtypes(twin).items() if d == torch.float32] != []
     ex_real = openvla.OpenVLAExtractor("real", dtype="bfloat16", model=loaded, processor=processor).load()
     ex_mine = openvla.OpenVLAExtractor("tiny", dtype="bfloat16", model=twin,
                                        processor=standin.TinyPrismaticProcessor()).load()
