@@ -3,12 +3,13 @@
 For each family whose checkpoint is available (environment variable, else the HF cache;
 otherwise a skip saying how to provide it) the extraction runs over the data directory
 of `--data-dir` and writes `<HARNESS_FEATS_DIR or data dir>/<label>/feats_A.pt`, resuming
-from finished shards. Then: shape (N, 2304) / (N, 2048), finite, the first batch re-run
-gives identical rows, batched equals single within bf16 tolerance, and each item of the
+from finished shards. Then: shape (N, 2304) / (N, 2048) / (N, 4096), finite, the first
+batch re-run gives identical rows, batched equals single within bf16 tolerance, and each item of the
 seed's verification checklist.
 
-Environment: HARNESS_SPATIALVLA_CKPT, HARNESS_PI0_CKPT, HARNESS_STARVLA_CKPT (path or hub
-id; SpatialVLA and Pi0 are also found in the HF cache under their repo ids),
+Environment: HARNESS_SPATIALVLA_CKPT, HARNESS_PI0_CKPT, HARNESS_STARVLA_CKPT,
+HARNESS_OPENVLA_CKPT (path or hub id; SpatialVLA, Pi0 and OpenVLA are also found in the HF
+cache under their repo ids),
 HARNESS_STARVLA_LABEL (output folder name, e.g. Qwen-GR00T-Bridge), HARNESS_FEATS_DIR
 (root of the <label>/ folders; default the data directory, as in the seed),
 HARNESS_GPU_LIMIT (first N samples only), HARNESS_GPU_BATCH (default 8).
@@ -56,6 +57,8 @@ TARGETS = {
                           "pi0-lerobot-bridge", 2048),
     "starvla": Target("starvla", "HARNESS_STARVLA_CKPT", None,
                       os.environ.get("HARNESS_STARVLA_LABEL", "starvla"), None),
+    "openvla": Target("openvla", "HARNESS_OPENVLA_CKPT", "openvla/openvla-7b", "openvla-7b-bridge",
+                      4096),
 }
 STAND_IN_DIM = 64
 REAL_IMAGE_TOKENS = 256  # SpatialVLA and Pi0 at 224x224 (docs/facts.md §3)
@@ -136,7 +139,8 @@ def run(request, data_dir, tmp_path_factory):
                                       progress=False)
             yield Run(target, extractor, layers["last"], out_dir, samples, stand_ins)
     except HarnessError as err:
-        if "transformers >=" in str(err):  # SpatialVLA in an environment it cannot run in
+        if "transformers >=" in str(err) or "OpenVLA's checkpoint code" in str(err):
+            # SpatialVLA / OpenVLA in an environment their remote code cannot run in
             pytest.skip(str(err))
         raise
 
@@ -229,6 +233,11 @@ def test_3_vision_and_text_tokens_no_state(run, monkeypatch):
         return
     inputs = ex.build_inputs(_batch(run, 2))
     h = ex.forward(inputs)
+    if run.target.family == "openvla":  # patches are inserted after BOS, not token ids
+        image = ex.modality_masks(inputs, [s[2] for s in _batch(run, 2)], h).image
+        assert (image.sum(dim=1) == REAL_IMAGE_TOKENS).all()  # stand-in too: 224 px, patch 14
+        assert (h.mask & ~image).any(dim=1).all()
+        return
     image_id = getattr(ex, "image_token_id", None) or getattr(
         ex.model.config, "image_token_index", None) or ex.model.config.image_token_id
     image = (inputs["input_ids"] == image_id) & h.mask
