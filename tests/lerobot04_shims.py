@@ -12,8 +12,8 @@ forward the extractor runs (read from its source, lerobot/policies/pi0/modeling_
    only LeRobot's git-only transformers fork has) says the fork is installed. The fork
    changes the joint prefix+suffix path (adaRMS norms); the prefix-only path is stock
    Gemma. A stub module answering True is installed.
-3. `PI0Config` only knows the gemma_2b / gemma_300m sizes and `PaliGemmaWithExpertModel`
-   hard-codes a 27-layer SigLIP-so400m: `modeling_pi0.get_gemma_config` is replaced with
+3. `PI0Config` (and Pi0.5's, Pi0-FAST's) only knows the gemma_2b / gemma_300m sizes and
+   `PaliGemmaWithExpertModel` hard-codes a 27-layer SigLIP-so400m: `modeling_pi0.get_gemma_config` is replaced with
    tiny sizes and the PaliGemma constructor shrinks the vision config first.
 4. (SmolVLA) `SmolVLMWithExpertModel.__init__` calls `AutoProcessor.from_pretrained` on the
    VLM directory, and the SmolVLM processor needs a video processor that requires
@@ -83,9 +83,11 @@ TINY_SIZES = {"gemma_2b": dict(width=64, depth=2, mlp_dim=128, num_heads=8, num_
 
 
 @contextlib.contextmanager
-def tiny_pi0_sizes():
-    """While active, `PI0Policy(config)` builds tiny towers and a 1-layer SigLIP."""
-    from lerobot.policies.pi0 import modeling_pi0
+def tiny_pi0_sizes(modeling_pi0=None):
+    """While active, `PI0Policy(config)` builds tiny towers and a 1-layer SigLIP; the same
+    for Pi0.5 / Pi0-FAST given their modeling module (same two names, same 3.)."""
+    if modeling_pi0 is None:
+        from lerobot.policies.pi0 import modeling_pi0
 
     real_sizes, real_paligemma = modeling_pi0.get_gemma_config, modeling_pi0.PaliGemmaForConditionalGeneration
 

@@ -22,14 +22,13 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from harness.errors import HarnessError
 from harness.extractors.base import Extractor, HiddenStates
 from harness.extractors.lerobot_state import StateInput, apply_dtype_policy, parameter_dtypes
 from harness.extractors.observed import Observed, note_token_inputs
-from harness.extractors.pi0_lerobot import audit_weights, resolve_checkpoint
+from harness.extractors.pi0_lerobot import audit_weights, images_01, resolve_checkpoint
 from harness.extractors.registry import Common, FamilySpec, Option
 from harness.hooks import capture
 from harness.residual_stream import capture_residual_stream, layer_indices
@@ -146,11 +145,7 @@ class SmolVLAExtractor(Extractor):
         return out["input_ids"], out["attention_mask"].bool()
 
     def build_inputs(self, samples) -> dict:
-        pixels = [np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0 for _, image, _ in samples]
-        if len({p.shape for p in pixels}) > 1:
-            raise HarnessError(f"images of samples {[s[0] for s in samples]} differ in size; "
-                               "use batch size 1")
-        images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
+        images = images_01(samples)
         tokens, masks = self.tokenize([task for _, _, task in samples])
         indices = [int(s[0]) for s in samples]
         state = self.states.rows(indices, int(self.policy.config.max_state_dim))

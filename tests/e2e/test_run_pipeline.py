@@ -12,7 +12,8 @@ from harness.synth import generate
 from tests.dense_reference import dense_cknna
 
 DEMO_MODELS = {"spatialvla-tiny", "pi0-lerobot-tiny", "starvla-qwen2.5-vl-tiny",
-               "starvla-qwen3-vl-tiny", "paligemma-tiny-layer-sweep", "smolvla-tiny"}
+               "starvla-qwen3-vl-tiny", "paligemma-tiny-layer-sweep", "smolvla-tiny",
+               "pi05-tiny", "pi0-fast-tiny"}
 
 
 def unit_rows(x):

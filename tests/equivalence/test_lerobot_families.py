@@ -15,7 +15,7 @@ import torch
 from harness.cli import main
 from harness.synth import generate
 
-FAMILIES = ["smolvla"]
+FAMILIES = ["smolvla", "pi05", "pi0_fast"]
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +70,30 @@ def test_smolvla_stand_in_takes_the_release_dtype_policy():
     assert dtypes == {"vlm": ["bfloat16"], "lm_expert": ["bfloat16"], "state_proj": ["float32"]}
     hidden = ex.forward(ex.build_inputs(random_samples(2)))
     assert hidden.layers["last"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("family", ["pi05", "pi0_fast"])
+def test_pi05_stand_ins_load_with_the_checkpoint_dtype_policy(family):
+    """dtype None: the stand-in's config says bfloat16, so paligemma is bfloat16 but for
+    the norms and SigLIP's embeddings (LeRobot's rule; on CPU its bfloat16 prefill fails
+    in SigLIP, as LeRobot's own does: tests/equivalence/test_lerobot04_pi05.py)."""
+    from harness.extractors.registry import Common, get
+    spec = get(family)
+    opts = {o.name: o.default for o in spec.options}
+    common = Common(ckpt="tiny", device="cpu", dtype=None, layers="last", revision=None, tiny=True)
+    ex = spec.build(common, opts, None).load()
+    params = dict(ex.policy.model.paligemma_with_expert.named_parameters())
+    norms = [p.dtype for n, p in params.items()
+             if "language_model" in n and n.endswith("norm.weight")]  # the Gemma RMSNorms
+    others = [p.dtype for n, p in params.items() if "proj" in n]
+    assert norms and set(norms) == {torch.float32}
+    assert others and set(others) == {torch.bfloat16}
+    assert "bfloat16" in ex.provenance()["dtype_policy"]
+
+
+def test_pi05_refuses_action_repr_with_one_line(data_dirs, tmp_path, capsys):
+    code = main(["extract", "pi05", "--ckpt", "tiny", "--data_dir", str(data_dirs[0]),
+                 "--output_dir", str(tmp_path / "out"), "--action_repr"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "transformers fork" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out" / "feats_A.pt").exists()

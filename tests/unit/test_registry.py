@@ -24,7 +24,7 @@ def _family_parsers() -> dict[str, argparse.ArgumentParser]:
 
 def test_the_builtin_families_are_registered():
     assert list(registry.families())[:4] == ["spatialvla", "pi0_lerobot", "starvla", "hf"]
-    assert {"smolvla"} <= set(registry.families())  # LeRobot families (issue 20)
+    assert {"smolvla", "pi05", "pi0_fast"} <= set(registry.families())  # issue 20
     for spec in registry.families().values():
         assert spec.help and spec.stand_in and spec.demo and spec.final_norm_paths
 
