@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from harness.errors import HarnessError
+from harness.extractors.registry import Option
 
 STATE_AS_FED = "feats_B.pt rows as stored (the policy's normaliser is not applied), zero-padded to max_state_dim"
 
@@ -70,3 +71,24 @@ def parameter_dtypes(module: torch.nn.Module, prefixes: dict[str, str]) -> dict[
         if sub is not None:
             out[label] = sorted({str(p.dtype).removeprefix("torch.") for p in sub.parameters()})
     return out
+
+
+SPEC_FIELDS = dict(
+    stand_in="tiny",
+    stand_in_help="'tiny' (an imitation of LeRobot 0.4.4's classes; the real ones are "
+                  "tested in the LeRobot venv)",
+    auto_dtype=None,  # the checkpoint's own dtypes, as LeRobot's loader gives them
+)
+"""FamilySpec fields every LeRobot family added by issue 20 shares."""
+
+
+def family_options(state_help: str) -> tuple[Option, ...]:
+    """`--state_in_input` (what it does per family) and the weight-audit options."""
+    return (
+        Option("state_in_input", bool, False, state_help),
+        Option("image_key", str, None, "override the image key from config.image_features"),
+        Option("allow_missing_keys", list, [], "model weights allowed to be absent from the "
+               "checkpoint", metavar="GLOB"),
+        Option("allow_unexpected_keys", list, [], "checkpoint tensors allowed to match no "
+               "model weight", metavar="GLOB"),
+    )

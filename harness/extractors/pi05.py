@@ -26,7 +26,8 @@ import torch
 
 from harness.errors import HarnessError
 from harness.extractors.base import HiddenStates
-from harness.extractors.lerobot_state import StateInput, apply_dtype_policy, parameter_dtypes
+from harness.extractors.lerobot_state import (SPEC_FIELDS, StateInput, apply_dtype_policy,
+                                              family_options, parameter_dtypes)
 from harness.extractors.pi0_lerobot import (NORM_PATHS, Pi0LeRobotExtractor, audit_weights,
                                             images_01, resolve_checkpoint)
 from harness.extractors.registry import Common, FamilySpec, Option
@@ -229,19 +230,11 @@ def _build(common: Common, opts: dict, stack) -> Pi05Extractor:
 
 def options() -> tuple[Option, ...]:
     """The options Pi0.5 and Pi0-FAST share."""
-    from harness.extractors.smolvla import STATE_OPTION
-    return (
-        Option(STATE_OPTION.name, bool, False, "write the data directory's states into the "
-               "prompt as the policy's processor does (discretised, 256 bins); recorded. "
-               "Default: the same template without the state field"),
-        Option("tokenizer", str, TOKENIZER, "PaliGemma tokenizer (local directory or cached "
-               "hub id) when the checkpoint directory has none"),
-        Option("image_key", str, None, "override the image key from config.image_features"),
-        Option("allow_missing_keys", list, [], "model weights allowed to be absent from the "
-               "checkpoint", metavar="GLOB"),
-        Option("allow_unexpected_keys", list, [], "checkpoint tensors allowed to match no "
-               "model weight", metavar="GLOB"),
-    )
+    return (*family_options("write the data directory's states into the prompt as the "
+                            "policy's processor does (discretised, 256 bins); recorded. "
+                            "Default: the same template without the state field"),
+            Option("tokenizer", str, TOKENIZER, "PaliGemma tokenizer (local directory or "
+                   "cached hub id) when the checkpoint directory has none"))
 
 
 SPEC = FamilySpec(
@@ -249,12 +242,9 @@ SPEC = FamilySpec(
     help="LeRobot Pi0.5: prefill-only, final-norm hook, state-blind prompt by default",
     build=_build,
     default_ckpt=DEFAULT_CKPT,
-    stand_in="tiny",
-    stand_in_help="'tiny' (an imitation of LeRobot 0.4.4's classes; the real ones are "
-                  "tested in the LeRobot venv)",
-    auto_dtype=None,
     options=options(),
     final_norm_paths={"pi05": NORM_PATHS},
     action_stream=True,
     demo=(("pi05-tiny", "tiny", {"split_modalities": True, "layers": "all"}),),
+    **SPEC_FIELDS,
 )

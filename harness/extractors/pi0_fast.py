@@ -20,6 +20,7 @@ import torch
 from harness.errors import HarnessError
 from harness.extractors.base import HiddenStates
 from harness.extractors.pi0_lerobot import NORM_PATHS, note_prefix
+from harness.extractors.lerobot_state import SPEC_FIELDS
 from harness.extractors.pi05 import Pi05Extractor, build_with, options
 from harness.extractors.registry import Common, FamilySpec
 from harness.hooks import capture
@@ -95,12 +96,9 @@ SPEC = FamilySpec(
     help="LeRobot Pi0-FAST: prefill [images, prompt, BOS], final-norm hook, state-blind prompt",
     build=_build,
     default_ckpt=DEFAULT_CKPT,
-    stand_in="tiny",
-    stand_in_help="'tiny' (an imitation of LeRobot 0.4.4's classes; the real ones are "
-                  "tested in the LeRobot venv)",
-    auto_dtype=None,
     options=options(),
     final_norm_paths={"pi0_fast": NORM_PATHS},
     action_stream=False,
     demo=(("pi0-fast-tiny", "tiny", {"split_modalities": True, "layers": "all"}),),
+    **SPEC_FIELDS,
 )

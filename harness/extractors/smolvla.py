@@ -26,10 +26,11 @@ import torch
 
 from harness.errors import HarnessError
 from harness.extractors.base import Extractor, HiddenStates
-from harness.extractors.lerobot_state import StateInput, apply_dtype_policy, parameter_dtypes
+from harness.extractors.lerobot_state import (SPEC_FIELDS, StateInput, apply_dtype_policy,
+                                              family_options, parameter_dtypes)
 from harness.extractors.observed import Observed, note_token_inputs
 from harness.extractors.pi0_lerobot import audit_weights, images_01, resolve_checkpoint
-from harness.extractors.registry import Common, FamilySpec, Option
+from harness.extractors.registry import Common, FamilySpec
 from harness.hooks import capture
 from harness.residual_stream import capture_residual_stream, layer_indices
 
@@ -310,29 +311,16 @@ def _build(common: Common, opts: dict, stack) -> SmolVLAExtractor:
     return SmolVLAExtractor(common.ckpt, **kw)
 
 
-STATE_OPTION = Option("state_in_input", bool, False,
-                      "feed the data directory's states as the policy would (its state input) "
-                      "and keep them in the pooled features; recorded. Default: state-blind")
-
 SPEC = FamilySpec(
     name="smolvla",
     help="LeRobot SmolVLA: prefill-only, cut LM's final-norm hook, state token left out",
     build=_build,
     default_ckpt=DEFAULT_CKPT,
-    stand_in="tiny",
-    stand_in_help="'tiny' (an imitation of LeRobot 0.4.4's classes; the real ones are "
-                  "tested in the LeRobot venv)",
-    auto_dtype=None,
-    options=(
-        STATE_OPTION,
-        Option("image_key", str, None, "override the image key from config.image_features"),
-        Option("allow_missing_keys", list, [], "model weights allowed to be absent from the "
-               "checkpoint", metavar="GLOB"),
-        Option("allow_unexpected_keys", list, [], "checkpoint tensors allowed to match no "
-               "model weight", metavar="GLOB"),
-    ),
+    options=family_options("pool the prefix's state token too (the data directory's "
+                           "states); recorded. Default: state-blind (left out)"),
     final_norm_paths={"smolvla": (NORM_PATH,)},
     action_stream=True,
     demo=(("smolvla-tiny", "tiny", {"split_modalities": True, "layers": "all",
                                      "action_repr": True}),),
+    **SPEC_FIELDS,
 )
