@@ -8,7 +8,8 @@ Traps handled here (docs/facts.md §8):
   bidirectional, so every pooled token would see the state and CKNNA against the same
   state would measure the input, not the model. Default: the same template without the
   state field, "Task: {task};\\nAction: " (recorded); `--state_in_input` writes the data
-  directory's states the policy's way (as stored: its normaliser is not applied; recorded);
+  directory's states the policy's way (normalised by the checkpoint's saved pre-processor
+  when it has one, else as stored; recorded);
 - the prefix is stock PaliGemma: the same prefill as LeRobot 0.4.4's Pi0 (`embed_prefix`,
   4-D mask, eager attention as `sample_actions` sets it), run by the Pi0 extractor's code,
   hook on `paligemma.model.language_model.norm` == prefix_out (checked);
@@ -127,6 +128,7 @@ class Pi05Extractor(Pi0LeRobotExtractor):
                                f"({type(err).__name__}: {err})") from None
         self.audit = audit_weights(policy, directory, self.allow_missing, self.allow_unexpected,
                                    self.check_values)
+        self.states.use_checkpoint_normaliser(directory)
         self.make_att_2d_masks = getattr(module, "make_att_2d_masks", None)  # none in Pi0-FAST
         self.api_source = "lerobot:" + module.__name__
         return policy
@@ -195,7 +197,7 @@ class Pi05Extractor(Pi0LeRobotExtractor):
                             "space), right pad to max_length, truncation",
             "padding": "max_length", "tokenizer": self.tokenizer_name,
             "state_in_input": self.state_in_input,
-            "state_input": (f"{self.states.source}, discretised into 256 bins over [-1, 1] in "
+            "state_input": (f"{self.states.describe()}, discretised into 256 bins over [-1, 1] in "
                             "the prompt") if self.state_in_input else
             "none: the state-blind prompt (the policy's template without the state field)",
             "seed_compat": False,

@@ -127,6 +127,7 @@ class SmolVLAExtractor(Extractor):
                                f"({type(err).__name__}: {err})") from None
         self.audit = audit_weights(policy, directory, self.allow_missing, self.allow_unexpected,
                                    self.check_values)
+        self.states.use_checkpoint_normaliser(directory)
         self.policy, self.make_att_2d_masks = policy, module.make_att_2d_masks
         self.tokenizer = self.tokenizer or policy.model.vlm_with_expert.processor.tokenizer
         self.api_source = "lerobot:" + module.__name__
@@ -149,7 +150,10 @@ class SmolVLAExtractor(Extractor):
         images = images_01(samples)
         tokens, masks = self.tokenize([task for _, _, task in samples])
         indices = [int(s[0]) for s in samples]
-        state = self.states.rows(indices, int(self.policy.config.max_state_dim))
+        # state-blind: the states as stored (no pooled token sees them, so a normaliser
+        # that does not fit the data cannot stop the run); with the state: the policy's way
+        state = self.states.rows(indices, int(self.policy.config.max_state_dim),
+                                 normalise=self.state_in_input)
         return {"images": images.to(self.device), "lang_tokens": tokens.to(self.device),
                 "lang_masks": masks.to(self.device), "state": state.to(self.device),
                 "sample_indices": torch.tensor(indices)}
@@ -259,7 +263,7 @@ class SmolVLAExtractor(Extractor):
                 "tokens": f"the last chunk_size = {config.chunk_size} suffix tokens, mean",
                 "denoising_steps": config.num_steps,
                 "noise": f"torch.Generator().manual_seed({ACTION_SEED} + sample index)",
-                "state_input": self.states.source if self.state_in_input else "zeros"}
+                "state_input": self.states.describe() if self.state_in_input else "zeros"}
 
     def describe(self) -> dict:
         policy = self.policy
@@ -285,7 +289,8 @@ class SmolVLAExtractor(Extractor):
             "tokenizer_max_length": int(config.tokenizer_max_length),
             "padding": config.pad_language_to, "padding_side": "right",
             "state_in_input": self.state_in_input,
-            "state_input": f"{self.states.source}, into the prefix's state token" + (
+            "state_input": self.states.describe(self.state_in_input) + ", into the prefix's "
+                           "state token" + (
                 "" if self.state_in_input else ", which image and text tokens cannot attend "
                 "to and pooling leaves out (state-blind)"),
             "pooling_mask": "prefix_pad_masks" + ("" if self.state_in_input else

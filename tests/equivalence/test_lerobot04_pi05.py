@@ -247,3 +247,35 @@ def test_pi05_refuses_action_repr_on_stock_transformers(tmp_path):
     assert why is not None and "transformers fork" in why and "\n" not in why
     with pytest.raises(HarnessError, match="transformers fork"):
         ex.action_provenance()
+
+
+@pytest.mark.parametrize("mode", ["MEAN_STD", "QUANTILES", "MIN_MAX"])
+def test_state_normaliser_read_from_a_saved_preprocessor_equals_lerobots(mode, tmp_path):
+    """--state_in_input normalises as the checkpoint's saved pre-processor does: the
+    statistics and mode read from policy_preprocessor.json give LeRobot's own values."""
+    from lerobot.configs.types import FeatureType, NormalizationMode, PolicyFeature
+    from lerobot.processor import NormalizerProcessorStep, PolicyProcessorPipeline
+    from lerobot.processor.core import TransitionKey
+
+    from harness.extractors.lerobot_state import StateInput
+    g = torch.Generator().manual_seed(3)
+    stats = {"observation.state": {"mean": torch.randn(7, generator=g),
+                                   "std": torch.rand(7, generator=g) + 0.1,
+                                   "q01": -torch.rand(7, generator=g) - 1,
+                                   "q99": torch.rand(7, generator=g) + 1,
+                                   "min": -torch.rand(7, generator=g) - 2,
+                                   "max": torch.rand(7, generator=g) + 2}}
+    step = NormalizerProcessorStep(
+        features={"observation.state": PolicyFeature(type=FeatureType.STATE, shape=(7,))},
+        norm_map={FeatureType.STATE: NormalizationMode(mode)}, stats=stats)
+    PolicyProcessorPipeline(steps=[step], name="policy_preprocessor").save_pretrained(tmp_path)
+    states = torch.randn(3, 7, generator=g) * 2
+    theirs = step({TransitionKey.OBSERVATION: {"observation.state": states.clone()}})
+    want = theirs[TransitionKey.OBSERVATION]["observation.state"]
+    ours = StateInput()
+    ours.use_checkpoint_normaliser(tmp_path)
+    ours.set_states(states, [5, 6, 7])
+    got = ours.rows([5, 6, 7], 8)
+    assert torch.allclose(got[:, :7], want, atol=1e-6) and not got[:, 7].any()
+    assert mode in ours.describe()
+    assert torch.equal(ours.rows([5, 6, 7], 8, normalise=False)[:, :7], states)
