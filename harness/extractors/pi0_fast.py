@@ -77,8 +77,9 @@ class Pi0FastExtractor(Pi05Extractor):
         return HiddenStates(layers=layers, mask=pad_masks.bool())
 
     def action_provenance(self) -> dict:
-        from harness.extra_outputs import refuse_action_repr
-        refuse_action_repr(self.family)  # actions are tokens: there is no expert to read
+        raise HarnessError(f"{self.family}: this family has no action stream (its actions "
+                           "are FAST tokens, there is no action expert), so --action_repr "
+                           "(feats_action.pt) cannot be extracted")
 
     def describe(self) -> dict:
         record = super().describe()
