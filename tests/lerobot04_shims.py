@@ -12,9 +12,14 @@ forward the extractor runs (read from its source, lerobot/policies/pi0/modeling_
    only LeRobot's git-only transformers fork has) says the fork is installed. The fork
    changes the joint prefix+suffix path (adaRMS norms); the prefix-only path is stock
    Gemma. A stub module answering True is installed.
-3. `PI0Config` only knows the gemma_2b / gemma_300m sizes and `PaliGemmaWithExpertModel`
-   hard-codes a 27-layer SigLIP-so400m: `modeling_pi0.get_gemma_config` is replaced with
+3. `PI0Config` (and Pi0.5's, Pi0-FAST's) only knows the gemma_2b / gemma_300m sizes and
+   `PaliGemmaWithExpertModel` hard-codes a 27-layer SigLIP-so400m: `modeling_pi0.get_gemma_config` is replaced with
    tiny sizes and the PaliGemma constructor shrinks the vision config first.
+4. (SmolVLA) `SmolVLMWithExpertModel.__init__` calls `AutoProcessor.from_pretrained` on the
+   VLM directory, and the SmolVLM processor needs a video processor that requires
+   torchvision; LeRobot reads only `processor.tokenizer` from it
+   (`fake_image_token_id`, `global_image_token_id`). `smolvlm_tokenizer_only_processor`
+   hands it an object holding just the directory's tokenizer.
 Nothing here is used by the harness package; the extractor runs unpatched code paths.
 """
 from __future__ import annotations
@@ -78,9 +83,11 @@ TINY_SIZES = {"gemma_2b": dict(width=64, depth=2, mlp_dim=128, num_heads=8, num_
 
 
 @contextlib.contextmanager
-def tiny_pi0_sizes():
-    """While active, `PI0Policy(config)` builds tiny towers and a 1-layer SigLIP."""
-    from lerobot.policies.pi0 import modeling_pi0
+def tiny_pi0_sizes(modeling_pi0=None):
+    """While active, `PI0Policy(config)` builds tiny towers and a 1-layer SigLIP; the same
+    for Pi0.5 / Pi0-FAST given their modeling module (same two names, same 3.)."""
+    if modeling_pi0 is None:
+        from lerobot.policies.pi0 import modeling_pi0
 
     real_sizes, real_paligemma = modeling_pi0.get_gemma_config, modeling_pi0.PaliGemmaForConditionalGeneration
 
@@ -99,3 +106,48 @@ def tiny_pi0_sizes():
     finally:
         modeling_pi0.get_gemma_config = real_sizes
         modeling_pi0.PaliGemmaForConditionalGeneration = real_paligemma
+
+
+@contextlib.contextmanager
+def smolvlm_tokenizer_only_processor():
+    """While active, SmolVLA's VLM "processor" is the directory's tokenizer alone (4.)."""
+    from transformers import AutoTokenizer
+
+    from lerobot.policies.smolvla import smolvlm_with_expert
+
+    class TokenizerOnly:
+        @staticmethod
+        def from_pretrained(path, **kwargs):
+            return types.SimpleNamespace(tokenizer=AutoTokenizer.from_pretrained(path))
+
+    real = smolvlm_with_expert.AutoProcessor
+    smolvlm_with_expert.AutoProcessor = TokenizerOnly
+    try:
+        yield
+    finally:
+        smolvlm_with_expert.AutoProcessor = real
+
+
+def require_lerobot04(module: str):
+    """Import `module` from LeRobot 0.4.x with the shims above, or skip the calling test
+    file; HARNESS_REQUIRE_LEROBOT=1 (.ci/run) turns the skip into a failure."""
+    import importlib.metadata
+    import importlib.util
+    import os
+
+    import pytest
+
+    required = os.environ.get("HARNESS_REQUIRE_LEROBOT") == "1"
+    if importlib.util.find_spec("lerobot") is not None:
+        stub_torchvision()
+        stub_transformers_fork_check()
+    elif required:
+        pytest.fail("HARNESS_REQUIRE_LEROBOT=1 but lerobot is not installed", pytrace=False)
+    found = pytest.importorskip(
+        module, reason="lerobot 0.4.x is not installed here; .ci/run runs this in its own venv")
+    version = importlib.metadata.version("lerobot")
+    if not version.startswith("0.4."):
+        if required:
+            pytest.fail(f"expected lerobot 0.4.x, found {version}", pytrace=False)
+        pytest.skip("these checks are written for lerobot 0.4.x", allow_module_level=True)
+    return found

@@ -146,6 +146,8 @@ def _extract_locked(args: argparse.Namespace, out) -> int:
     if args.limit is not None:
         samples = Subset(samples, range(min(args.limit, len(samples))))
     with build_extractor(args) as extractor:
+        if hasattr(extractor, "set_states"):  # families that can take the state as input
+            extractor.set_states(data.states, data.indices)
         layers = features.extract(extractor, samples, out, batch_size=args.batch_size,
                                   dataset_fingerprint=data_mod.fingerprint(args.data_dir),
                                   progress=True,  # a bar on a terminal, else lines

@@ -260,11 +260,7 @@ class Pi0LeRobotExtractor(Extractor):
         return ids, mask
 
     def build_inputs(self, samples) -> dict:
-        pixels = [np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0 for _, image, _ in samples]
-        if len({p.shape for p in pixels}) > 1:  # prepare_images takes one (B, C, H, W) tensor
-            raise HarnessError(f"images of samples {[s[0] for s in samples]} differ in size "
-                               f"({sorted({p.shape[:2] for p in pixels})}); use batch size 1")
-        images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
+        images = images_01(samples)
         tokens, masks = self.tokenize([task for _, _, task in samples])
         return {"images": images.to(self.device), "lang_tokens": tokens.to(self.device),
                 "lang_masks": masks.to(self.device),
@@ -403,6 +399,15 @@ class Pi0LeRobotExtractor(Extractor):
             if module is not None:
                 return next(module.parameters()).dtype
         return next(pwe.parameters()).dtype
+
+
+def images_01(samples) -> torch.Tensor:
+    """(B, 3, H, W) float32 in [0, 1], as LeRobot's policies take camera frames."""
+    pixels = [np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0 for _, image, _ in samples]
+    if len({p.shape for p in pixels}) > 1:  # the policies take one (B, C, H, W) tensor
+        raise HarnessError(f"images of samples {[s[0] for s in samples]} differ in size "
+                           f"({sorted({p.shape[:2] for p in pixels})}); use batch size 1")
+    return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
 
 
 def prefix_attention_as_sample_actions(pwe) -> None:

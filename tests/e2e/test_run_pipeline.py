@@ -13,7 +13,7 @@ from tests.dense_reference import dense_cknna
 
 DEMO_MODELS = {"spatialvla-tiny", "pi0-lerobot-tiny", "starvla-qwen2.5-vl-tiny",
                "starvla-qwen3-vl-tiny", "paligemma-tiny-layer-sweep",
-               "openvla-tiny"}
+               "openvla-tiny", "smolvla-tiny", "pi05-tiny", "pi0-fast-tiny"}
 
 
 def unit_rows(x):
@@ -99,7 +99,7 @@ def test_demo_shows_the_modality_split_action_views_and_every_familys_layers(dem
         folder = out / "features" / name
         load = lambda f: unit_rows(torch.load(folder / f, weights_only=True))  # noqa: E731
         files = {"full": "feats_A.pt", "image": "feats_A_img.pt", "text": "feats_A_txt.pt"}
-        if name in ("pi0-lerobot-tiny", "openvla-tiny"):  # the demo's action_repr rows
+        if name in ("pi0-lerobot-tiny", "openvla-tiny", "smolvla-tiny"):  # action streams
             files["action"] = "feats_action.pt"
         assert views["views"] == list(files)
         for view, f in files.items():  # each number is the formula on the written file

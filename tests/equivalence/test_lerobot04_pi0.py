@@ -11,29 +11,12 @@ needs are in tests/lerobot04_shims.py (test code only; why each exists is writte
 """
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
-import os
-
 import pytest
 import torch
 
-from tests.lerobot04_shims import stub_torchvision, stub_transformers_fork_check, tiny_pi0_sizes
+from tests.lerobot04_shims import require_lerobot04, tiny_pi0_sizes
 
-REQUIRED = os.environ.get("HARNESS_REQUIRE_LEROBOT") == "1"
-if importlib.util.find_spec("lerobot") is not None:
-    stub_torchvision()
-    stub_transformers_fork_check()
-elif REQUIRED:
-    pytest.fail("HARNESS_REQUIRE_LEROBOT=1 but lerobot is not installed", pytrace=False)
-modeling_pi0 = pytest.importorskip(
-    "lerobot.policies.pi0.modeling_pi0",
-    reason="lerobot 0.4.x is not installed here; .ci/run runs this in its own venv")
-if not importlib.metadata.version("lerobot").startswith("0.4."):
-    if REQUIRED:
-        pytest.fail(f"expected lerobot 0.4.x, found {importlib.metadata.version('lerobot')}",
-                    pytrace=False)
-    pytest.skip("these checks are written for lerobot 0.4.x", allow_module_level=True)
+modeling_pi0 = require_lerobot04("lerobot.policies.pi0.modeling_pi0")
 
 from harness.extractors import tiny  # noqa: E402
 from harness.extractors.pi0_lerobot import Pi0LeRobotExtractor  # noqa: E402
