@@ -78,9 +78,17 @@ def _add_option(p: argparse.ArgumentParser, o: Option) -> None:
 
 
 def resolve_dtype(dtype: str, tiny: bool, family: str) -> str | None:
+    """The dtype a family's build gets. 'checkpoint': the family's declared dtype policy,
+    one dtype when it is uniform; a mixed policy stays 'checkpoint' for a stand-in (its
+    build realises the mix as the real loader does) and None (the loader's own) for a
+    real checkpoint."""
+    spec = get(family)
+    if dtype == "checkpoint":
+        policy = spec.dtype_policy
+        return policy.low if policy.uniform else ("checkpoint" if tiny else None)
     if dtype != "auto":
         return dtype
-    return "float32" if tiny else get(family).auto_dtype
+    return "float32" if tiny else spec.auto_dtype
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ import torch
 
 from harness.errors import HarnessError
 from harness.extractors.base import Extractor, HiddenStates
+from harness.extractors.dtype_policy import DtypePolicy
 from harness.extractors.observed import Observed, note_token_inputs
 from harness.extractors.registry import Common, FamilySpec, Option
 from harness.hooks import capture, find_module
@@ -42,6 +43,17 @@ NORM_PATHS = (  # module names under policy.model.paligemma_with_expert, first m
 )
 EXPERT_NORM_PATHS = ("gemma_expert.model.norm", "gemma_expert.norm")  # the action expert's
 ACTION_SEED = 0  # noise of sample i is drawn from torch.Generator().manual_seed(ACTION_SEED + i)
+DTYPE_POLICY = DtypePolicy(
+    "old LeRobot API (the checkpoint's modeling_pi0.py, PaliGemmaWithExpertModel."
+    "to_bfloat16_like_physical_intelligence): PaliGemma (vision tower, projector, language "
+    "model) and the expert's decoder layers bfloat16; the expert's final norm and the "
+    "state/action/time projections float32",
+    root="model.paligemma_with_expert", low_modules=("paligemma",),
+    low_params=("language_model.model.layers", "gemma_expert.model.layers", "vision_tower",
+                "multi_modal"))
+"""The real checkpoint's dtype mix, as its bundled loader leaves it (facts read from
+LeRobot's old `paligemma_with_expert.py`; 0.4.4's `to_bfloat16_for_selected_params`
+differs: all bf16 but the patch/position embeddings and every RMSNorm)."""
 
 
 # ------------------------------------------------------------------ loading
@@ -429,14 +441,18 @@ def note_prefix(observed: Observed, images: list, lang_tokens: torch.Tensor,
 
 def _build(common: Common, opts: dict, stack) -> Pi0LeRobotExtractor:
     path = common.ckpt
+    dtype = common.dtype
     if common.tiny:
         import tempfile
 
         from harness.extractors.standins import save_tiny_pi0_checkpoint
         path = stack.enter_context(tempfile.TemporaryDirectory(prefix="tiny_pi0_"))
-        save_tiny_pi0_checkpoint(path, new_api=common.ckpt == "tiny:new")
+        real_mix = dtype == "checkpoint"  # the stand-in's loader applies DTYPE_POLICY
+        save_tiny_pi0_checkpoint(path, new_api=common.ckpt == "tiny:new",
+                                 precision=DTYPE_POLICY.low if real_mix else "float32")
+        dtype = None if real_mix else dtype
     return Pi0LeRobotExtractor(
-        path, name=common.ckpt, device=common.device, dtype=common.dtype,
+        path, name=common.ckpt, device=common.device, dtype=dtype,
         image_key=opts["image_key"],
         seed_tokenization=opts["seed_tokenization"] or opts["seed_compat"],
         allow_missing=opts["allow_missing_keys"], allow_unexpected=opts["allow_unexpected_keys"],
@@ -466,6 +482,7 @@ SPEC = FamilySpec(
     ),
     final_norm_paths={"pi0": NORM_PATHS},
     action_stream=True,
+    dtype_policy=DTYPE_POLICY,
     demo=(("pi0-lerobot-tiny", "tiny", {"split_modalities": True, "layers": "all",
                                          "action_repr": True}),),
 )
