@@ -40,6 +40,10 @@ class Outputs:
     def __bool__(self) -> bool:
         return self.split_modalities or self.action_repr
 
+    def stems(self) -> list[str]:
+        """The extra files' names without .pt, in the order they are made."""
+        return ([IMG, TXT] if self.split_modalities else []) + ([ACTION] if self.action_repr else [])
+
     def check(self, extractor) -> None:
         if self.split_modalities and not hasattr(extractor, "modality_masks"):
             raise HarnessError(f"{extractor.family}: the extractor cannot locate image and "

@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from harness import provenance as prov
+from harness import state_input
 from harness.errors import HarnessError
 from harness.extra_outputs import Outputs, merge_extras
 from harness.extractors import observed as obs
@@ -34,7 +35,8 @@ FEATS = "feats_A.pt"
 METADATA = "extraction_metadata.json"
 # Recorded but not part of a shard's identity: they change with no effect on the values
 # (the git hash moves with every unrelated commit; ranks and batch size only schedule).
-VOLATILE = ("git_hash", "created", "batch_size", "world_size", "command")
+VOLATILE = ("git_hash", "created", "batch_size", "world_size", "command",
+            "state_in_input")  # derived from the options already in the identity
 
 
 def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
@@ -88,6 +90,7 @@ def run_provenance(extractor, pooling: str, dataset_fingerprint, n: int, shard_s
                   batch_size=batch_size)
     if outputs is not None:
         record.update(outputs.record(extractor))
+    record["state_in_input"] = state_input.record(extractor, outputs.stems() if outputs else [])
     return record
 
 

@@ -129,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
         samples = Subset(samples, range(min(args.limit, len(samples))))
     features.init_from_env()  # torchrun: each rank takes its share of the shards
     with build_extractor(args) as extractor:
+        if hasattr(extractor, "set_states"):  # a model that can be fed the state (Pi0's expert)
+            extractor.set_states(data_mod.policy_states(data))
         layers = features.extract(extractor, samples, out, batch_size=args.batch_size,
                                   dataset_fingerprint=data_mod.fingerprint(args.data_dir),
                                   progress=True,  # a bar on a terminal, else lines

@@ -56,7 +56,7 @@ def _args(family: str, tier: str, opts: dict, layers: str = "last") -> Namespace
                      layers=layers, revision=None, **opts)
 
 
-def _states(seed: int, dim: int = 7) -> torch.Tensor:
+def _states(seed: int, dim: int = 8) -> torch.Tensor:
     return torch.randn(N, dim, generator=torch.Generator().manual_seed(seed))
 
 
@@ -115,9 +115,9 @@ class TestFamilyContract:
         assert seen["hidden_dtype"] == [meta["dtype"]]
         assert (len(sdpa) > 0) == (meta["attn_implementation"] == "sdpa")
         assert [meta["padding_side"]] == seen["padding_side"]
-        if isinstance(meta.get("image_size"), int):
-            side = meta["image_size"]
-            assert seen["image_size_fed"] == [f"{side}x{side}"]
+        if isinstance(meta.get("image_size"), int):  # our resize, or the processor's
+            side = [f"{meta['image_size']}x{meta['image_size']}"]
+            assert seen["image_size_fed"] == side or seen.get("pixel_size") == side
         elif "image_size" in meta:  # no resize of ours: the images arrive as they are
             assert seen["image_size_fed"] == ["64x64"] or meta.get("seed_compat")
 
