@@ -21,6 +21,7 @@ from harness import data as data_mod
 from harness import horizons as horizons_mod
 from harness import progress
 from harness import success
+from harness import state_input
 from harness import states as states_mod
 from harness import views as views_mod
 from harness.config import LaxPath, ModelEntry, StudyConfig
@@ -290,6 +291,7 @@ def run_study(study: Study, log=None) -> dict:
         results["views"] = compare_all_views(views, states_l2, study, status)
     for name, entry in results["models"].items():
         entry["provenance"] = _provenance(Path(entry["feats_A_path"]))
+    state_input.annotate(results)
     if seq is not None:
         log(f"metrics: CKNNA against future states, horizons {horizons}")
         horizons_mod.add_to_results(results, models, data.take(seq), horizons, settings,

@@ -60,6 +60,20 @@ def marker(flag) -> str:
     return MARK if flag else ""
 
 
-def any_marked(results: dict) -> bool:
-    return any(m.get("state_in_input") for m in results.get("models", {}).values()) or any(
-        any((v.get("state_in_input") or {}).values()) for v in results.get("views", {}).values())
+def marked(results: dict) -> list[str]:
+    """'model' / 'model: view' for every result row whose features had the state as input."""
+    rows = [label for label, m in results.get("models", {}).items() if m.get("state_in_input")]
+    rows += [f"{label}: {view}" for label, v in (results.get("views") or {}).items()
+             for view, flag in (v.get("state_in_input") or {}).items() if flag]
+    return rows
+
+
+def notes(results: dict) -> list[str]:
+    """The table note explaining the mark, when a row carries it."""
+    return [NOTE] if marked(results) else []
+
+
+def console_lines(results: dict) -> list[str]:
+    rows = marked(results)
+    return [f"state in input (CKNNA against the state is not a measure of learning): "
+            f"{', '.join(rows)}"] if rows else []
