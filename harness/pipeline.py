@@ -246,7 +246,7 @@ def run_study(study: Study, log=None) -> dict:
     states, zrecord = data.states, None
     if study.zscore_states:
         states, zrecord = states_mod.zscore(states, data.metadata.get("state_keys"))
-    models, layers, views = {}, {}, {}
+    models, layers, views, view_masks = {}, {}, {}, {}
     for name, st in status.items():
         if "feats_A_path" not in st:
             continue
@@ -254,7 +254,7 @@ def run_study(study: Study, log=None) -> dict:
         try:
             models[name] = (str(path), _rows(path, data))
             by_layer = {layer: _rows(p, data) for layer, p in _layer_files(path).items()}
-            by_view = {view: _rows(p, data) for view, p in views_mod.view_files(path).items()}
+            by_view, view_masks[name] = views_mod.load_views(path, data, _rows)
         except HarnessError as err:
             status[name] = dict(st, status="failed", error=str(err))
             log(f"metrics {name}: FAILED: {err}")
@@ -288,7 +288,7 @@ def run_study(study: Study, log=None) -> dict:
     results = compute(models, states_l2, str(states_path), settings, preprocessing, extra,
                       layers=layers)
     if views:
-        results["views"] = compare_all_views(views, states_l2, study, status)
+        results["views"] = compare_all_views(views, states_l2, study, status, view_masks)
     for name, entry in results["models"].items():
         entry["provenance"] = _provenance(Path(entry["feats_A_path"]))
     state_input.annotate(results)
@@ -308,11 +308,13 @@ def _rows(path: Path, data) -> "torch.Tensor":
     return states_mod.normalised(path, data.take(load_features(path)))
 
 
-def compare_all_views(views: dict, states_l2, study: Study, status: dict) -> dict:
+def compare_all_views(views: dict, states_l2, study: Study, status: dict,
+                      masks: dict | None = None) -> dict:
     """Modality split and action features of every model that has them (harness.views)."""
     out = {}
     for name, by_view in views.items():
-        out[name] = views_mod.compare_views(by_view, states_l2, study.ks)
+        out[name] = views_mod.compare_views(by_view, states_l2, study.ks,
+                                            defined=(masks or {}).get(name))
         out[name]["text_fallback_samples"] = views_mod.text_fallback_count(
             Path(status[name]["feats_A_path"]))
     return out

@@ -276,11 +276,16 @@ def views_markdown(results: dict) -> str:
             a, b = pair.split("~")
             lines.append(f"| {model} | {VIEW_LABELS.get(a, a)} vs {VIEW_LABELS.get(b, b)} | "
                          + " | ".join(fmt(by_k[f"k{k}"]) for k in ks) + " |")
-    notes = [f"{model}: {v['text_fallback_samples']} of {results['_meta']['N']} samples have no "
-             "task tokens (empty task or not found); their text feature is the mean over the "
-             "prompt's non-image tokens (listed in the extraction metadata; "
-             "`drop_empty_tasks = true` leaves empty tasks out)"
-             for model, v in views.items() if v.get("text_fallback_samples")]
+    n_all = results["_meta"]["N"]
+    notes = [f"{model}: the task-token view is compared on the {v['samples']['text']} of "
+             f"{n_all} samples that have a task (an empty task has no text view)"
+             for model, v in views.items() if (v.get("samples") or {}).get("text", n_all) < n_all]
+    notes += [f"{model}: {v['text_fallback_samples']} of {n_all} samples have no task tokens "
+              "(empty task or not found); an empty task is left out of the text view, a task "
+              "not found in the prompt falls back to the mean over the prompt's non-image "
+              "tokens (listed in the extraction metadata; `drop_empty_tasks = true` leaves "
+              "empty tasks out everywhere)"
+              for model, v in views.items() if v.get("text_fallback_samples")]
     notes += state_input.notes({"views": views})
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
