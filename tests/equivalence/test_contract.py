@@ -5,7 +5,8 @@ registering. Each family's stand-in runs in two tiers:
 - "checkpoint": loaded under the real checkpoint's dtype policy (`FamilySpec.dtype_policy`:
   which weights bf16, which float32, applied as the family's loader does);
 - "float32": every weight float32, the exact tier.
-A family with a `seed_compat` option also runs its seed path. Checked for each: the
+A family with a `seed_compat` option also runs its seed path, one with an
+`attn_implementation` option also runs sdpa. Checked for each: the
 weights follow the policy; extraction with `--split_modalities`, `--layers all` and
 `--action_repr` (families with an action stream); batch size 1 equals batch size 4
 within the tier's tolerance; the recorded provenance equals what ran (hidden dtype,
@@ -37,13 +38,16 @@ def _cases():
     for name, spec in families().items():
         kind = spec.stand_in[len("tiny:"):] if spec.stand_in.startswith("tiny:") else None
         why = tiny.unavailable(kind) if kind in tiny.FAMILIES else None
+        options = {o.name for o in spec.options}
         variants = [{}]
-        if any(o.name == "seed_compat" for o in spec.options):
+        if "seed_compat" in options:
             variants.append({"seed_compat": True})
+        if "attn_implementation" in options:  # the other attention the family can load
+            variants.append({"attn_implementation": "sdpa"})
         for tier in TIERS:
             for opts in variants:
                 marks = [pytest.mark.skip(reason=why)] if why else []
-                label = f"{name}-{tier}" + ("-seed" if opts else "")
+                label = "-".join([name, tier, *(f"{k}={v}" for k, v in opts.items())])
                 yield pytest.param(name, tier, opts, id=label, marks=marks)
 
 
