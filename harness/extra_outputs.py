@@ -22,6 +22,8 @@ from harness.pooling import EmptyMaskError, pool
 IMG, TXT, ACTION = "feats_A_img", "feats_A_txt", "feats_action"
 UNDEFINED_TEXT = ("NaN rows: a text view of an empty task is undefined; the text view's "
                   "CKNNA is computed over the samples that have a task")
+VIEW_FILES = {"image": IMG + ".pt", "text": TXT + ".pt", "action": ACTION + ".pt"}
+"""The extra files by the view of the features they hold (read by harness.views)."""
 SEED_TEXT = "zero rows (--seed_compat: the seed's clamp(min=1) mean over no tokens)"
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from harness.extra_outputs import VIEW_FILES
+
 MARK = " [state in input]"
 NOTE = ("[state in input]: the robot state was fed to the model for these features, so "
         "their CKNNA against the state is not a measure of what the model learned")
@@ -43,7 +45,6 @@ def lookup(feats_path) -> bool | None:
 def annotate(results: dict) -> dict:
     """Add `state_in_input` to each model entry (and to each view of `results["views"]`)
     whose feature file's metadata records it."""
-    from harness.views import view_files
     for label, entry in results.get("models", {}).items():
         path = entry.get("feats_A_path")
         flag = lookup(path) if path else None
@@ -51,8 +52,9 @@ def annotate(results: dict) -> dict:
             entry["state_in_input"] = flag
         view = results.get("views", {}).get(label)
         if view is not None and path:
-            view["state_in_input"] = {v: bool(lookup(p)) for v, p in view_files(Path(path)).items()}
-            view["state_in_input"]["full"] = bool(flag)
+            folder = Path(path).parent
+            view["state_in_input"] = {v: bool(flag) if v == "full" else
+                                      bool(lookup(folder / VIEW_FILES[v])) for v in view["views"]}
     return results
 
 

@@ -17,9 +17,9 @@ import torch
 
 from harness import cknna as metrics
 from harness import states as states_mod
+from harness.extra_outputs import VIEW_FILES
 from harness.io import read_tensor
 
-VIEW_FILES = {"image": "feats_A_img.pt", "text": "feats_A_txt.pt", "action": "feats_action.pt"}
 ORDER = ("full", "image", "text", "action")
 
 
