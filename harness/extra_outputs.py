@@ -16,10 +16,15 @@ import torch
 from harness.errors import HarnessError
 from harness.extractors.base import FINAL
 from harness.io import save_tensor
-from harness.modality import FALLBACK
+from harness.modality import EMPTY_TASK, FALLBACK
 from harness.pooling import EmptyMaskError, pool
 
 IMG, TXT, ACTION = "feats_A_img", "feats_A_txt", "feats_action"
+UNDEFINED_TEXT = ("NaN rows: a text view of an empty task is undefined; the text view's "
+                  "CKNNA is computed over the samples that have a task")
+VIEW_FILES = {"image": IMG + ".pt", "text": TXT + ".pt", "action": ACTION + ".pt"}
+"""The extra files by the view of the features they hold (read by harness.views)."""
+SEED_TEXT = "zero rows (--seed_compat: the seed's clamp(min=1) mean over no tokens)"
 
 
 def refuse_action_repr(family: str) -> None:
@@ -40,6 +45,10 @@ class Outputs:
     def __bool__(self) -> bool:
         return self.split_modalities or self.action_repr
 
+    def stems(self) -> list[str]:
+        """The extra files' names without .pt, in the order they are made."""
+        return ([IMG, TXT] if self.split_modalities else []) + ([ACTION] if self.action_repr else [])
+
     def check(self, extractor) -> None:
         if self.split_modalities and not hasattr(extractor, "modality_masks"):
             raise HarnessError(f"{extractor.family}: the extractor cannot locate image and "
@@ -57,7 +66,9 @@ class Outputs:
                 "text_tokens": "the task's tokens: tokenizer.encode(prefix + task, "
                                "add_special_tokens=False) searched in the prompt ids, "
                                "prefix '' then ' ' (first match)",
-                "text_fallback": FALLBACK}
+                "text_fallback": FALLBACK + " (a task not found in the prompt); an empty "
+                                 "task's row: " + UNDEFINED_TEXT.split(":")[0] + ", or "
+                                 + SEED_TEXT.split(" (")[0] + " under --seed_compat"}
         if self.action_repr:
             out["action_repr"] = extractor.action_provenance()
         return out
@@ -83,17 +94,34 @@ class Outputs:
         return out
 
 
+def empty_task_rows(shards: list[dict]) -> list[int]:
+    """Row positions (in shard order) of the samples whose task is empty."""
+    order = torch.cat([s["indices"] for s in shards]).tolist()
+    empty = {int(i) for s in shards for i, reason in s.get("txt_fallback", [])
+             if reason == EMPTY_TASK}
+    return [p for p, i in enumerate(order) if i in empty]
+
+
 def merge_extras(out_dir: Path, shards: list[dict]) -> dict:
     """Write every extra output of the shards (in shard order) and return its metadata."""
     if not any("extra" in s for s in shards):
         return {}
     names = sorted(shards[0]["extra"])
     files = []
+    empty = empty_task_rows(shards)
+    seed = json.loads(shards[0].get("identity") or "{}").get("seed_compat") is True
     for name in names:
-        save_tensor(Path(out_dir) / f"{name}.pt",
-                    torch.cat([s["extra"][name] for s in shards]).contiguous())
+        feats = torch.cat([s["extra"][name] for s in shards]).contiguous()
+        if name == TXT and empty:
+            feats[empty] = 0.0 if seed else float("nan")
+        save_tensor(Path(out_dir) / f"{name}.pt", feats)
         files.append(f"{name}.pt")
     meta: dict = {"extra_files": files}
+    if TXT in names:
+        order = torch.cat([s["indices"] for s in shards]).tolist()
+        meta["txt_empty_task"] = {"rule": SEED_TEXT if seed else UNDEFINED_TEXT,
+                                  "samples": [int(order[p]) for p in empty],
+                                  "count": len(empty)}
     if IMG in names:
         by_reason: dict[str, list[int]] = {}
         for index, reason in (pair for s in shards for pair in s.get("txt_fallback", [])):

@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 from harness import provenance as prov
-from harness import ranks
+from harness import ranks, state_input
 from harness.errors import HarnessError
 from harness.extra_outputs import Outputs, merge_extras
 from harness.extractors import observed as obs
@@ -34,8 +34,10 @@ SHARD_DIR = "shards"
 FEATS = "feats_A.pt"
 METADATA = "extraction_metadata.json"
 # Recorded but not part of a shard's identity: they change with no effect on the values
-# (the git hash moves with every unrelated commit; ranks and batch size only schedule).
-VOLATILE = ("git_hash", "created", "batch_size", "world_size", "command", "threads")
+# (the git hash moves with every unrelated commit; ranks and batch size only schedule;
+# state_in_input derives from the options already in the identity).
+VOLATILE = ("git_hash", "created", "batch_size", "world_size", "command", "threads",
+            "state_in_input")
 
 
 def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
@@ -89,6 +91,7 @@ def run_provenance(extractor, pooling: str, dataset_fingerprint, n: int, shard_s
                   batch_size=batch_size, threads=torch.get_num_threads())
     if outputs is not None:
         record.update(outputs.record(extractor))
+    record["state_in_input"] = state_input.record(extractor, outputs.stems() if outputs else [])
     return record
 
 

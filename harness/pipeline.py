@@ -24,6 +24,7 @@ from harness import locks
 from harness import progress
 from harness import provenance as prov
 from harness import success
+from harness import state_input
 from harness import states as states_mod
 from harness import threads as threads_mod
 from harness import views as views_mod
@@ -286,7 +287,7 @@ def _locked_run(study: Study, log, data, seq, horizons, threads) -> dict:
     states, zrecord = data.states, None
     if study.zscore_states:
         states, zrecord = states_mod.zscore(states, data.metadata.get("state_keys"))
-    models, layers, views = {}, {}, {}
+    models, layers, views, view_masks = {}, {}, {}, {}
     for name, st in status.items():
         if "feats_A_path" not in st:
             continue
@@ -294,7 +295,7 @@ def _locked_run(study: Study, log, data, seq, horizons, threads) -> dict:
         try:
             models[name] = (str(path), _rows(path, data))
             by_layer = {layer: _rows(p, data) for layer, p in _layer_files(path).items()}
-            by_view = {view: _rows(p, data) for view, p in views_mod.view_files(path).items()}
+            by_view, view_masks[name] = views_mod.load_views(path, data, _rows)
         except HarnessError as err:
             status[name] = dict(st, status="failed", error=str(err))
             log(f"metrics {name}: FAILED: {err}")
@@ -329,9 +330,10 @@ def _locked_run(study: Study, log, data, seq, horizons, threads) -> dict:
     results = compute(models, states_l2, str(states_path), settings, preprocessing, extra,
                       layers=layers)
     if views:
-        results["views"] = compare_all_views(views, states_l2, study, status)
+        results["views"] = compare_all_views(views, states_l2, study, status, view_masks)
     for name, entry in results["models"].items():
         entry["provenance"] = _provenance(Path(entry["feats_A_path"]))
+    state_input.annotate(results)
     if seq is not None:
         log(f"metrics: CKNNA against future states, horizons {horizons}")
         horizons_mod.add_to_results(results, models, data.take(seq), horizons, settings,
@@ -364,11 +366,13 @@ def _rows(path: Path, data) -> "torch.Tensor":
     return states_mod.normalised(path, data.take(load_features(path)))
 
 
-def compare_all_views(views: dict, states_l2, study: Study, status: dict) -> dict:
+def compare_all_views(views: dict, states_l2, study: Study, status: dict,
+                      masks: dict | None = None) -> dict:
     """Modality split and action features of every model that has them (harness.views)."""
     out = {}
     for name, by_view in views.items():
-        out[name] = views_mod.compare_views(by_view, states_l2, study.ks)
+        out[name] = views_mod.compare_views(by_view, states_l2, study.ks,
+                                            defined=(masks or {}).get(name))
         out[name]["text_fallback_samples"] = views_mod.text_fallback_count(
             Path(status[name]["feats_A_path"]))
     return out

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from harness import state_input
 from harness.figures import finish_axes, fmt, legend_outside, pyplot, save_figure
 
 
@@ -71,8 +72,9 @@ def markdown_table(results: dict) -> str:
              "|---|---:|" + "---:|" * len(cols)]
     for label, m in models.items():
         cells = [cell(m) for _, cell in cols]
-        lines.append(f"| {label} | {m.get('feats_A_dim', '')} | " + " | ".join(cells) + " |")
-    notes = table_notes(results)
+        mark = state_input.marker(m.get("state_in_input"))
+        lines.append(f"| {label}{mark} | {m.get('feats_A_dim', '')} | " + " | ".join(cells) + " |")
+    notes = table_notes(results) + state_input.notes({"models": models})
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
     pairwise = results.get("pairwise")
@@ -264,7 +266,8 @@ def views_markdown(results: dict) -> str:
              f"| model | view | {head} |", "|---|---|" + "---:|" * len(ks)]
     for model, v in views.items():
         for view, by_k in v["against_states"].items():
-            lines.append(f"| {model} | {VIEW_LABELS.get(view, view)} | "
+            mark = state_input.marker((v.get("state_in_input") or {}).get(view))
+            lines.append(f"| {model} | {VIEW_LABELS.get(view, view)}{mark} | "
                          + " | ".join(fmt(by_k[f"k{k}"]) for k in ks) + " |")
     lines += ["", "CKNNA between two views of the same model (same samples):", "",
               f"| model | views | {head} |", "|---|---|" + "---:|" * len(ks)]
@@ -273,11 +276,17 @@ def views_markdown(results: dict) -> str:
             a, b = pair.split("~")
             lines.append(f"| {model} | {VIEW_LABELS.get(a, a)} vs {VIEW_LABELS.get(b, b)} | "
                          + " | ".join(fmt(by_k[f"k{k}"]) for k in ks) + " |")
-    notes = [f"{model}: {v['text_fallback_samples']} of {results['_meta']['N']} samples have no "
-             "task tokens (empty task or not found); their text feature is the mean over the "
-             "prompt's non-image tokens (listed in the extraction metadata; "
-             "`drop_empty_tasks = true` leaves empty tasks out)"
-             for model, v in views.items() if v.get("text_fallback_samples")]
+    n_all = results["_meta"]["N"]
+    notes = [f"{model}: the task-token view is compared on the {v['samples']['text']} of "
+             f"{n_all} samples that have a task (an empty task has no text view)"
+             for model, v in views.items() if (v.get("samples") or {}).get("text", n_all) < n_all]
+    notes += [f"{model}: {v['text_fallback_samples']} of {n_all} samples have no task tokens "
+              "(empty task or not found); an empty task is left out of the text view, a task "
+              "not found in the prompt falls back to the mean over the prompt's non-image "
+              "tokens (listed in the extraction metadata; `drop_empty_tasks = true` leaves "
+              "empty tasks out everywhere)"
+              for model, v in views.items() if v.get("text_fallback_samples")]
+    notes += state_input.notes({"views": views})
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"

@@ -16,9 +16,39 @@ from pathlib import Path
 import torch
 
 from harness import cknna as metrics
+from harness import states as states_mod
+from harness.extra_outputs import VIEW_FILES
+from harness.io import read_tensor
 
-VIEW_FILES = {"image": "feats_A_img.pt", "text": "feats_A_txt.pt", "action": "feats_action.pt"}
 ORDER = ("full", "image", "text", "action")
+
+
+def empty_task_samples(feats_path: Path) -> set[int]:
+    """Sample indices whose text view is undefined (empty task), from the metadata."""
+    meta_path = Path(feats_path).parent / "extraction_metadata.json"
+    if not meta_path.is_file():
+        return set()
+    record = json.loads(meta_path.read_text()).get("txt_empty_task") or {}
+    return {int(i) for i in record.get("samples", [])}
+
+
+def load_views(feats_path: Path, data, rows) -> tuple[dict[str, torch.Tensor], dict]:
+    """({view: L2-normalised rows for `data`}, {view: bool mask of the rows it is defined
+    on}) of one model's extra outputs. `rows(path, data)` loads a full file; the text view
+    leaves out the samples of an empty task (their rows are undefined: NaN, or the seed's
+    zeros) and is zero there, with its mask saying so."""
+    views, defined = {}, {}
+    for view, path in view_files(feats_path).items():
+        if view != "text":
+            views[view] = rows(path, data)
+            continue
+        empty = empty_task_samples(feats_path)
+        raw = data.take(read_tensor(path).float())
+        mask = torch.tensor([i not in empty for i in data.indices], dtype=torch.bool)
+        x = torch.zeros_like(raw)
+        x[mask] = states_mod.normalised(path, raw[mask])
+        views[view], defined[view] = x, mask
+    return views, defined
 
 
 def view_files(feats_path: Path) -> dict[str, Path]:
@@ -41,18 +71,35 @@ def text_fallback_count(feats_path: Path) -> int | None:
 
 
 def compare_views(views: dict[str, torch.Tensor], states: torch.Tensor, ks: list[int],
-                  ties: str = "shared", backend: str = "torch") -> dict:
-    """{"against_states": {view: {"k5": ...}}, "pairs": {"full~image": {"k5": ...}}} for
-    L2-normalised views of one model (each searched once, reused for every k and pair)."""
+                  ties: str = "shared", backend: str = "torch",
+                  defined: dict[str, torch.Tensor] | None = None) -> dict:
+    """{"against_states": {view: {"k5": ...}}, "pairs": {"full~image": {"k5": ...}},
+    "samples": {view: N}} for L2-normalised views of one model. A view with a mask in
+    `defined` (the text view: samples that have a task) is compared on those samples only,
+    and so is anything compared with it. Each sample set is searched once per view."""
     names = [v for v in ORDER if v in views]
-    spaces = {v: metrics.Space(views[v], max(ks), ties, None, {"backend": backend})
-              for v in names}
-    space_b = metrics.Space(states, max(ks), ties, None, {"backend": backend})
-    out = {"views": names, "against_states": {}, "pairs": {}}
+    defined = defined or {}
+    n = states.shape[0]
+    cache: dict = {}
+
+    def space(name: str, mask: torch.Tensor | None):
+        key = (name, None if mask is None else tuple(mask.nonzero().flatten().tolist()))
+        if key not in cache:
+            x = states if name == "states" else views[name]
+            cache[key] = metrics.Space(x if mask is None else x[mask], max(ks), ties, None,
+                                       {"backend": backend})
+        return cache[key]
+
+    def scores(a: str, b: str) -> dict:
+        masks = [defined[v] for v in (a, b) if v in defined]
+        mask = None if not masks else masks[0] if len(masks) == 1 else masks[0] & masks[1]
+        return {f"k{k}": metrics.space_scores(space(a, mask), space(b, mask), k).cknna
+                for k in ks}
+
+    out = {"views": names, "against_states": {}, "pairs": {},
+           "samples": {v: int(defined[v].sum()) if v in defined else n for v in names}}
     for v in names:
-        out["against_states"][v] = {f"k{k}": metrics.space_scores(spaces[v], space_b, k).cknna
-                                    for k in ks}
+        out["against_states"][v] = scores(v, "states")
     for a, b in combinations(names, 2):
-        out["pairs"][f"{a}~{b}"] = {f"k{k}": metrics.space_scores(spaces[a], spaces[b], k).cknna
-                                    for k in ks}
+        out["pairs"][f"{a}~{b}"] = scores(a, b)
     return out

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from harness import horizons as horizons_mod
+from harness import state_input
 from harness.cknna import TIES, all_rows_equal
 from harness.commands import resolve_device
 from harness.errors import HarnessError
@@ -198,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
                         ties=args.ties, groups=groups, groups_source=args.groups,
                         exclude_same_group=args.exclude_same_group, compare=args.compare)
     preprocessing = preprocessing_record(record)
-    results = compute(models, feats_b, str(b_path), settings, preprocessing)
+    results = state_input.annotate(compute(models, feats_b, str(b_path), settings, preprocessing))
     if seq is not None:
         horizons_mod.add_to_results(results, models, seq, horizons, settings, args.zscore_B,
                                     args.feats_B_seq)

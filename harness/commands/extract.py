@@ -82,9 +82,17 @@ def _add_option(p: argparse.ArgumentParser, o: Option) -> None:
 
 
 def resolve_dtype(dtype: str, tiny: bool, family: str) -> str | None:
+    """The dtype a family's build gets. 'checkpoint': the family's declared dtype policy,
+    one dtype when it is uniform; a mixed policy stays 'checkpoint' for a stand-in (its
+    build realises the mix as the real loader does) and None (the loader's own) for a
+    real checkpoint."""
+    spec = get(family)
+    if dtype == "checkpoint":
+        policy = spec.dtype_policy
+        return policy.low if policy.uniform else ("checkpoint" if tiny else None)
     if dtype != "auto":
         return dtype
-    return "float32" if tiny else get(family).auto_dtype
+    return "float32" if tiny else spec.auto_dtype
 
 
 @contextlib.contextmanager
@@ -146,8 +154,8 @@ def _extract_locked(args: argparse.Namespace, out) -> int:
     if args.limit is not None:
         samples = Subset(samples, range(min(args.limit, len(samples))))
     with build_extractor(args) as extractor:
-        if hasattr(extractor, "set_states"):  # families that can take the state as input
-            extractor.set_states(data.states, data.indices)
+        if hasattr(extractor, "set_states"):  # models that can be fed the state
+            extractor.set_states(data_mod.policy_states(data), data.indices)
         layers = features.extract(extractor, samples, out, batch_size=args.batch_size,
                                   dataset_fingerprint=data_mod.fingerprint(args.data_dir),
                                   progress=True,  # a bar on a terminal, else lines

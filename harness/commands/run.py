@@ -26,7 +26,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from harness import pipeline
+    from harness import pipeline, state_input
     from harness.errors import HarnessError
     from harness.report import report_files
 
@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
         print(pipeline.STAND_IN_NOTICE)
     for name, path in files.items():
         print(f"{LABELS.get(name, 'figure')}: {path}")
+    for line in state_input.console_lines(results):
+        print(line)
     if failed:
         print(f"failed models: {', '.join(failed)} (details in {report})")
         return 1

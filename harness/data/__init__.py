@@ -15,10 +15,10 @@ from harness.data.check import CheckReport, read_states, validate
 from harness.data.layout import (IMAGE_SIZE, PER_SAMPLE_KEYS, REQUIRED_KEYS, STATE_KEYS,
                                  image_name)
 from harness.data.load import (BridgeData, ImageTaskDataset, collate_samples, drop_empty_tasks,
-                               fingerprint, load, make_loader)
+                               fingerprint, load, make_loader, policy_states)
 from harness.data.write import staged_dir, write_image, write_metadata, write_states
 
 __all__ = ["CheckReport", "read_states", "validate", "IMAGE_SIZE", "PER_SAMPLE_KEYS",
            "REQUIRED_KEYS", "STATE_KEYS", "image_name", "BridgeData", "ImageTaskDataset",
            "collate_samples", "drop_empty_tasks", "fingerprint", "load", "make_loader",
-           "staged_dir", "write_image", "write_metadata", "write_states"]
+           "policy_states", "staged_dir", "write_image", "write_metadata", "write_states"]

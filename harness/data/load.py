@@ -64,6 +64,22 @@ def load(data_dir: str | os.PathLike, images: str = "exists") -> BridgeData:
                       list(range(meta["num_samples"])))
 
 
+def policy_states(data: BridgeData) -> torch.Tensor:
+    """The states as the robot reported them (what a policy is fed): feats_B.pt with the
+    always-zero column it dropped (metadata `pad_index_dropped`) put back as zeros, up to
+    `state_dim_raw` dims; feats_B.pt as it is when the metadata names no dropped column."""
+    states = data.states
+    meta = data.metadata
+    pad, raw = meta.get("pad_index_dropped"), meta.get("state_dim_raw")
+    if pad is None or raw is None or states.shape[1] >= int(raw):
+        return states
+    if states.shape[1] != int(raw) - 1 or not 0 <= int(pad) < int(raw):
+        raise HarnessError(f"{data.root}: metadata says state_dim_raw={raw}, pad_index_dropped="
+                           f"{pad}, but feats_B.pt has {states.shape[1]} columns")
+    zero = torch.zeros(states.shape[0], 1, dtype=states.dtype)
+    return torch.cat([states[:, :int(pad)], zero, states[:, int(pad):]], dim=1)
+
+
 # ----------------------------------------------------------------------------- options
 
 def drop_empty_tasks(data: BridgeData) -> tuple[BridgeData, dict]:

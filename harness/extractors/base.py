@@ -109,3 +109,10 @@ def to_device(value, device, dtype):
     if value.is_floating_point():
         return value.to(device=device, dtype=dtype)
     return value.to(device)
+
+
+def model_of(extractor):
+    """The torch module a loaded extractor runs: a LeRobot family's `policy`, else `model`
+    (where dtype policies apply and what provenance is checked against)."""
+    policy = getattr(extractor, "policy", None)
+    return policy if policy is not None else extractor.model

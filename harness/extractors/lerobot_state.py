@@ -85,8 +85,10 @@ class StateInput:
         """Normalise as the checkpoint's saved pre-processor does (when it has one)."""
         self.normaliser = StateNormaliser.from_checkpoint(directory)
 
-    def set_states(self, states: torch.Tensor, indices) -> None:
-        """Row p of `states` is the state of sample `indices[p]` (harness.data.BridgeData)."""
+    def set_states(self, states: torch.Tensor, indices=None) -> None:
+        """Row p of `states` is the state of sample `indices[p]` (harness.data.BridgeData;
+        row p = sample p without indices)."""
+        indices = range(len(states)) if indices is None else indices
         if states.ndim != 2 or states.shape[0] != len(indices):
             raise HarnessError(f"states of shape {tuple(states.shape)} do not match "
                                f"{len(indices)} sample indices")

@@ -148,7 +148,7 @@ class Pi05Extractor(Pi0LeRobotExtractor):
         return tok
 
     # -- inputs -----------------------------------------------------------------
-    def set_states(self, states: torch.Tensor, indices) -> None:
+    def set_states(self, states: torch.Tensor, indices=None) -> None:
         """The data directory's states (written into the prompt only with --state_in_input)."""
         self.states.set_states(states, indices)
 

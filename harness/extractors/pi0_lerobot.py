@@ -27,6 +27,8 @@ import torch
 
 from harness.errors import HarnessError
 from harness.extractors.base import Extractor, HiddenStates
+from harness.extractors.dtype_policy import DtypePolicy
+from harness.extractors.hf_vlm import weights_dtype
 from harness.extractors.observed import Observed, note_token_inputs
 from harness.extractors.registry import Common, FamilySpec, Option
 from harness.hooks import capture, find_module
@@ -41,7 +43,20 @@ NORM_PATHS = (  # module names under policy.model.paligemma_with_expert, first m
     "paligemma.language_model.norm",          # GemmaModel held directly
 )
 EXPERT_NORM_PATHS = ("gemma_expert.model.norm", "gemma_expert.norm")  # the action expert's
-ACTION_SEED = 0  # noise of sample i is drawn from torch.Generator().manual_seed(ACTION_SEED + i)
+ACTION_SEED = 0  # noise of sample i: torch.Generator(device).manual_seed(ACTION_SEED + i)
+SEED_NOISE_SEED = 42  # the seed's script: torch.manual_seed(42 + i) before sample i
+ACTION_STATES = ("real", "zeros")
+DTYPE_POLICY = DtypePolicy(
+    "old LeRobot API (the checkpoint's modeling_pi0.py, PaliGemmaWithExpertModel."
+    "to_bfloat16_like_physical_intelligence): PaliGemma (vision tower, projector, language "
+    "model) and the expert's decoder layers bfloat16; the expert's final norm and the "
+    "state/action/time projections float32",
+    root="model.paligemma_with_expert", low_modules=("paligemma",),
+    low_params=("language_model.model.layers", "gemma_expert.model.layers", "vision_tower",
+                "multi_modal"))
+"""The real checkpoint's dtype mix, as its bundled loader leaves it (facts read from
+LeRobot's old `paligemma_with_expert.py`; 0.4.4's `to_bfloat16_for_selected_params`
+differs: all bf16 but the patch/position embeddings and every RMSNorm)."""
 
 
 # ------------------------------------------------------------------ loading
@@ -182,12 +197,17 @@ class Pi0LeRobotExtractor(Extractor):
                  image_key: str | None = None, seed_tokenization: bool = False,
                  allow_missing=(), allow_unexpected=(), check_values: bool = True,
                  revision: str | None = None, code: str = "auto", tokenizer=None,
-                 name: str | None = None, layers="last"):
+                 name: str | None = None, layers="last", action_state: str = "real"):
+        if action_state not in ACTION_STATES:
+            raise HarnessError(f"action_state must be one of {ACTION_STATES}, got {action_state!r}")
         self.ckpt, self.revision, self.code = ckpt, revision, code
         self.name = name or ckpt  # recorded as the model id (a stand-in's temp dir is not)
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         self.image_key_override, self.seed_tokenization = image_key, seed_tokenization
+        self.seed_compat = seed_tokenization  # the seed's tokenisation and action noise
+        self.action_state = action_state
+        self.states: torch.Tensor | None = None
         self.allow_missing, self.allow_unexpected = tuple(allow_missing), tuple(allow_unexpected)
         self.check_values, self.tokenizer = check_values, tokenizer
         self.layer_spec = layers  # 'last' | 'all' | [hidden_states indices]
@@ -220,6 +240,8 @@ class Pi0LeRobotExtractor(Extractor):
         policy = self.policy
         pwe = policy.model.paligemma_with_expert
         self.api = "old" if "fill_kv_cache" in inspect.signature(pwe.forward).parameters else "new"
+        if self.api == "new":  # set now, so what is recorded before the first forward runs
+            prefix_attention_as_sample_actions(pwe)
         self.norm_path, _ = find_module(pwe, NORM_PATHS)
         keys = list(policy.config.image_features)
         if self.image_key_override is not None and self.image_key_override not in keys:
@@ -303,13 +325,56 @@ class Pi0LeRobotExtractor(Extractor):
             layers.update({str(i): states[i] for i in layer_indices(self.layer_spec, len(states))})
         return HiddenStates(layers=layers, mask=pad_masks.bool())
 
+    def set_states(self, states: torch.Tensor, indices=None) -> None:
+        """The data set's raw states as the robot reported them (what the policy would be
+        fed): row p is sample `indices[p]` (row p = sample p without indices);
+        `--action_repr` with `action_state = "real"` reads them."""
+        self.states = torch.as_tensor(states, dtype=torch.float32)
+        rows = range(len(self.states)) if indices is None else indices
+        self.state_row = {int(i): p for p, i in enumerate(rows)}
+
+    def action_state_input(self, indices, bsize: int) -> torch.Tensor:
+        """(B, max_state_dim) float32: the real state through the policy's own
+        `normalize_inputs` and `prepare_state` (what `select_action` feeds), or zeros."""
+        policy, config = self.policy, self.policy.config
+        if self.action_state == "zeros":
+            return torch.zeros(bsize, config.max_state_dim, device=self.device)
+        if self.states is None:
+            raise HarnessError("pi0_lerobot: action_state 'real' needs the data set's states "
+                               "(extract passes them; in code call set_states), or choose "
+                               "action_state 'zeros'")
+        normalize = getattr(policy, "normalize_inputs", None)
+        if normalize is None or not hasattr(policy, "prepare_state"):
+            raise HarnessError(f"pi0_lerobot: {self.api_source} has no normalize_inputs / "
+                               "prepare_state to feed the real state the policy's way")
+        missing = [int(i) for i in indices if int(i) not in self.state_row]
+        if missing:
+            raise HarnessError(f"pi0_lerobot: no state given for samples {missing[:5]}")
+        rows = torch.as_tensor([self.state_row[int(i)] for i in indices])
+        raw = self.states[rows].to(self.device)
+        want = _state_dim(config)
+        if want is not None and raw.shape[1] != want:
+            raise HarnessError(f"pi0_lerobot: the data's states have {raw.shape[1]} dims, the "
+                               f"policy's observation.state has {want}")
+        batch = normalize({"observation.state": raw})
+        return policy.prepare_state(batch).to(torch.float32)
+
+    def action_noise(self, indices, shape) -> torch.Tensor:
+        """(B, *shape) float32 noise drawn on the device, as LeRobot's `sample_noise` draws
+        it, one generator per sample (batch-independent): seeded ACTION_SEED + index, or
+        under --seed_compat 42 + index (the seed's `torch.manual_seed(42 + i)`)."""
+        base = SEED_NOISE_SEED if self.seed_compat else ACTION_SEED
+        rows = [torch.randn(shape, dtype=torch.float32, device=self.device,
+                            generator=torch.Generator(device=self.device).manual_seed(base + int(i)))
+                for i in indices]
+        return torch.stack(rows)
+
     @torch.inference_mode()
     def action_features(self, inputs: dict) -> torch.Tensor:
         """(B, D_expert): the action expert's final-norm output at the LAST denoising step
         of the policy's own `sample_actions`, mean over the action tokens (the last
-        n_action_steps suffix tokens). The policy is reset first; each sample's noise is
-        seeded by its index (batch-independent); the state input is zeros, so the robot
-        state the features are compared with never enters them."""
+        n_action_steps suffix tokens). The policy is reset first; noise and state as
+        `action_noise` / `action_state_input` say."""
         policy, model = self.policy, self.policy.model
         if self.api != "old" or not hasattr(model, "sample_actions"):
             raise HarnessError(f"pi0_lerobot: --action_repr needs the old LeRobot API "
@@ -318,31 +383,43 @@ class Pi0LeRobotExtractor(Extractor):
         prepare = getattr(policy, "prepare_images", None) or getattr(policy, "_preprocess_images")
         images, img_masks = prepare({self.image_key: inputs["images"]})
         config = policy.config
-        bsize = inputs["images"].shape[0]
-        noise = torch.stack([torch.randn(config.n_action_steps, config.max_action_dim,
-                                         generator=torch.Generator().manual_seed(ACTION_SEED + int(i)))
-                             for i in inputs["sample_indices"]]).to(self.device)
-        state = torch.zeros(bsize, config.max_state_dim, device=self.device)
+        indices = inputs["sample_indices"].tolist()
+        noise = self.action_noise(indices, (config.n_action_steps, config.max_action_dim))
+        state = self.action_state_input(indices, len(indices))
+        self.observed.note("action_state", "zeros" if not state.any() else "real")
+        self.observed.note("action_noise_dtype", str(noise.dtype).removeprefix("torch."))
         pwe = model.paligemma_with_expert
         with capture(pwe, list(EXPERT_NORM_PATHS)) as hooked:
             model.sample_actions(images, img_masks, inputs["lang_tokens"], inputs["lang_masks"],
-                                 state, noise=noise.to(self._lm_dtype(pwe)))
+                                 state, noise=noise)
         steps = getattr(config, "num_steps", None)
         if steps is not None and hooked.calls != steps:
             raise HarnessError(f"the action expert's norm ran {hooked.calls} times for "
                                f"{steps} denoising steps: not the loop this extractor reads")
         return hooked.output[:, -config.n_action_steps:].float().mean(dim=1)
 
+    def state_in_input(self, output: str) -> bool:
+        """Whether the robot state enters `output`: only the action expert's, fed the real
+        state (the prefix never sees it)."""
+        return output == "feats_action" and self.action_state == "real"
+
     def action_provenance(self) -> dict:
         config = self.policy.config
+        base = SEED_NOISE_SEED if self.seed_compat else ACTION_SEED
+        state = ("real: the data's raw state through policy.normalize_inputs and "
+                 "prepare_state (as select_action feeds it)" if self.action_state == "real"
+                 else "zeros (in normalised space: the data set's mean state)")
         return {"file": "feats_action.pt",
                 "point": "paligemma_with_expert." + find_module(
                     self.policy.model.paligemma_with_expert, EXPERT_NORM_PATHS)[0]
                 + " output at the last denoising step of sample_actions",
                 "tokens": f"the last n_action_steps = {config.n_action_steps} suffix tokens, mean",
                 "denoising_steps": getattr(config, "num_steps", None),
-                "noise": f"torch.Generator().manual_seed({ACTION_SEED} + sample index)",
-                "state_input": "zeros", "policy_reset": "before every batch"}
+                "noise": f"float32 on {self.device.type}: torch.Generator(device)."
+                         f"manual_seed({base} + sample index)"
+                         + (" (the seed's torch.manual_seed(42 + i))" if self.seed_compat else ""),
+                "action_state": self.action_state, "state_input": state,
+                "policy_reset": "before every batch"}
 
     image_token_rule = "the prefix's image embeddings (its first prefix_len - lang_len positions)"
 
@@ -376,7 +453,8 @@ class Pi0LeRobotExtractor(Extractor):
             "seed_compat": self.seed_tokenization,
             "image_path": "the policy's own image preprocessing (resize_with_pad, [-1, 1]); "
                           "the seed's path too",
-            "tokenizer_max_length": self.max_length, "padding_side": "right",
+            "tokenizer_max_length": self.max_length, "padding_side": self._padding_side(),
+            "weights_dtype": weights_dtype(policy),
             "state_input": "none", "weight_audit": self.audit,
             "stubbed_abstract_methods": self.stubbed,
             **({} if self.layer_spec == "last" else {  # a plain run's identity unchanged
@@ -385,10 +463,20 @@ class Pi0LeRobotExtractor(Extractor):
                                  "final norm output (= hidden_states[L])"}),
         }
 
+    def _padding_side(self) -> str:
+        """Right for the policy's own tokenisation (built here); the seed's path pads on
+        whatever side the tokenizer has (Gemma's fast tokenizer: left)."""
+        return self.tokenizer.padding_side if self.seed_tokenization else "right"
+
     def attention_implementation(self) -> str | None:
-        """The prefix language model's attention, read from its config (new API only:
-        the old API's decoder computes attention by hand)."""
-        lm_config = _get(self.policy.model.paligemma_with_expert, "paligemma.language_model.config")
+        """The attention that runs: the old API's decoder picks its own interface from
+        PI0Config.attention_implementation (on the PaliGemmaWithExpert config); the new
+        API runs the prefix language model's `_attn_implementation` (eager, set at load)."""
+        pwe = self.policy.model.paligemma_with_expert
+        chosen = getattr(getattr(pwe, "config", None), "attention_implementation", None)
+        if self.api == "old" and chosen is not None:
+            return chosen
+        lm_config = _get(pwe, "paligemma.language_model.config")
         return getattr(lm_config, "_attn_implementation", None)
 
     @staticmethod
@@ -420,6 +508,13 @@ def prefix_attention_as_sample_actions(pwe) -> None:
         lm_config._attn_implementation = "eager"
 
 
+def _state_dim(config) -> int | None:
+    """The policy's observation.state size from its config's input features (None if absent)."""
+    feature = (getattr(config, "input_features", None) or {}).get("observation.state")
+    shape = feature.get("shape") if isinstance(feature, dict) else getattr(feature, "shape", None)
+    return int(shape[0]) if shape else None
+
+
 def note_prefix(observed: Observed, images: list, lang_tokens: torch.Tensor,
                 lang_masks: torch.Tensor, hidden: torch.Tensor) -> None:
     """What one prefix forward was fed: image size after the policy's preprocessing,
@@ -434,18 +529,23 @@ def note_prefix(observed: Observed, images: list, lang_tokens: torch.Tensor,
 
 def _build(common: Common, opts: dict, stack) -> Pi0LeRobotExtractor:
     path = common.ckpt
+    dtype = common.dtype
     if common.tiny:
         import tempfile
 
         from harness.extractors.standins import save_tiny_pi0_checkpoint
         path = stack.enter_context(tempfile.TemporaryDirectory(prefix="tiny_pi0_"))
-        save_tiny_pi0_checkpoint(path, new_api=common.ckpt == "tiny:new")
+        real_mix = dtype == "checkpoint"  # the stand-in's loader applies DTYPE_POLICY
+        save_tiny_pi0_checkpoint(path, new_api=common.ckpt == "tiny:new",
+                                 precision=DTYPE_POLICY.low if real_mix else "float32")
+        dtype = None if real_mix else dtype
     return Pi0LeRobotExtractor(
-        path, name=common.ckpt, device=common.device, dtype=common.dtype,
+        path, name=common.ckpt, device=common.device, dtype=dtype,
         image_key=opts["image_key"],
         seed_tokenization=opts["seed_tokenization"] or opts["seed_compat"],
         allow_missing=opts["allow_missing_keys"], allow_unexpected=opts["allow_unexpected_keys"],
-        revision=common.revision, code=opts["pi0_code"], layers=common.layers)
+        revision=common.revision, code=opts["pi0_code"], layers=common.layers,
+        action_state=opts["action_state"])
 
 
 SPEC = FamilySpec(
@@ -459,9 +559,14 @@ SPEC = FamilySpec(
     options=(
         Option("image_key", str, None, "override the image key from config.image_features"),
         Option("seed_compat", bool, False,
-               "the seed script's path: its tokenisation (no trailing newline, truncation); "
+               "the seed script's path: its tokenisation (no trailing newline, truncation, "
+               "the tokenizer's padding side) and action noise (torch.manual_seed(42 + i)); "
                "its image path is the policy's own"),
         Option("seed_tokenization", bool, False, "alias of --seed_compat (older name)"),
+        Option("action_state", str, "real", "the state the action expert sees with "
+               "--action_repr: real (the data's state through the policy's normalisation, "
+               "as the policy runs; the features then contain the state) or zeros",
+               choices=ACTION_STATES),
         Option("allow_missing_keys", list, [], "model weights allowed to be absent from the "
                "checkpoint", metavar="GLOB"),
         Option("allow_unexpected_keys", list, [], "checkpoint tensors allowed to match no "
@@ -471,6 +576,7 @@ SPEC = FamilySpec(
     ),
     final_norm_paths={"pi0": NORM_PATHS},
     action_stream=True,
+    dtype_policy=DTYPE_POLICY,
     demo=(("pi0-lerobot-tiny", "tiny", {"split_modalities": True, "layers": "all",
                                          "action_repr": True}),),
 )

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from harness.errors import HarnessError
+from harness.extractors.dtype_policy import ALL_BF16, DtypePolicy
 
 LAYERS = "layers"
 """Option type of `--layers`: 'last', 'all', '0,13,-1' on the command line; in a config
@@ -68,6 +69,9 @@ class FamilySpec:
     """(model name, ckpt, options) rows this family adds to the built-in demo study."""
     action_stream: bool = False
     """True when the model has an action stream `--action_repr` can read (Pi0's expert)."""
+    dtype_policy: DtypePolicy = ALL_BF16
+    """Which weights the real checkpoint's loader leaves in which dtype: `--dtype
+    checkpoint` loads the stand-in that way, and the contract suite checks it."""
 
     def option_fields(self) -> tuple[Option, ...]:
         """Common options first, then the family's own: the `extract` flags and the
@@ -78,8 +82,9 @@ class FamilySpec:
 COMMON_OPTIONS: tuple[Option, ...] = (
     Option("batch_size", int, 8, "samples per forward"),
     Option("dtype", str, "auto", "float32 | bfloat16 | float16 | auto (bf16 for real "
-           "checkpoints, fp32 for stand-ins; Pi0: the checkpoint's own)",
-           choices=("auto", "float32", "bfloat16", "float16")),
+           "checkpoints, fp32 for stand-ins; Pi0: the checkpoint's own) | checkpoint (the "
+           "real checkpoint's dtype mix; stand-ins loaded under the family's dtype policy)",
+           choices=("auto", "float32", "bfloat16", "float16", "checkpoint")),
     Option("device", str, "auto", "cuda | cpu | cuda:N | auto"),
     Option("layers", LAYERS, "last", "'last', 'all', or hidden_states indices "
            "(0,13,-1 on the command line; [0, 13, -1] in a config)"),

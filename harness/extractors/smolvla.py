@@ -132,7 +132,7 @@ class SmolVLAExtractor(Extractor):
         self.tokenizer = self.tokenizer or policy.model.vlm_with_expert.processor.tokenizer
         self.api_source = "lerobot:" + module.__name__
 
-    def set_states(self, states: torch.Tensor, indices) -> None:
+    def set_states(self, states: torch.Tensor, indices=None) -> None:
         """The data directory's states (fed only with --state_in_input)."""
         self.states.set_states(states, indices)
 

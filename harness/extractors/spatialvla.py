@@ -14,7 +14,8 @@ import inspect
 
 from harness.errors import HarnessError
 from harness.extractors.base import FINAL, to_device
-from harness.extractors.compat import attention_in_use, dtype_kwarg, transformers_version
+from harness.extractors.compat import (attention_in_use, dtype_kwarg, dtype_name,
+                                      transformers_version)
 from harness.extractors.hf_vlm import HfVlmExtractor, weights_dtype
 from harness.extractors.registry import Common, FamilySpec, Option
 
@@ -122,7 +123,9 @@ class SpatialVLAExtractor(HfVlmExtractor):
             "prompt_template": "<image>*n <bos>{task}\\n (SpatialVLA processor)",
             "seed_compat": self.seed_compat,
             "seed_path": "default: the seed's processor call (raw task, native image, "
-                         "do_normalize=False), bf16, eager; --seed_compat changes nothing",
+                         "do_normalize=False); --seed_compat changes nothing",
+            "runs_as_the_seed_did": dtype_name(weights_dtype(self.model)) == "bfloat16"
+            and attn_implementation(self.model) == ATTN,  # the seed: bf16 weights, eager
         }
 
 

@@ -13,6 +13,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -157,6 +158,11 @@ class TinyPI0Config:
     max_state_dim: int = 8
     max_action_dim: int = 8
     num_steps: int = 3
+    precision: str = "float32"
+    """'bfloat16': the real checkpoint's dtype mix (pi0_lerobot.DTYPE_POLICY), applied by
+    the constructor as LeRobot's PaliGemmaWithExpertModel does; 'float32': the exact tier."""
+    attention_implementation: str = "eager"
+    """PI0Config.attention_implementation: what the old API's attention interface runs."""
 
     @property
     def image_features(self) -> dict:
@@ -214,15 +220,19 @@ class TinyPaliGemmaWithExpert(nn.Module):
         n = cache.embeds.shape[1]
         full[:, :n, :n] = cache.attention_mask
         full[:, n:] = attention_mask
-        cos, sin = _rotary(streams[0])(suffix, positions)
+        cos, sin = _rotary(streams[0])(suffix.float(), positions)
         for layer_idx in range(len(streams[0].layers)):
             layers = [decoder.layers[layer_idx] for decoder in streams]
-            q, k, v = zip(*[_qkv(layer, layer.input_layernorm(h)) for layer, h in zip(layers, hidden)])
+            # dtypes as the old API runs them: each stream's q/k/v input is cast to its
+            # layer weights' dtype; the o_proj output keeps its dtype after the residual
+            q, k, v = zip(*[_qkv(layer, layer.input_layernorm(h).to(layer.self_attn.q_proj.weight.dtype))
+                            for layer, h in zip(layers, hidden)])
             q, k = _rope(torch.cat(q, 2), cos, sin), _rope(torch.cat(k, 2), cos, sin)
             mixed = _attend(q, k, torch.cat(v, 2), full)
             sizes = [h.shape[1] for h in hidden]
             for i, (layer, part) in enumerate(zip(layers, mixed.split(sizes, dim=1))):
-                h = hidden[i] + layer.self_attn.o_proj(part)
+                out = layer.self_attn.o_proj(part.to(layer.self_attn.o_proj.weight.dtype))
+                h = out + hidden[i].to(out.dtype)
                 hidden[i] = h + layer.mlp(layer.post_attention_layernorm(h))
         return streams[1].norm(hidden[1])
 
@@ -263,18 +273,19 @@ def _qkv(layer, x):
 
 
 def _rope(x, cos, sin):
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+    """Rotary positions computed in float32, returned in x's dtype (as the old API does)."""
+    half, y = x.shape[-1] // 2, x.float()
+    rotated = torch.cat([-y[..., half:], y[..., :half]], dim=-1)
+    return (y * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
 
 
 def _attend(q, k, v, mask):
     """Scaled dot-product attention (grouped kv heads repeated), (B, T, H * head_dim)."""
     repeat = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    scores = q.float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])  # upcast, as eager
     scores = scores.masked_fill(~mask[:, None], torch.finfo(scores.dtype).min)
-    out = scores.softmax(-1) @ v
+    out = scores.softmax(-1).to(v.dtype) @ v
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 
@@ -305,6 +316,11 @@ class TinyPI0FlowMatching(nn.Module):
         self.config = config
         pwe_cls = TinyPaliGemmaWithExpertNew if new_api else TinyPaliGemmaWithExpert
         self.paligemma_with_expert = pwe_cls(seed)
+        # the old API's PaliGemmaWithExpertConfig carries PI0Config.attention_implementation
+        self.paligemma_with_expert.config = SimpleNamespace(
+            attention_implementation=config.attention_implementation)
+        if config.attention_implementation != "eager":
+            raise NotImplementedError("the stand-in's expert attention is eager only")
         if new_api:
             self._prepare_attention_masks_4d = _masks_4d
         torch.manual_seed(seed + 2)
@@ -365,7 +381,7 @@ class TinyPI0FlowMatching(nn.Module):
         out, _ = self.paligemma_with_expert.forward(
             attention_mask=mask, position_ids=positions, past_key_values=cache,
             inputs_embeds=[None, suffix], use_cache=True, fill_kv_cache=False)
-        return self.action_out_proj(out[1][:, -self.config.n_action_steps:])
+        return self.action_out_proj(out[1][:, -self.config.n_action_steps:].to(torch.float32))
 
     def embed_prefix(self, images, img_masks, lang_tokens, lang_masks):
         pwe = self.paligemma_with_expert
@@ -385,6 +401,24 @@ class TinyPI0FlowMatching(nn.Module):
         return torch.cat(embs, dim=1), pad_masks, att_masks[None].expand(pad_masks.shape[0], -1)
 
 
+class TinyStateNormalize(nn.Module):
+    """The old API's `normalize_inputs` for the state (MEAN_STD): mean/std buffers saved
+    in the checkpoint, `(state - mean) / (std + 1e-8)`; other keys pass through."""
+
+    def __init__(self, config: TinyPI0Config, seed: int):
+        super().__init__()
+        dim = config.input_features["observation.state"]["shape"][0]
+        rng = torch.Generator().manual_seed(seed + 3)
+        self.register_buffer("mean", torch.randn(dim, generator=rng) * 0.1)
+        self.register_buffer("std", torch.rand(dim, generator=rng) + 0.5)
+
+    def forward(self, batch: dict) -> dict:
+        out = dict(batch)
+        if "observation.state" in out:
+            out["observation.state"] = (out["observation.state"] - self.mean) / (self.std + 1e-8)
+        return out
+
+
 def _masks_4d(att_2d: torch.Tensor) -> torch.Tensor:
     return torch.where(att_2d[:, None], 0.0, -2.3819763e38)
 
@@ -400,8 +434,13 @@ class _TinyPI0Base(nn.Module):
     def __init__(self, config: TinyPI0Config | None = None, seed: int = SEED, tokenizer=None):
         super().__init__()
         self.config = config or TinyPI0Config()
-        self.tokenizer_for_checkpoint = tokenizer or char_tokenizer()
+        # Gemma's fast tokenizer pads on the left unless told otherwise
+        self.tokenizer_for_checkpoint = tokenizer or char_tokenizer(padding_side="left")
         self.model = TinyPI0FlowMatching(self.config, seed, new_api=self.new_api)
+        self.normalize_inputs = TinyStateNormalize(self.config, seed)
+        if self.config.precision != "float32":  # as LeRobot's constructor casts, before loading
+            from harness.extractors.pi0_lerobot import DTYPE_POLICY
+            DTYPE_POLICY.apply(self)
         self.select_action_calls = 0
         self.seen_batch_keys: list[set] = []
         self._queue: list = []
@@ -421,6 +460,12 @@ class _TinyPI0Base(nn.Module):
 
     def reset(self) -> None:
         self._queue = []
+
+    def prepare_state(self, batch: dict) -> torch.Tensor:
+        """The (normalised) state zero-padded to max_state_dim, as the old API pads it."""
+        state = batch["observation.state"]
+        pad = self.config.max_state_dim - state.shape[-1]
+        return nn.functional.pad(state, (0, pad)) if pad > 0 else state
 
     @torch.no_grad()
     def select_action(self, batch: dict):
@@ -486,11 +531,14 @@ from harness.extractors.standins import {cls} as PI0Policy, make_att_2d_masks  #
 
 
 def save_tiny_pi0_checkpoint(directory: str | os.PathLike, seed: int = SEED,
-                             config: TinyPI0Config | None = None, new_api: bool = False) -> Path:
+                             config: TinyPI0Config | None = None, new_api: bool = False,
+                             precision: str | None = None) -> Path:
     """A local directory shaped like `HaomingSong/lerobot-pi0-bridge`: config.json,
     model.safetensors, tokenizer files and a `modeling_pi0.py` exposing `PI0Policy` and
     `make_att_2d_masks`."""
     cls = TinyPI0PolicyNew if new_api else TinyPI0Policy
+    if precision is not None:
+        config = TinyPI0Config(**{**(config or TinyPI0Config()).__dict__, "precision": precision})
     directory = cls(config, seed=seed).save_pretrained(directory)
     (directory / "modeling_pi0.py").write_text(MODELING_SHIM.format(cls=cls.__name__))
     return directory

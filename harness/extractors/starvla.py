@@ -11,7 +11,9 @@ What StarVLA does, and so what this extractor does:
   `predict_action` and the seed run them (on CPU that autocast is a no-op, so none here);
 - attention: whatever the loader built (framework checkpoints), `sdpa` for hub ids
   (upstream's default since 2026-03; the seed era used flash_attention_2, a flag away);
-- images: resized to 224x224 first, as `predict_action` does (`--image_size`); or, with
+- images: resized first to the checkpoint config's `datasets.vla_data.image_size` when it
+  is set, as `predict_action` does, not at all when it is unset (hub ids, stand-ins), or to
+  `--image_size`; or, with
   `--seed_compat`, exactly the seed's path: the PNG through qwen_vl_utils' resize to a
   multiple of 28 (256 px -> 252 px, 81 image tokens on Qwen2.5-VL; Qwen3-VL: no resize
   before its processor, 64 tokens).
@@ -34,7 +36,7 @@ from harness.extractors.compat import transformers_major
 from harness.extractors.hf_vlm import TINY_PREFIX, HfVlmExtractor
 from harness.extractors.registry import Common, FamilySpec, Option
 
-IMAGE_SIZE = 224
+IMAGE_SIZE = 224  # what the Bridge checkpoints' configs set (docs/facts.md)
 QWEN_TYPES = ("qwen2_5_vl", "qwen3_vl", "qwen2_vl")
 RAW_INSTRUCTION = "{instruction}"
 AUTOCAST = ("auto", "bfloat16", "off")
@@ -49,7 +51,8 @@ def is_starvla_checkpoint(ckpt: str) -> bool:
 
 
 def load_starvla(ckpt: str):
-    """(qwen model, processor, CoT prompt or None) via StarVLA's own loader, untouched."""
+    """(qwen model, processor, the config's `datasets.vla_data` or None) via StarVLA's own
+    loader, untouched."""
     try:
         from starVLA.model.framework.base_framework import baseframework
     except ImportError as err:
@@ -57,13 +60,32 @@ def load_starvla(ckpt: str):
                            f"(pip install -e <starVLA repo>; it pins transformers 4.57.0): {err}") from None
     framework = baseframework.from_pretrained(ckpt)
     interface = framework.qwen_vl_interface
-    cot = None
-    try:
-        vla_data = framework.config.datasets.vla_data
-        cot = vla_data.get("CoT_prompt", "") if "CoT_prompt" in vla_data else None
-    except AttributeError:
-        pass
-    return interface.model, interface.processor, cot
+    vla_data = config_section(getattr(framework, "config", None), "datasets", "vla_data")
+    return interface.model, interface.processor, vla_data
+
+
+def config_section(config, *keys):
+    """`config.k1.k2...` of a mapping-like (OmegaConf) config, or None where a key is
+    absent; an error while reading is not hidden."""
+    node = config
+    for key in keys:
+        if node is None:
+            return None
+        if hasattr(node, "keys") and callable(node.keys):
+            node = node[key] if key in node else None
+        else:
+            node = getattr(node, key) if key in vars(node) else None
+    return node
+
+
+def square_or_pair(size):
+    """A config's image size (int or [w, h]) as an int for a square, else a (w, h) tuple."""
+    if size is None or isinstance(size, int):
+        return size
+    pair = tuple(int(v) for v in size)
+    if len(pair) != 2:
+        raise HarnessError(f"datasets.vla_data.image_size {size!r}: expected an int or [w, h]")
+    return pair[0] if pair[0] == pair[1] else pair
 
 
 def seed_resize_size(width: int, height: int) -> tuple[int, int]:
@@ -95,7 +117,7 @@ class StarVLAExtractor(HfVlmExtractor):
     family = "starvla"
 
     def __init__(self, ckpt: str, *, device: str = "cpu", dtype: str | None = None,
-                 layers="last", cot_prompt: str | None = None, image_size: int = IMAGE_SIZE,
+                 layers="last", cot_prompt: str | None = None, image_size: int | None = None,
                  attn_implementation: str | None = None, revision: str | None = None,
                  autocast: str = "auto", seed_compat: bool = False, model=None, processor=None):
         if autocast not in AUTOCAST:
@@ -104,6 +126,8 @@ class StarVLAExtractor(HfVlmExtractor):
         self.prompt_source = "--cot_prompt" if cot_prompt is not None else None
         self.autocast_request, self.autocast = autocast, "off"
         self.seed_compat = seed_compat
+        self.image_size_source = "--image_size" if image_size is not None else \
+            "none: no datasets.vla_data.image_size to follow"
         super().__init__(ckpt, layers=layers, device=device, dtype=dtype,
                          attn_implementation=attn_implementation or "eager",
                          padding_side="left", chat_template=True,
@@ -123,10 +147,9 @@ class StarVLAExtractor(HfVlmExtractor):
             if self.attn_request is not None:
                 raise HarnessError(f"{ckpt}: --attn_implementation is StarVLA's loader's choice "
                                    "for a framework checkpoint (set it in its config.yaml)")
-            self.model, self.processor, cot = load_starvla(ckpt)
+            self.model, self.processor, vla_data = load_starvla(ckpt)
             self.source = "starVLA framework"
-            if self.cot_prompt is None and cot is not None:
-                self.cot_prompt, self.prompt_source = cot, "checkpoint config.yaml CoT_prompt"
+            self._follow_config(vla_data)
         elif self.model is None:
             self.attn = self.attn_request or "sdpa"  # upstream StarVLA's default
             self.source = "transformers"
@@ -140,9 +163,39 @@ class StarVLAExtractor(HfVlmExtractor):
         self.chat_template = hasattr(self.processor, "apply_chat_template")
         return self
 
+    def _follow_config(self, vla_data) -> None:
+        """Prompt and image size from the checkpoint's `datasets.vla_data`, as StarVLA
+        reads them, unless given; says where each came from."""
+        where = "checkpoint config datasets.vla_data"
+        if vla_data is None:
+            why = "none: the checkpoint config has no datasets.vla_data"
+            self.prompt_source = self.prompt_source or why + " (raw instruction)"
+            self.image_size_source = "--image_size" if self.image_size else why
+            return
+        if self.cot_prompt is None:
+            cot = config_section(vla_data, "CoT_prompt")
+            if cot is not None:
+                self.cot_prompt, self.prompt_source = cot, f"{where}.CoT_prompt"
+            else:
+                self.prompt_source = f"none: {where} has no CoT_prompt (raw instruction)"
+        if self.image_size is None and not self.seed_compat:
+            size = square_or_pair(config_section(vla_data, "image_size"))
+            self.image_size = size
+            self.image_size_source = f"{where}.image_size" if size else \
+                f"none: {where} has no image_size (no resize, as predict_action)"
+
+    def prepare_images(self, images: list) -> list:
+        if isinstance(self.image_size, tuple):  # a non-square config size, (w, h)
+            return [im.convert("RGB").resize(self.image_size) for im in images]
+        if not self.seed_compat:
+            return super().prepare_images(images)
+        model_type = getattr(self.model.config, "model_type", None)
+        return [seed_image(im, model_type) for im in images]
+
     def _check_prompt(self) -> None:
         if self.cot_prompt is None:
-            self.prompt_source = "none: the raw instruction (StarVLA without CoT_prompt)"
+            self.prompt_source = self.prompt_source or \
+                "none: the raw instruction (no checkpoint config read)"
         elif "{instruction}" not in self.cot_prompt:
             raise HarnessError(f"CoT_prompt {self.cot_prompt!r} ({self.prompt_source}) has no "
                                "{instruction}: StarVLA would drop the task from the prompt")
@@ -158,12 +211,6 @@ class StarVLAExtractor(HfVlmExtractor):
     def fill_prompt(self, task: str) -> str:
         """StarVLA's `build_qwenvl_inputs`: `CoT_prompt.replace("{instruction}", task)`."""
         return (self.cot_prompt or RAW_INSTRUCTION).replace("{instruction}", task)
-
-    def prepare_images(self, images: list) -> list:
-        if not self.seed_compat:
-            return super().prepare_images(images)
-        model_type = getattr(self.model.config, "model_type", None)
-        return [seed_image(im, model_type) for im in images]
 
     def forward(self, inputs: dict):
         if self.autocast == "off":
@@ -189,15 +236,20 @@ class StarVLAExtractor(HfVlmExtractor):
             resize = ("none before the processor (the seed's Qwen3-VL path)"
                       if model_type == "qwen3_vl" else
                       "qwen_vl_utils smart_resize to multiples of 28, PIL bicubic (the seed's path)")
+        elif self.image_size:
+            w, h = self.image_size if isinstance(self.image_size, tuple) else (self.image_size,) * 2
+            resize = f"{w}x{h} PIL bicubic (predict_action)"
         else:
-            resize = f"{self.image_size}x{self.image_size} PIL bicubic (predict_action)"
+            resize = "none before the processor"
         out.update(source=self.source, cot_prompt=self.cot_prompt,
                    prompt_template=self.cot_prompt or RAW_INSTRUCTION,
                    prompt_source=self.prompt_source, seed_compat=self.seed_compat,
                    processor_template=getattr(self.processor, "prompt_template", None)
                    or ("chat template" if self.chat_template else None),
-                   image_resize=resize, autocast=self.autocast,
-                   image_size=self.image_size,  # None with --seed_compat: per image, see image_resize
+                   image_resize=resize, image_size_source=None if self.seed_compat
+                   else self.image_size_source, autocast=self.autocast,
+                   image_size=list(self.image_size) if isinstance(self.image_size, tuple)
+                   else self.image_size,  # None: no resize of ours (see image_resize)
                    processor_image_size=HfVlmExtractor._image_size_fed(self) if self.seed_compat
                    else None)
         return out
@@ -214,7 +266,7 @@ def _build(common: Common, opts: dict, stack) -> StarVLAExtractor:
 
 SPEC = FamilySpec(
     name="starvla",
-    help="StarVLA / HF Qwen-VL: checkpoint's CoT prompt, 224x224, left padding",
+    help="StarVLA / HF Qwen-VL: the checkpoint config's CoT prompt and image size, left padding",
     build=_build,
     stand_in="tiny:qwen2_5_vl",
     stand_in_help="'tiny' / 'tiny:qwen2_5_vl' or 'tiny:qwen3_vl'",
@@ -223,8 +275,9 @@ SPEC = FamilySpec(
         Option("cot_prompt", str, None,
                "prompt with {instruction} (default: the checkpoint's CoT_prompt, else the "
                "raw instruction, as StarVLA does)"),
-        Option("image_size", int, IMAGE_SIZE, "images are resized to this square first "
-               "(predict_action's size; ignored with --seed_compat)"),
+        Option("image_size", int, None, "resize images to this square first (default: the "
+               "checkpoint config's datasets.vla_data.image_size, as predict_action; no resize "
+               "when unset; ignored with --seed_compat)"),
         Option("seed_compat", bool, False, "the seed script's image path: no 224 resize, "
                "qwen_vl_utils' resize (256 px -> 252 px, 81 tokens on Qwen2.5-VL)"),
         Option("attn_implementation", str, None, "default: as StarVLA's loader built it "

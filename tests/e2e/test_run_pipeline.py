@@ -102,9 +102,14 @@ def test_demo_shows_the_modality_split_action_views_and_every_familys_layers(dem
         if name in ("pi0-lerobot-tiny", "openvla-tiny", "smolvla-tiny"):  # action streams
             files["action"] = "feats_action.pt"
         assert views["views"] == list(files)
+        text = torch.load(folder / files["text"], weights_only=True)
+        has_task = torch.isfinite(text).all(dim=1)  # empty tasks: NaN rows, left out
+        assert 0 < int(has_task.sum()) == views["samples"]["text"] < len(text)
         for view, f in files.items():  # each number is the formula on the written file
+            rows = has_task if view == "text" else slice(None)
             assert views["against_states"][view]["k10"] == pytest.approx(
-                dense_cknna(load(f), states, 10), abs=1e-6), (name, view)
+                dense_cknna(load(f)[rows] if view != "text" else unit_rows(text[rows]),
+                            states[rows], 10), abs=1e-6), (name, view)
         assert views["pairs"]["full~image"]["k10"] == pytest.approx(
             dense_cknna(load(files["full"]), load(files["image"]), 10), abs=1e-6)
         assert views["text_fallback_samples"] > 0  # the synthetic set has empty tasks
@@ -112,6 +117,8 @@ def test_demo_shows_the_modality_split_action_views_and_every_familys_layers(dem
     report = (out / "report.md").read_text()
     assert "## Modality split and action representations" in report
     assert "| pi0-lerobot-tiny | full (feats_A) vs action expert |" in report
+    assert "| pi0-lerobot-tiny | action expert [state in input] |" in report  # the real state
+    assert "samples that have a task" in report
 
 
 def test_rerun_reuses_features(demo, capsys):

@@ -20,8 +20,17 @@ def ckpt(tmp_path_factory):
     return standins.save_tiny_pi0_checkpoint(tmp_path_factory.mktemp("pi0"))
 
 
+def loaded(ckpt, **kw) -> Pi0LeRobotExtractor:
+    ex = Pi0LeRobotExtractor(str(ckpt), **kw).load()
+    ex.set_states(STATES)
+    return ex
+
+
+STATES = torch.randn(8, 8, generator=torch.Generator().manual_seed(5))
+
+
 def test_reads_the_last_denoising_step_over_the_action_tokens(ckpt, monkeypatch):
-    ex = Pi0LeRobotExtractor(str(ckpt)).load()
+    ex = loaded(ckpt)
     model = ex.policy.model
     calls = []
     original = type(model).denoise_step
@@ -58,7 +67,7 @@ def test_reads_the_last_denoising_step_over_the_action_tokens(ckpt, monkeypatch)
 
 
 def test_deterministic_batch_independent_and_reset_each_batch(ckpt, monkeypatch):
-    ex = Pi0LeRobotExtractor(str(ckpt)).load()
+    ex = loaded(ckpt)
     resets = []
     monkeypatch.setattr(ex.policy, "reset", lambda: resets.append(1))
     samples = random_samples()
@@ -72,7 +81,7 @@ def test_deterministic_batch_independent_and_reset_each_batch(ckpt, monkeypatch)
 
 
 def test_extract_writes_feats_action_and_leaves_feats_A_bit_identical(ckpt, tmp_path):
-    ex = Pi0LeRobotExtractor(str(ckpt)).load()
+    ex = loaded(ckpt)
     samples = random_samples()
     extract(ex, samples, tmp_path / "plain", batch_size=3, progress=False)
     extract(ex, samples, tmp_path / "act", batch_size=3, progress=False, action_repr=True,
@@ -84,7 +93,9 @@ def test_extract_writes_feats_action_and_leaves_feats_A_bit_identical(ckpt, tmp_
                                rtol=0, atol=1e-5)
     meta = json.loads((tmp_path / "act" / "extraction_metadata.json").read_text())
     assert "feats_action.pt" in meta["extra_files"]
-    assert meta["action_repr"]["state_input"] == "zeros"
+    assert meta["action_repr"]["action_state"] == "real"
+    assert meta["state_in_input"] == {"feats_A.pt": False, "feats_A_img.pt": False,
+                                      "feats_A_txt.pt": False, "feats_action.pt": True}
     assert "gemma_expert" in meta["action_repr"]["point"]
 
 
@@ -93,3 +104,58 @@ def test_new_api_is_refused_with_a_clear_error(tmp_path):
     ex = Pi0LeRobotExtractor(str(ckpt)).load()
     with pytest.raises(HarnessError, match="old LeRobot API"):
         ex.action_features(ex.build_inputs(random_samples(1)))
+
+
+def _record_sample_actions(ex, monkeypatch) -> list:
+    model, calls = ex.policy.model, []
+    real = model.sample_actions
+
+    def recording(images, img_masks, tokens, masks, state, noise=None):
+        calls.append((state.clone(), noise.clone()))
+        return real(images, img_masks, tokens, masks, state, noise=noise)
+
+    monkeypatch.setattr(model, "sample_actions", recording)
+    return calls
+
+
+def test_action_state_real_is_the_state_through_the_policys_normalisation(ckpt, monkeypatch):
+    """Default: the data's state, normalised by the checkpoint's own statistics and padded
+    as the policy's select_action feeds it; 'zeros' feeds zeros. Recorded either way."""
+    samples = random_samples()
+    real = loaded(ckpt)
+    calls = _record_sample_actions(real, monkeypatch)
+    real.action_features(real.build_inputs(samples))
+    state = calls[0][0]
+    norm = real.policy.normalize_inputs
+    want = (STATES[:4] - norm.mean) / (norm.std + 1e-8)  # the stand-in's MEAN_STD statistics
+    torch.testing.assert_close(state, want, rtol=0, atol=1e-6)
+    assert real.action_provenance()["action_state"] == "real"
+    zeros = loaded(ckpt, action_state="zeros")
+    calls = _record_sample_actions(zeros, monkeypatch)
+    feats_zero = zeros.action_features(zeros.build_inputs(samples))
+    assert torch.equal(calls[0][0], torch.zeros_like(state))
+    assert zeros.action_provenance()["action_state"] == "zeros"
+    assert not zeros.state_in_input("feats_action") and real.state_in_input("feats_action")
+    assert not torch.allclose(feats_zero, real.action_features(real.build_inputs(samples)))
+    with pytest.raises(HarnessError, match="needs the data set's states"):
+        Pi0LeRobotExtractor(str(ckpt)).load().action_features(real.build_inputs(samples))
+
+
+def test_seed_compat_draws_the_seeds_noise_float32(ckpt, monkeypatch):
+    """--seed_compat: sample i's noise is what `torch.manual_seed(42 + i)` then LeRobot's
+    float32 `sample_noise` draws; otherwise seeded by the index alone. Both float32."""
+    samples = random_samples()
+    config = None
+    for seed_compat, base in ((True, 42), (False, 0)):
+        ex = loaded(ckpt, seed_tokenization=seed_compat)
+        config = ex.policy.config
+        calls = _record_sample_actions(ex, monkeypatch)
+        ex.action_features(ex.build_inputs(samples))
+        noise = calls[0][1]
+        assert noise.dtype == torch.float32
+        for i in range(len(samples)):
+            torch.manual_seed(base + i)
+            want = torch.normal(0.0, 1.0, size=(1, config.n_action_steps, config.max_action_dim),
+                                dtype=torch.float32)
+            assert torch.equal(noise[i], want[0]), (seed_compat, i)
+        assert f"manual_seed({base} + sample index)" in ex.action_provenance()["noise"]

@@ -219,3 +219,25 @@ def test_installed_lerobot_path_without_lerobot_is_a_clear_error(ckpt):
         pass
     with pytest.raises(HarnessError, match="LeRobot's PI0Policy is not importable"):
         Pi0LeRobotExtractor(str(ckpt), code="lerobot").load()
+
+
+def test_attention_is_what_PI0Config_chooses_in_the_old_api(ckpt):
+    """The old API's decoder picks its attention from PI0Config.attention_implementation
+    (on the PaliGemmaWithExpert config), not from the HF language model's sub-config."""
+    ex = Pi0LeRobotExtractor(str(ckpt)).load()
+    pwe = ex.policy.model.paligemma_with_expert
+    assert ex.provenance()["attn_implementation"] == pwe.config.attention_implementation == "eager"
+    pwe.config.attention_implementation = "flex"  # what a checkpoint trained with flex says
+    assert ex.provenance()["attn_implementation"] == "flex"
+
+
+def test_padding_side_is_the_tokenizers_under_seed_compat(ckpt):
+    """The policy's own path pads right (built here); the seed's pads wherever the
+    tokenizer does (Gemma's fast tokenizer, and the stand-in's: left)."""
+    own = Pi0LeRobotExtractor(str(ckpt)).load()
+    seed = Pi0LeRobotExtractor(str(ckpt), seed_tokenization=True).load()
+    assert seed.tokenizer.padding_side == "left"
+    _, own_mask = own.tokenize(["ab", "abcdef"])
+    _, seed_mask = seed.tokenize(["ab", "abcdef"])
+    assert not own_mask[0, -1] and own.provenance()["padding_side"] == "right"
+    assert not seed_mask[0, 0] and seed.provenance()["padding_side"] == "left"

@@ -15,11 +15,11 @@ def samples(n=len(TASKS), seed=0):
     return random_samples(n, seed)
 
 
-def extractor(attn=None, **kw):
+def extractor(attn=None, dtype="float32", **kw):
     model, processor = standins.tiny_spatialvla()
     if attn is not None:  # relabel: Gemma2 in transformers 5 refuses to build with sdpa
         standins._set_attn(model, attn)
-    return SpatialVLAExtractor("tiny", dtype="float32", model=model, processor=processor, **kw).load()
+    return SpatialVLAExtractor("tiny", dtype=dtype, model=model, processor=processor, **kw).load()
 
 
 def pooled(ex, batch):
@@ -187,3 +187,13 @@ def test_real_load_path_arguments(monkeypatch):
     assert rotary and set(rotary.values()) == {torch.float32}  # not cast after loading
     prov = ex.provenance()
     assert prov["attn_implementation"] == "eager" and prov["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("dtype,as_seed", [("float32", False), ("bfloat16", True)])
+def test_the_record_names_only_the_dtype_that_ran(dtype, as_seed):
+    """The record's dtype is the weights', and whether the run matches the seed's (bf16,
+    eager) is read from the model, never stated as a constant."""
+    prov = extractor(dtype=dtype).provenance()
+    assert prov["dtype"] == dtype and prov["attn_implementation"] == "eager"
+    assert prov["runs_as_the_seed_did"] is as_seed
+    assert "bf16" not in prov["seed_path"] and "bfloat16" not in prov["seed_path"]

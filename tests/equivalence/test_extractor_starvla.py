@@ -94,12 +94,14 @@ def build(family="qwen2_5_vl"):
     return tiny.build(family, padding_side="left")
 
 
-def test_images_resized_to_224_and_left_padding():
+def test_images_resized_to_image_size_and_left_padding():
     model, processor = build()
     spy = SpyProcessor(processor)
-    ex = StarVLAExtractor("given", dtype="float32", model=model, processor=spy).load()
+    ex = StarVLAExtractor("given", dtype="float32", model=model, processor=spy,
+                          image_size=224).load()
     h = ex.forward(ex.build_inputs(samples()))
     assert [im.size for im in spy.calls[-1]["images"]] == [(224, 224)] * len(TASKS)
+    assert ex.provenance()["image_size_source"] == "--image_size"
     assert h.mask[:, -1].all() and not h.mask[1, 0]  # left padding
     assert ex.tokenizer.padding_side == "left"
 
@@ -179,12 +181,13 @@ def test_checkpoint_cot_prompt_wins(tmp_path, monkeypatch):
     ckpt = tmp_path / "steps_1_pytorch_model.pt"
     ckpt.write_bytes(b"")
     model, processor = build()
-    monkeypatch.setattr(starvla, "load_starvla", lambda path: (model, processor, "Do {instruction} now"))
+    monkeypatch.setattr(starvla, "load_starvla",
+                        lambda path: (model, processor, {"CoT_prompt": "Do {instruction} now"}))
     ex = StarVLAExtractor(str(ckpt), dtype="float32").load()
     assert ex.fill_prompt("it") == "Do it now"
     prov = ex.provenance()
     assert prov["source"] == "starVLA framework" and prov["prompt_template"] == "Do {instruction} now"
-    assert prov["prompt_source"] == "checkpoint config.yaml CoT_prompt"
+    assert prov["prompt_source"] == "checkpoint config datasets.vla_data.CoT_prompt"
 
 
 def _framework(tmp_path, monkeypatch, **kw):
@@ -294,7 +297,68 @@ def test_seed_path_gives_81_image_tokens_and_default_64_on_qwen25():
     model, processor = build()
     seed = StarVLAExtractor("given", dtype="float32", model=model, processor=processor,
                             seed_compat=True).load()
-    default = StarVLAExtractor("given", dtype="float32", model=model, processor=processor).load()
+    default = StarVLAExtractor("given", dtype="float32", model=model, processor=processor,
+                               image_size=224).load()
     images = [im for _, im, _ in samples(2, side=256)]
     assert _qwen25_image_tokens(seed.prepare_images(images)) == [81, 81]
     assert _qwen25_image_tokens(default.prepare_images(images)) == [64, 64]
+
+
+def _fake_starvla(tmp_path, monkeypatch, config):
+    """The starVLA package's loader, faked: `baseframework.from_pretrained` returns a
+    framework holding a tiny Qwen2.5-VL and `config` (what StarVLA's config.yaml gives)."""
+    import sys
+    import types
+    model, processor = build()
+    framework = types.SimpleNamespace(
+        qwen_vl_interface=types.SimpleNamespace(model=model, processor=processor), config=config)
+    names = ["starVLA", "starVLA.model", "starVLA.model.framework",
+             "starVLA.model.framework.base_framework"]
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    sys.modules[names[-1]].baseframework = types.SimpleNamespace(
+        from_pretrained=lambda path: framework)
+    ckpt = tmp_path / "steps_1_pytorch_model.pt"
+    ckpt.write_bytes(b"")
+    return str(ckpt)
+
+
+def test_prompt_source_says_which_config_key_was_missing(tmp_path, monkeypatch):
+    """No `datasets.vla_data`, or one without CoT_prompt: the raw instruction either way,
+    and the record says which; a config that fails to read is an error, not 'no prompt'."""
+    from types import SimpleNamespace
+    ckpt = _fake_starvla(tmp_path, monkeypatch, SimpleNamespace(framework={}))
+    prov = StarVLAExtractor(ckpt, dtype="float32").load().provenance()
+    assert prov["prompt_source"] == ("none: the checkpoint config has no datasets.vla_data "
+                                     "(raw instruction)")
+    ckpt = _fake_starvla(tmp_path, monkeypatch, {"datasets": {"vla_data": {"image_size": None}}})
+    prov = StarVLAExtractor(ckpt, dtype="float32").load().provenance()
+    assert prov["prompt_source"] == ("none: checkpoint config datasets.vla_data has no "
+                                     "CoT_prompt (raw instruction)")
+
+    class Broken(dict):
+        def __contains__(self, key):
+            raise AttributeError("a bug while reading the config")
+
+    ckpt = _fake_starvla(tmp_path, monkeypatch, Broken())
+    with pytest.raises(AttributeError, match="a bug while reading"):
+        StarVLAExtractor(ckpt, dtype="float32").load()
+
+
+@pytest.mark.parametrize("config_size,fed", [([48, 48], (48, 48)), (40, (40, 40)),
+                                             (None, (256, 256))])
+def test_image_size_follows_the_checkpoint_config(tmp_path, monkeypatch, config_size, fed):
+    """predict_action resizes to `datasets.vla_data.image_size` when set and not at all when
+    unset; the size fed is recorded (and --seed_compat keeps the seed's 252 px path)."""
+    ckpt = _fake_starvla(tmp_path, monkeypatch,
+                         {"datasets": {"vla_data": {"image_size": config_size}}})
+    ex = StarVLAExtractor(ckpt, dtype="float32").load()
+    ex.build_inputs(samples(2, side=256))
+    assert ex.observed.as_dict()["image_size_fed"] == [f"{fed[0]}x{fed[1]}"]
+    prov = ex.provenance()
+    assert prov["image_size"] == (fed[0] if config_size else None)
+    assert prov["image_size_source"].startswith(
+        "checkpoint config datasets.vla_data.image_size" if config_size else "none:")
+    seed = StarVLAExtractor(ckpt, dtype="float32", seed_compat=True).load()
+    seed.build_inputs(samples(2, side=256))
+    assert seed.observed.as_dict()["image_size_fed"] == ["252x252"]

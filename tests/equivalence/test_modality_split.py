@@ -32,12 +32,13 @@ def params():
 
 
 @contextlib.contextmanager
-def loaded(family, ckpt):
+def loaded(family, ckpt, **opts):
     spec = get(family)
     common = Common(ckpt=ckpt, device="cpu", dtype="float32", layers="last", revision=None,
                     tiny=True)
     with contextlib.ExitStack() as stack:
-        yield spec.build(common, {o.name: o.default for o in spec.options}, stack).load()
+        yield spec.build(common, {o.name: opts.get(o.name, o.default) for o in spec.options},
+                         stack).load()
 
 
 def image_positions(ex, inputs, valid):
@@ -122,17 +123,54 @@ def test_split_files_pool_the_same_forward_and_leave_feats_A_bit_identical(famil
         (tmp_path / "plain" / "extraction_metadata.json").read_text())
 
 
-def test_empty_task_row_is_finite_nonzero_and_recorded(tmp_path):
+@pytest.mark.parametrize("seed_compat", [False, True])
+def test_an_empty_tasks_text_row_is_undefined_and_zero_only_for_the_seed(tmp_path, seed_compat):
+    """A text view of an empty task is undefined: NaN in feats_A_txt.pt (so nothing can
+    use it unnoticed), the seed's zero vector only under --seed_compat; listed either way."""
     samples = random_samples()
-    with loaded("spatialvla", "tiny") as ex:
+    with loaded("spatialvla", "tiny", seed_compat=seed_compat) as ex:
         extract(ex, samples, tmp_path, batch_size=4, progress=False, split_modalities=True)
     txt = torch.load(tmp_path / "feats_A_txt.pt", weights_only=True)
     empty = TASKS.index("")
-    assert torch.isfinite(txt).all()
-    assert txt[empty].abs().sum() > 0  # never the seed's silent zero vector
+    others = [r for r in range(len(TASKS)) if r != empty]
+    assert torch.isfinite(txt[others]).all() and (txt[others].abs().sum(1) > 0).all()
+    if seed_compat:
+        assert torch.equal(txt[empty], torch.zeros_like(txt[empty]))
+    else:
+        assert torch.isnan(txt[empty]).all()
     meta = json.loads((tmp_path / "extraction_metadata.json").read_text())
+    assert meta["txt_empty_task"]["samples"] == [empty] and meta["txt_empty_task"]["count"] == 1
+    assert meta["txt_empty_task"]["rule"].startswith("zero rows" if seed_compat else "NaN rows")
     assert meta["txt_fallback"]["count"] == 1
-    assert "non-image tokens" in meta["txt_fallback"]["rule"]
+
+
+def test_text_view_cknna_is_over_the_samples_with_a_task(tmp_path):
+    """The text view is compared with the states (and the other views) on the samples that
+    have a task only, and says on how many."""
+    from harness import data as data_mod
+    from harness import states as states_mod
+    from harness import views
+    from harness.io import load_features
+    from harness.synth import generate
+    data_dir, out = tmp_path / "d", tmp_path / "o"
+    generate(data_dir, n=16, seed=0, progress=False)
+    assert main(["extract", "spatialvla", "--ckpt", "tiny", "--data_dir", str(data_dir),
+                 "--output_dir", str(out), "--split_modalities"]) == 0
+    data = data_mod.load(data_dir)
+    empty = [i for i, t in enumerate(data.tasks) if not t.strip()]
+    assert empty, "the synthetic data should hold an empty task"
+    rows = lambda p, d: states_mod.normalised(p, d.take(load_features(p)))  # noqa: E731
+    by_view, defined = views.load_views(out / "feats_A.pt", data, rows)
+    keep = torch.tensor([i not in empty for i in range(data.n)])
+    assert torch.equal(defined["text"], keep)
+    states = states_mod.l2_rows(data.states)
+    full = rows(out / "feats_A.pt", data)
+    result = views.compare_views({"full": full, **by_view}, states, [2], defined=defined)
+    assert result["samples"] == {"full": data.n, "image": data.n, "text": int(keep.sum())}
+    text = states_mod.l2_rows(torch.load(out / "feats_A_txt.pt", weights_only=True)[keep])
+    want = views.compare_views({"text": text, "full": full[keep]}, states[keep], [2])
+    assert result["against_states"]["text"] == want["against_states"]["text"]
+    assert result["pairs"]["full~text"] == want["pairs"]["full~text"]
 
 
 @pytest.fixture(scope="module")

@@ -95,9 +95,10 @@ def test_hf_family_records_what_the_forward_used(family, ckpt, opts, tmp_path, m
     # image size handed to the processor, and image tokens in the ids the model received
     sizes = sorted({f"{w}x{h}" for w, h in images})
     assert meta["observed"]["image_size_fed"] == sizes
-    if family == "starvla":  # its own resize: the recorded size, or none with seed_compat
+    if family == "starvla":  # its own resize: the recorded size; seed_compat: 252; else none
         side = meta["image_size"]
-        assert sizes == ([f"{side}x{side}"] if side else ["252x252"])
+        assert sizes == ([f"{side}x{side}"] if side else
+                         ["252x252"] if meta["seed_compat"] else ["256x256"])
     pixels = fed[0].get("pixel_values")
     if pixels is not None and pixels.ndim == 4:  # (B, C, H, W): what the vision tower saw
         assert meta["observed"]["pixel_size"] == [f"{pixels.shape[-1]}x{pixels.shape[-2]}"]

@@ -1,0 +1,134 @@
+"""The contract suite: what every registered family must do, run over each family's stand-in.
+
+Discovered from the registry (`families()`), so a family added later is covered by
+registering. Each family's stand-in runs in two tiers:
+- "checkpoint": loaded under the real checkpoint's dtype policy (`FamilySpec.dtype_policy`:
+  which weights bf16, which float32, applied as the family's loader does);
+- "float32": every weight float32, the exact tier.
+A family with a `seed_compat` option also runs its seed path, one with an
+`attn_implementation` option also runs sdpa. Checked for each: the
+weights follow the policy; extraction with `--split_modalities`, `--layers all` and
+`--action_repr` (families with an action stream); batch size 1 equals batch size 4
+within the tier's tolerance; the recorded provenance equals what ran (hidden dtype,
+attention implementation, padding side, image size, and whether the state was an input,
+the last found by feeding other states and seeing which feature files move).
+"""
+from __future__ import annotations
+
+import json
+from argparse import Namespace
+
+import pytest
+import torch
+
+from harness.commands.extract import build_extractor
+from harness.extractors import tiny
+from harness.extractors.base import model_of
+from harness.extractors.dtype_policy import FLOAT32
+from harness.extractors.registry import families
+from harness.features import FEATS, extract
+from tests.random_samples import random_samples
+
+TIERS = {"checkpoint": dict(rtol=0.0, atol=0.05), "float32": dict(rtol=0.0, atol=1e-5)}
+"""Batch 1 vs 4 tolerance per tier, relative to each file's largest absolute value."""
+N = 4
+
+
+def _cases():
+    for name, spec in families().items():
+        kind = spec.stand_in[len("tiny:"):] if spec.stand_in.startswith("tiny:") else None
+        why = tiny.unavailable(kind) if kind in tiny.FAMILIES else None
+        options = {o.name for o in spec.options}
+        variants = [{}]
+        if "seed_compat" in options:
+            variants.append({"seed_compat": True})
+        if "attn_implementation" in options:  # the other attention the family can load
+            variants.append({"attn_implementation": "sdpa"})
+        for tier in TIERS:
+            for opts in variants:
+                marks = [pytest.mark.skip(reason=why)] if why else []
+                label = "-".join([name, tier, *(f"{k}={v}" for k, v in opts.items())])
+                yield pytest.param(name, tier, opts, id=label, marks=marks)
+
+
+CASES = list(_cases())
+
+
+def _args(family: str, tier: str, opts: dict, layers: str = "last") -> Namespace:
+    spec = families()[family]
+    return Namespace(family=family, ckpt=spec.stand_in, device="cpu", dtype=tier,
+                     layers=layers, revision=None, **opts)
+
+
+def _states(seed: int, dim: int = 8) -> torch.Tensor:
+    return torch.randn(N, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def _run(family, tier, opts, out, batch_size, states=None, spy=None) -> dict:
+    """Extract every output the family has into `out`; {file: tensor} and the metadata."""
+    spec = families()[family]
+    with build_extractor(_args(family, tier, opts, layers="all")) as ex:
+        if hasattr(ex, "set_states"):
+            ex.set_states(_states(0) if states is None else states)
+        if spy is not None:
+            spy(ex)
+        extract(ex, random_samples(N, size=(64, 64)), out, batch_size=batch_size,
+                progress=False, split_modalities=True, action_repr=spec.action_stream)
+    meta = json.loads((out / "extraction_metadata.json").read_text())
+    files = {name: torch.load(out / name, weights_only=True)
+             for name in [FEATS, *meta["layer_files"], *meta.get("extra_files", [])]}
+    return files, meta
+
+
+@pytest.mark.parametrize("family,tier,opts", CASES)
+class TestFamilyContract:
+    def test_weights_follow_the_dtype_policy(self, family, tier, opts):
+        policy = families()[family].dtype_policy if tier == "checkpoint" else FLOAT32
+        with build_extractor(_args(family, tier, opts)) as ex:
+            model = model_of(ex)
+            assert policy.mismatches(model) == []
+            seen = {str(p.dtype).removeprefix("torch.") for p in model.parameters()}
+        assert policy.low in seen
+        if not policy.uniform:  # a mixed policy really is mixed
+            assert seen == {policy.low, "float32"}
+
+    def test_every_output_extracts_and_batch_size_does_not_matter(self, family, tier, opts,
+                                                                   tmp_path):
+        one, meta = _run(family, tier, opts, tmp_path / "b1", batch_size=1)
+        four, _ = _run(family, tier, opts, tmp_path / "b4", batch_size=4)
+        expected = {FEATS, "feats_A_img.pt", "feats_A_txt.pt"}
+        if families()[family].action_stream:
+            expected.add("feats_action.pt")
+        assert expected <= set(one) and len(meta["layer_files"]) > 2  # --layers all
+        for name, x in one.items():
+            assert x.shape[0] == N and x.dtype == torch.float32, name
+            rows = torch.isfinite(x).all(dim=1)
+            assert rows.any(), name
+            scale = x[rows].abs().max().item()
+            tol = TIERS[tier]
+            torch.testing.assert_close(four[name], x, rtol=tol["rtol"],
+                                       atol=tol["atol"] * scale, equal_nan=True, msg=name)
+
+    def test_provenance_is_what_ran(self, family, tier, opts, tmp_path, monkeypatch):
+        sdpa = []
+        real = torch.nn.functional.scaled_dot_product_attention
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                            lambda *a, **k: sdpa.append(1) or real(*a, **k))
+        _, meta = _run(family, tier, opts, tmp_path, batch_size=4)
+        seen = meta["observed"]
+        assert seen["hidden_dtype"] == [meta["dtype"]]
+        assert (len(sdpa) > 0) == (meta["attn_implementation"] == "sdpa")
+        assert [meta["padding_side"]] == seen["padding_side"]
+        if isinstance(meta.get("image_size"), int):  # our resize, or the processor's
+            side = [f"{meta['image_size']}x{meta['image_size']}"]
+            assert seen["image_size_fed"] == side or seen.get("pixel_size") == side
+        elif "image_size" in meta:  # no resize of ours: the images arrive as they are
+            assert seen["image_size_fed"] == ["64x64"] or meta.get("seed_compat")
+
+    def test_state_in_input_is_recorded_per_file(self, family, tier, opts, tmp_path):
+        a, meta = _run(family, tier, opts, tmp_path / "a", batch_size=4, states=_states(1))
+        b, _ = _run(family, tier, opts, tmp_path / "b", batch_size=4, states=_states(2))
+        recorded = meta["state_in_input"]
+        for name in [FEATS, *meta.get("extra_files", [])]:
+            moved = not torch.equal(a[name].nan_to_num(), b[name].nan_to_num())
+            assert recorded[name] is moved, name
