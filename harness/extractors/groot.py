@@ -17,7 +17,7 @@ Traps handled here (docs/facts.md §8):
 - LeRobot's pack step gives a whole batch its FIRST task (`lang = lang[0]`); here each
   sample keeps its own task (recorded);
 - images: [0, 1] floats -> uint8 by truncation (`(x.clamp(0, 1) * 255).to(uint8)`, the
-  pack step), resized bicubic to the tile size when they differ, then (x - 127.5) / 127.5;
+  pack step; exact for 8-bit sources in float32), resized bicubic to the tile size when they differ, then (x - 127.5) / 127.5;
 - the processor assets (tokenizer, chat template, tile size) live on the hub in LeRobot
   (`lerobot/eagle2hg-processor-groot-n1p5`): here they must be a local directory
   (`--assets`); LeRobot's loader also copies its vendored Eagle code into that directory;
@@ -58,7 +58,7 @@ DTYPE_POLICY = ("the Eagle model in the dtype its config.json names (AutoModel.f
 def eagle_pixels(image, size: int) -> torch.Tensor:
     """(3, size, size) float32 as LeRobot 0.4.4 + the Eagle image processor make them."""
     x01 = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
-    pixels = (x01.clamp(0, 1) * 255.0).to(torch.uint8).permute(2, 0, 1)  # truncates
+    pixels = (x01.clamp(0, 1) * 255.0).to(torch.uint8).permute(2, 0, 1)  # the pack step
     if tuple(pixels.shape[1:]) != (size, size):
         resized = torch.nn.functional.interpolate(pixels[None].float(), size=(size, size),
                                                   mode="bicubic", antialias=True,
