@@ -162,6 +162,40 @@ def test_the_stand_in_equals_the_real_classes_on_the_same_weights(tmp_path):
     assert torch.equal(got[0][1], got[1][1])
 
 
+def test_a_saved_gr00t_checkpoint_loads_through_the_extractor(tmp_path):
+    """GR00TN15 (backbone + a tiny flow-matching action head) saved by LeRobot, loaded by
+    the extractor's own path (GR00TN15.from_pretrained with --assets): the same backbone
+    weights, and features equal to the saved model's backbone on the same inputs."""
+    assets = assets_dir(tmp_path / "assets", "Qwen3ForCausalLM")
+    backbone_cfg = dict(tune_llm=False, tune_visual=False, select_layer=SELECT,
+                        reproject_vision=False, use_flash_attention=False, load_bf16=False,
+                        tokenizer_assets_repo=str(assets), project_to_dim=1536)
+    head = dict(diffusion_model_cfg=dict(num_attention_heads=2, attention_head_dim=8,
+                                         output_dim=16, num_layers=1, cross_attention_dim=1536),
+                input_embedding_dim=16, backbone_embedding_dim=1536, hidden_size=16,
+                max_seq_len=64, action_dim=4, action_horizon=4, num_inference_timesteps=2,
+                max_num_embodiments=2, use_vlln=False, num_target_vision_tokens=2,
+                max_state_dim=8)
+    config = groot_n1.GR00TN15Config(backbone_cfg=backbone_cfg, action_head_cfg=head,
+                                     action_horizon=4, action_dim=4)
+    with eagle_siglip_sdpa(assets):
+        torch.manual_seed(0)
+        model = groot_n1.GR00TN15(config, local_model_path=str(tmp_path / "ckpt")).eval()
+        model.save_pretrained(tmp_path / "ckpt")
+    elsewhere = assets_dir(tmp_path / "assets2", "Qwen3ForCausalLM")  # --assets: its own copy
+    ex = GrootExtractor(str(tmp_path / "ckpt"), assets=str(elsewhere), fp32_compute=True)
+    with eagle_siglip_sdpa(elsewhere):
+        ex.load()
+    assert ex.api_source == "lerobot:lerobot.policies.groot.groot_n1"
+    saved, loaded = model.backbone.state_dict(), ex.backbone.state_dict()
+    assert set(saved) == set(loaded) and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    inputs = ex.build_inputs(random_samples(2, size=(standin.IMAGE, standin.IMAGE)))
+    hidden = ex.forward(inputs).layers["last"]
+    with torch.inference_mode():
+        out = model.backbone(groot_n1.BatchFeature(data=dict(inputs)))
+        assert torch.equal(ex.backbone.eagle_linear(hidden), out["backbone_features"])
+
+
 ASSETS = os.environ.get("HARNESS_GROOT_ASSETS")
 
 
