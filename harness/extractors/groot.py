@@ -136,13 +136,13 @@ class GrootExtractor(Extractor):
         if self.assets is None or not self.assets.is_dir():
             raise HarnessError(f"groot: --assets must name a local directory with the Eagle "
                                f"processor files (a copy of {ASSETS_REPO}), got {self.assets}")
+        self.text = EagleText.from_assets(self.assets)  # before the model: fail fast
+        self.image_size = image_size_of(self.assets)
         if self.backbone is None:
             self.backbone = self._load_lerobot(resolve_checkpoint(self.ckpt, self.revision))
         if self.dtype is not None:
             self.backbone.to(dtype=self.dtype)
         self.backbone = self.backbone.to(self.device).eval()
-        self.text = EagleText.from_assets(self.assets)
-        self.image_size = image_size_of(self.assets)
         eagle = self.backbone.eagle_model
         token = self.text.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         if token != eagle.config.image_token_index or self.text.tokens_per_tile != eagle.num_image_token:
