@@ -20,6 +20,11 @@ forward the extractor runs (read from its source, lerobot/policies/pi0/modeling_
    torchvision; LeRobot reads only `processor.tokenizer` from it
    (`fake_image_token_id`, `global_image_token_id`). `smolvlm_tokenizer_only_processor`
    hands it an object holding just the directory's tokenizer.
+5. (GR00T) `Eagle25VLForConditionalGeneration.__init__` sets the SigLIP tower's attention to
+   flash_attention_2 unconditionally, and transformers refuses that without the flash_attn
+   package (CUDA only): "FlashAttention2 has been toggled on, but it cannot be used due to
+   the following error: the package flash_attn seems to be not installed."
+   `eagle_siglip_sdpa` builds the tower with sdpa instead (same maths, another kernel).
 Nothing here is used by the harness package; the extractor runs unpatched code paths.
 """
 from __future__ import annotations
@@ -126,6 +131,32 @@ def smolvlm_tokenizer_only_processor():
         yield
     finally:
         smolvlm_with_expert.AutoProcessor = real
+
+
+@contextlib.contextmanager
+def eagle_siglip_sdpa(assets_dir):
+    """While active, the Eagle model built from `assets_dir` (LeRobot's processor-assets
+    directory, which EagleBackbone loads the Eagle code from) gets an sdpa SigLIP (5.)."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    from lerobot.policies.groot.groot_n1 import DEFAULT_VENDOR_EAGLE_PATH
+    from lerobot.policies.groot.utils import ensure_eagle_cache_ready
+
+    ensure_eagle_cache_ready(DEFAULT_VENDOR_EAGLE_PATH, assets_dir, str(assets_dir))
+    eagle = get_class_from_dynamic_module(
+        "modeling_eagle2_5_vl.Eagle25VLForConditionalGeneration", str(assets_dir))
+    module = sys.modules[eagle.__module__]
+    real = module.SiglipVisionModel
+
+    def sdpa_siglip(config):
+        config._attn_implementation = "sdpa"
+        return real(config)
+
+    module.SiglipVisionModel = sdpa_siglip
+    try:
+        yield
+    finally:
+        module.SiglipVisionModel = real
 
 
 def require_lerobot04(module: str):

@@ -13,7 +13,7 @@ from tests.dense_reference import dense_cknna
 
 DEMO_MODELS = {"spatialvla-tiny", "pi0-lerobot-tiny", "starvla-qwen2.5-vl-tiny",
                "starvla-qwen3-vl-tiny", "paligemma-tiny-layer-sweep",
-               "openvla-tiny", "smolvla-tiny", "pi05-tiny", "pi0-fast-tiny"}
+               "openvla-tiny", "smolvla-tiny", "pi05-tiny", "pi0-fast-tiny", "groot-tiny"}
 
 
 def unit_rows(x):
