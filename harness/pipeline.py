@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from harness import chance
 from harness import config as config_mod
 from harness import data as data_mod
 from harness import horizons as horizons_mod
@@ -287,7 +288,8 @@ def run_study(study: Study, log=None) -> dict:
     results = compute(models, states_l2, str(states_path), settings, preprocessing, extra,
                       layers=layers)
     if views:
-        results["views"] = compare_all_views(views, states_l2, study, status)
+        results["views"] = compare_all_views(views, states_l2, study, status, groups)
+        chance.adjust(results)
     for name, entry in results["models"].items():
         entry["provenance"] = _provenance(Path(entry["feats_A_path"]))
     if seq is not None:
@@ -306,11 +308,14 @@ def _rows(path: Path, data) -> "torch.Tensor":
     return states_mod.normalised(path, data.take(load_features(path)))
 
 
-def compare_all_views(views: dict, states_l2, study: Study, status: dict) -> dict:
-    """Modality split and action features of every model that has them (harness.views)."""
+def compare_all_views(views: dict, states_l2, study: Study, status: dict, groups=None) -> dict:
+    """Modality split and action features of every model that has them (harness.views),
+    each view against the states with its chance level (shuffles move whole `groups`)."""
     out = {}
     for name, by_view in views.items():
-        out[name] = views_mod.compare_views(by_view, states_l2, study.ks)
+        out[name] = views_mod.compare_views(by_view, states_l2, study.ks,
+                                            permutations=study.permutations, seed=study.seed,
+                                            groups=groups)
         out[name]["text_fallback_samples"] = views_mod.text_fallback_count(
             Path(status[name]["feats_A_path"]))
     return out

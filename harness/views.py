@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from harness import chance
 from harness import cknna as metrics
 
 VIEW_FILES = {"image": "feats_A_img.pt", "text": "feats_A_txt.pt", "action": "feats_action.pt"}
@@ -41,17 +42,23 @@ def text_fallback_count(feats_path: Path) -> int | None:
 
 
 def compare_views(views: dict[str, torch.Tensor], states: torch.Tensor, ks: list[int],
-                  ties: str = "shared", backend: str = "torch") -> dict:
-    """{"against_states": {view: {"k5": ...}}, "pairs": {"full~image": {"k5": ...}}} for
-    L2-normalised views of one model (each searched once, reused for every k and pair)."""
+                  ties: str = "shared", backend: str = "torch", permutations: int = 0,
+                  seed: int = 0, groups: torch.Tensor | None = None) -> dict:
+    """{"against_states": {view: {"k5": ..., "chance": {"k5": record}}}, "pairs":
+    {"full~image": {"k5": ...}}} for L2-normalised views of one model (each searched once,
+    reused for every k and pair); chance records from `permutations` shuffles (whole
+    `groups`) when asked."""
     names = [v for v in ORDER if v in views]
     spaces = {v: metrics.Space(views[v], max(ks), ties, None, {"backend": backend})
               for v in names}
     space_b = metrics.Space(states, max(ks), ties, None, {"backend": backend})
     out = {"views": names, "against_states": {}, "pairs": {}}
     for v in names:
-        out["against_states"][v] = {f"k{k}": metrics.space_scores(spaces[v], space_b, k).cknna
-                                    for k in ks}
+        scores = {k: metrics.space_scores(spaces[v], space_b, k) for k in ks}
+        out["against_states"][v] = {f"k{k}": s.cknna for k, s in scores.items()}
+        found = chance.for_spaces(spaces[v], space_b, scores, permutations, seed, groups)
+        if found:
+            out["against_states"][v]["chance"] = {f"k{k}": r for k, r in found.items()}
     for a, b in combinations(names, 2):
         out["pairs"][f"{a}~{b}"] = {f"k{k}": metrics.space_scores(spaces[a], spaces[b], k).cknna
                                     for k in ks}
