@@ -19,7 +19,8 @@ from harness import significance
 from harness.states import l2_rows  # noqa: F401  (its home is harness.states)
 
 TIE_RULES = {
-    "shared": "similarities re-scored in float64; neighbours tied (within 1e-11 relative) at "
+    "shared": "rows L2-normalised in float64, similarities re-scored in float64; neighbours "
+              "tied (within 4*2^-23 of |x_i| max|x_j|, the rounding of float32 inputs) at "
               "the k-th place share the remaining slots, M = min(w_A, w_B): invariant to "
               "sample order",
     "index": "neighbours ordered by similarity, equal similarities -> lower sample index first",

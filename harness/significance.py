@@ -306,8 +306,8 @@ def subset_graph(space: Space, subset: torch.Tensor, k: int,
         short = restrict(space.neighbours, subset, columns) if columns else None
         cache["restricted_key"], cache["restricted"], cache["restricted_whole"] = key, short, None
     lists = cache["restricted"]
-    if lists is not None and not zone_ends_inside(lists[0], k, zone_reach(space.x, subset,
-                                                                          space.memo)[1]):
+    if lists is not None and not zone_ends_inside(lists[0], k, zone_reach(
+            space.x, subset, space.memo, lists[0].values.dtype)[1]):
         lists = None
     if lists is None:
         if cache["restricted_whole"] is None:
@@ -325,8 +325,8 @@ def subset_scores(sa: Space, sb: Space, subset: torch.Tensor, k: int) -> tuple[S
         nan = float("nan")
         return Scores(k, nan, nan, nan, nan, nan), 0
     if sa.ties == "index":
-        na, ra = _subsample_neighbours(sa.x, sa.neighbours, subset, k, sa.groups)
-        nb, rb = _subsample_neighbours(sb.x, sb.neighbours, subset, k, sb.groups)
+        na, ra = _subsample_neighbours(sa.search_x, sa.neighbours, subset, k, sa.groups)
+        nb, rb = _subsample_neighbours(sb.search_x, sb.neighbours, subset, k, sb.groups)
         return scores_from_neighbours(na, nb, k), ra + rb
     ga, ra = subset_graph(sa, subset, k)
     gb, rb = subset_graph(sb, subset, k)

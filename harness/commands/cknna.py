@@ -70,7 +70,7 @@ def register(sub) -> None:
 
 def distinct(path, x: torch.Tensor) -> torch.Tensor:
     """Normalised rows that are not all one row (then no neighbour graph exists)."""
-    if all_rows_equal(x):
+    if all_rows_equal(x.float()):  # the search's precision (float32), as cknna.Space
         raise HarnessError(f"{path}: all {x.shape[0]} rows are identical after L2 "
                            "normalisation; the neighbour graph (and CKNNA) is undefined")
     return x
