@@ -340,7 +340,11 @@ def tie_graph(x: torch.Tensor, nb: Neighbours, k: int, *, universe: torch.Tensor
     if length == len(members) - 1 and universe is None:
         unsafe &= kth == float("-inf")
     zone &= ~unsafe.unsqueeze(1)
-    r, c = zone.nonzero(as_tuple=True)
+    # Float64 rows searched as a float32 copy: every kept entry's value in float64 too.
+    scored = zone
+    if x.dtype == torch.float64 and nb.values.dtype != torch.float64:
+        scored = (~unsafe).unsqueeze(1).expand_as(zone)
+    r, c = scored.nonzero(as_tuple=True)
     exact = torch.zeros_like(values)
     if memo is not None:
         exact[r, c] = memo.products(members[r], c if positions is None else positions[r, c])
@@ -349,7 +353,7 @@ def tie_graph(x: torch.Tensor, nb: Neighbours, k: int, *, universe: torch.Tensor
     weights, crossing = _weights(exact, zone, above.sum(1), k, tol)
     weights = weights + above.double()
     keep = ((weights > 0) & ~unsafe.unsqueeze(1)).view(-1).nonzero().flatten()
-    vals = torch.where(zone, exact, values)
+    vals = torch.where(scored, exact, values)
     parts = [(keep // values.shape[1], nb.indices.reshape(-1).index_select(0, keep),
               vals.view(-1).index_select(0, keep), weights.view(-1).index_select(0, keep))]
     crossing = crossing & ~unsafe

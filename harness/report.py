@@ -144,7 +144,8 @@ def table_notes(results: dict) -> list[str]:
         notes.append("chance level not computed (no permutations): CKNNA of unrelated data "
                      "is not 0, so a bare value cannot be read alone; add --permutations 100")
     if meta.get("samples") and not meta.get("groups"):
-        notes.append(meta["samples"])
+        notes.append(meta["samples"] + (f"; {meta['groups_available']}"
+                                        if meta.get("groups_available") else ""))
     sub = meta.get("subsample")
     if sub:
         notes.append(f"interval: for the full-sample CKNNA shown, from {sub['draws']} random "

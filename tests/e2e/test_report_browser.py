@@ -46,7 +46,7 @@ def test_report_html_renders_tables_and_figures_without_errors(tmp_path):
     assert all(i["ok"] and i["local"] for i in facts["images"]), facts["images"]
     assert facts["external"] == []
     assert "CKNNA against the states" in facts["headings"] and "Figures" in facts["headings"]
-    assert "p < 1/31" in facts["text"] and "95% subsample interval k=10" in facts["text"]
+    assert "p < 1/31" in facts["text"] and "95% interval of CKNNA" in facts["text"]
     image = Image.open(shot).convert("L")
     assert image.width >= 1000 and image.height > 1500  # the whole page, figures included
     low, high = image.getextrema()
