@@ -39,7 +39,7 @@ class Settings:
     mutual: bool = True
     permutations: int = 0
     subsample_draws: int = 0
-    subsample_fraction: float = 0.8
+    subsample_fraction: float = 0.5  # and f/2: significance.two_size_subsets
     seed: int = 0
     pairwise: bool = False
     cka: bool = False

@@ -420,7 +420,7 @@ def interval_record(vals: torch.Tensor, redone: int, *, fraction: float, level: 
 
 
 def subsample_interval(feats_a: torch.Tensor, feats_b: torch.Tensor, topk: int, *,
-                       n_draws: int = 200, fraction: float = 0.8, level: float = 0.95,
+                       n_draws: int = 200, fraction: float = 0.5, level: float = 0.95,
                        seed: int = 0, ties: str = "shared",
                        groups: torch.Tensor | None = None) -> dict:
     """Interval for the full-sample CKNNA from subsets of fraction f and f/2 (see
@@ -547,7 +547,7 @@ def compare(labels: list[str], observed: dict[str, dict[int, float]],
 
 
 def align(feats_a: torch.Tensor, feats_b: torch.Tensor, ks, *, permutations: int = 0,
-          subsample_draws: int = 0, subsample_fraction: float = 0.8, seed: int = 0,
+          subsample_draws: int = 0, subsample_fraction: float = 0.5, seed: int = 0,
           ties: str = "shared", groups: torch.Tensor | None = None,
           exclude_same_group: bool = False, space_a: Space | None = None,
           space_b: Space | None = None, keep_draws: bool = False,

@@ -39,7 +39,9 @@ def register(sub) -> None:
                    help="permutation null with N shuffles of B: p-value, null mean/std")
     p.add_argument("--subsample", type=int, default=0, metavar="DRAWS",
                    help="subsampling interval over DRAWS random subsets")
-    p.add_argument("--subsample_fraction", type=float, default=0.8)
+    p.add_argument("--subsample_fraction", type=float, default=0.5,
+                   help="subsets of this fraction of the samples and of half of it give the "
+                        "interval of the full-sample CKNNA (see the README)")
     p.add_argument("--seed", type=int, default=0, help="seed for permutations and subsets")
     p.add_argument("--zscore_B", action="store_true",
                    help="standardise each column of feats_B before L2 normalisation "
@@ -158,7 +160,7 @@ def _check_args(args, n: int) -> list[int]:
         raise HarnessError("--permutations and --subsample must be >= 0")
     if args.subsample and not 0 < args.subsample_fraction < 1:
         raise HarnessError(f"--subsample_fraction {args.subsample_fraction}: must be in (0, 1)")
-    m = int(round(args.subsample_fraction * n))
+    m = int(round(args.subsample_fraction / 2 * n))  # the smaller of the two subset sizes
     if args.subsample and max(args.topk) > m - 1:
         raise HarnessError(f"--subsample_fraction {args.subsample_fraction}: subsets of "
                            f"{m} are too small for k={max(args.topk)}")
@@ -181,7 +183,7 @@ def _check_groups(args, groups: torch.Tensor, ks: list[int]) -> None:
                            f"{n - largest} candidates, fewer than k={max(ks)}")
     if args.subsample:
         n_groups = len(groups.unique())
-        if round(args.subsample_fraction * n_groups) < 1:
+        if round(args.subsample_fraction / 2 * n_groups) < 1:
             raise HarnessError(f"--subsample_fraction {args.subsample_fraction}: draws no "
                                f"whole group of {n_groups}")
 
