@@ -63,7 +63,7 @@ def default_study(output_dir: Path) -> Study:
     models = [ModelEntry(name=name, family=spec.name, ckpt=ckpt, options=dict(options))
               for spec in families().values() for name, ckpt, options in spec.demo]
     return Study(data_dir=output_dir / "data", output_dir=output_dir, models=models,
-                 permutations=100, synthetic={"n": 200, "seed": 0}, stand_ins=True)
+                 permutations=400, synthetic={"n": 200, "seed": 0}, stand_ins=True)
 
 
 def load_config(path: str | os.PathLike, output_dir: Path | None = None) -> Study:

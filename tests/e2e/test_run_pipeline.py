@@ -50,6 +50,9 @@ def test_run_prints_where_every_file_is(demo, demo_console):
         assert (out / name).is_file()
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 5 and "RANDOM-WEIGHT" in html
+    res = json.loads((out / "results.json").read_text())
+    above = sum(r["above_chance"] for _, _, r in cknna_values(res))
+    assert f"above chance: {above} of {len(list(cknna_values(res)))} CKNNA values" in stdout
 
 
 def test_extraction_progress_is_logged_for_every_model(demo):
