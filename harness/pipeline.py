@@ -26,6 +26,7 @@ from harness import states as states_mod
 from harness import views as views_mod
 from harness.config import LaxPath, ModelEntry, StudyConfig
 from harness.errors import HarnessError
+from harness.significance import fraction_for
 from harness.extractors.registry import families
 from harness.features import FEATS, METADATA
 from harness.io import check_output_dir, load_features, write_json
@@ -276,7 +277,8 @@ def run_study(study: Study, log=None) -> dict:
                         pairwise=len(models) > 1, groups=groups,
                         groups_source="metadata.json episode_indices" if groups is not None else None,
                         side_by_side=groups is not None, compare=compare,
-                        subsample_draws=COMPARE_DRAWS if compare else 0)
+                        subsample_draws=COMPARE_DRAWS if compare else 0,
+                        subsample_fraction=fraction_for(len(states), max(study.ks)))
     preprocessing = states_mod.record(zrecord, options)
     extra = {"study": {"config": str(study.config_path) if study.config_path else "built-in demo",
                        "data_dir": str(study.data_dir),

@@ -495,6 +495,13 @@ INTERVAL_METHOD = ("subsampling without replacement at fractions f and f/2 of th
                    "full-sample value")
 
 
+def fraction_for(n: int, k: int, preferred: float = 0.5) -> float:
+    """`preferred`, or the smallest larger fraction whose f/2 subsets still hold k + 2
+    samples (small studies); at most 0.9."""
+    need = (k + 2.5) * 2 / n
+    return min(0.9, max(preferred, math.ceil(need * 100) / 100))
+
+
 def split_draws(values: torch.Tensor, n_draws: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(values on the f/2 subsets, values on the f subsets) of a table made over
     `two_size_subsets` (the f subsets first)."""
