@@ -221,6 +221,8 @@ class PairSet:
 class Space:
     """One feature matrix, its neighbour list searched once (at the largest k needed) and
     the graphs built from it, so every k, model pair and null draw reuses one search.
+    Float64 rows are searched in float32 and their ties decided in float64 (so rows equal
+    up to a positive scale, normalised in float64, tie: `harness.states.l2_rows`).
 
     `groups` (N integer labels) given here are excluded: same-group pairs are never
     neighbours."""
@@ -235,13 +237,16 @@ class Space:
 
     def __post_init__(self):
         _check_ties(self.ties)
-        self.degenerate = all_rows_equal(self.x)
+        # Float64 rows: searched as a float32 copy (the reference's precision), scored again
+        # in float64 from the rows themselves wherever a tie could be decided (tie_graph).
+        self.search_x = self.x.float() if self.x.dtype == torch.float64 else self.x
+        self.degenerate = all_rows_equal(self.search_x)
         length = self.k_search
         if self.ties == "shared":  # room for the tie zone below the largest k
             length = min(self.x.shape[0] - 1, length + TIE_MARGIN)
         given = self.neighbours
         if given is None or given.k < length:
-            given = knn(self.x, length, groups=self.groups, **self.knn_options)
+            given = knn(self.search_x, length, groups=self.groups, **self.knn_options)
         self.neighbours = given
 
     def graph(self, k: int) -> Graph:

@@ -48,3 +48,30 @@ def finish_axes(ax, title: str, xlabel: str | None, ylabel: str) -> None:
         ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     legend_outside(ax)
+
+
+Z95 = 1.96
+BAND_NOTE = "band: chance (shuffled states, mean ± 1.96 sd)"
+
+
+def chance_band(ax, xs, records, colour, label=None) -> None:
+    """Shade the chance level of values at `xs` (their null records): mean ± 1.96 sd of
+    CKNNA under shuffled states. Skipped where any record is missing."""
+    if not records or not all(records):
+        return
+    mean = [r.get("chance", r.get("null_mean")) for r in records]
+    sd = [r.get("null_std") or 0.0 for r in records]
+    if any(v is None for v in mean):
+        return
+    ax.fill_between(xs, [m - Z95 * d for m, d in zip(mean, sd)],
+                    [m + Z95 * d for m, d in zip(mean, sd)], color=colour, alpha=0.15,
+                    linewidth=0, label=label)
+    ax.plot(xs, mean, color=colour, linestyle=":", linewidth=1)
+
+
+def value_errors(values, records):
+    """Error bars for values: their null's 1.96 sd (how far CKNNA moves between data sets
+    of this size without a real difference); None without records."""
+    if not records or not all(records):
+        return None
+    return [Z95 * (r.get("null_std") or 0.0) for r in records]

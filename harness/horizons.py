@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from harness import chance
 from harness import cknna as metrics
 from harness.data.future import (DEFAULT_HORIZON_MAX, RULE, SEQ_FILE, SEQ_META,  # noqa: F401
                                  from_pool, load, record, write)
@@ -53,9 +54,13 @@ def horizon_scores(models: dict[str, tuple[str, torch.Tensor]], seq: torch.Tenso
         out[label] = {}
         for a, space_b in targets.items():
             entry = {}
-            for k in ks:
-                s = metrics.space_scores(space_a, space_b, k)
+            scores = {k: metrics.space_scores(space_a, space_b, k) for k in ks}
+            for k, s in scores.items():
                 entry[f"cknna_k{k}"], entry[f"mutual_knn_k{k}"] = s.cknna, s.mutual_knn
+            found = chance.for_spaces(space_a, space_b, scores, settings.permutations,
+                                      settings.seed, settings.groups)
+            if found:
+                entry["chance"] = {f"k{k}": r for k, r in found.items()}
             out[label][f"h{a}"] = entry
     return out
 
@@ -67,6 +72,7 @@ def add_to_results(results: dict, models: dict, seq: torch.Tensor, horizons, set
     for label, by_horizon in scores.items():
         results["models"][label]["horizons"] = by_horizon
     results["_meta"]["horizons"] = meta(str(path), seq, horizons, zscore)
+    chance.adjust(results)
 
 
 def meta(path: str, seq: torch.Tensor, horizons, zscore: bool) -> dict:

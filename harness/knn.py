@@ -200,8 +200,10 @@ def recall(found: Neighbours, exact: Neighbours) -> float:
 # ---------------------------------------------------------------- order-invariant ties
 
 # Similarities within TIE_RTOL * |x_i| * max|x_j| of each other (computed in float64) are
-# one tie: float64 rounding of a D-term product stays far below it for any D here.
-TIE_RTOL = 1e-11
+# one tie. The inputs (features, states) are float32, and rounding a float32 input moves a
+# similarity by up to 2^-23 of that scale: differences below a few such units are not in
+# the data (e.g. one frame extracted at two scales, normalised either way), so they tie.
+TIE_RTOL = 4 * 2.0 ** -23
 # Extra list length searched beyond the largest k, so a tie zone rarely runs off the list.
 TIE_MARGIN = 8
 RESCAN_ELEMENTS = 1 << 22  # float64 similarities per re-scan chunk (32 MB)
@@ -269,13 +271,25 @@ def _count_at_least(values: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
     return (values >= at_least.unsqueeze(1)).sum(1)
 
 
-def zone_reach(x: torch.Tensor, members: torch.Tensor, memo: "ZoneMemo | None" = None):
+def search_error(x: torch.Tensor, search_dtype: torch.dtype | None = None) -> float:
+    """Bound on |searched x_i . x_j - exact x_i . x_j| / (|x_i| |x_j|): the product's
+    rounding in the search's dtype, plus the rounding of x into that dtype when the
+    search ran on a lower-precision copy of float64 rows (`Space` does)."""
+    search_dtype = search_dtype or x.dtype
+    error = product_error(x if x.dtype == search_dtype else x[:0].to(search_dtype))
+    if x.dtype != search_dtype:
+        error += 2 * torch.finfo(search_dtype).eps
+    return error
+
+
+def zone_reach(x: torch.Tensor, members: torch.Tensor, memo: "ZoneMemo | None" = None,
+               search_dtype: torch.dtype | None = None):
     """Per member row: the tie tolerance, and how far a listed (searched) similarity may
     lie from the true one plus that tolerance (see `tie_graph`)."""
     norms = memo.norms if memo is not None else x.double().norm(dim=1)
     scale = norms[members] * norms[members].max()
     tol = TIE_RTOL * scale
-    return tol, 2 * product_error(x) * scale + tol
+    return tol, 2 * search_error(x, search_dtype) * scale + tol
 
 
 def zone_ends_inside(nb: Neighbours, k: int, reach: torch.Tensor) -> bool:
@@ -295,7 +309,8 @@ def tie_graph(x: torch.Tensor, nb: Neighbours, k: int, *, universe: torch.Tensor
     tied ones share the remaining slots, (k - #above) / #tied each; the rest 0. Only
     similarities enter, so a joint reordering of the samples cannot change the graph.
 
-    The search's (float32) values are within beta = gamma_D |x_i| max|x_j| of the truth,
+    The search's (float32) values are within beta = gamma_D |x_i| max|x_j| of the truth
+    (plus the rounding of x into the search's dtype when x is float64: `search_error`),
     so only candidates whose value is within 2 beta + tol of the listed k-th value can be
     tied or cross it: those are scored again in float64 (two copies of one row then get
     the same value wherever they sat in a block), the rest keep the search's values.
@@ -309,7 +324,7 @@ def tie_graph(x: torch.Tensor, nb: Neighbours, k: int, *, universe: torch.Tensor
     n, length = nb.indices.shape
     device = nb.indices.device
     members = universe if universe is not None else torch.arange(x.shape[0], device=device)
-    tol, reach = zone_reach(x, members, memo)
+    tol, reach = zone_reach(x, members, memo, nb.values.dtype)
     kth = nb.values[:, k - 1].double()
     hi, lo = kth + reach, kth - reach
     last = nb.values[:, -1].double() if last is None else last.double()
@@ -325,7 +340,11 @@ def tie_graph(x: torch.Tensor, nb: Neighbours, k: int, *, universe: torch.Tensor
     if length == len(members) - 1 and universe is None:
         unsafe &= kth == float("-inf")
     zone &= ~unsafe.unsqueeze(1)
-    r, c = zone.nonzero(as_tuple=True)
+    # Float64 rows searched as a float32 copy: every kept entry's value in float64 too.
+    scored = zone
+    if x.dtype == torch.float64 and nb.values.dtype != torch.float64:
+        scored = (~unsafe).unsqueeze(1).expand_as(zone)
+    r, c = scored.nonzero(as_tuple=True)
     exact = torch.zeros_like(values)
     if memo is not None:
         exact[r, c] = memo.products(members[r], c if positions is None else positions[r, c])
@@ -334,7 +353,7 @@ def tie_graph(x: torch.Tensor, nb: Neighbours, k: int, *, universe: torch.Tensor
     weights, crossing = _weights(exact, zone, above.sum(1), k, tol)
     weights = weights + above.double()
     keep = ((weights > 0) & ~unsafe.unsqueeze(1)).view(-1).nonzero().flatten()
-    vals = torch.where(zone, exact, values)
+    vals = torch.where(scored, exact, values)
     parts = [(keep // values.shape[1], nb.indices.reshape(-1).index_select(0, keep),
               vals.view(-1).index_select(0, keep), weights.view(-1).index_select(0, keep))]
     crossing = crossing & ~unsafe

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from harness import chance
 from harness import config as config_mod
 from harness.checks import cuda_problem, k_problems, quick_n
 from harness import data as data_mod
@@ -30,6 +31,7 @@ from harness import threads as threads_mod
 from harness import views as views_mod
 from harness.config import LaxPath, ModelEntry, StudyConfig
 from harness.errors import HarnessError
+from harness.significance import fraction_for
 from harness.extractors.registry import families
 from harness.features import FEATS, METADATA
 from harness.io import check_output_dir, load_features, write_json
@@ -67,7 +69,7 @@ def default_study(output_dir: Path) -> Study:
     models = [ModelEntry(name=name, family=spec.name, ckpt=ckpt, options=dict(options))
               for spec in families().values() for name, ckpt, options in spec.demo]
     return Study(data_dir=output_dir / "data", output_dir=output_dir, models=models,
-                 permutations=100, synthetic={"n": 200, "seed": 0}, stand_ins=True)
+                 permutations=400, synthetic={"n": 200, "seed": 0}, stand_ins=True)
 
 
 def load_config(path: str | os.PathLike, output_dir: Path | None = None) -> Study:
@@ -317,7 +319,8 @@ def _locked_run(study: Study, log, data, seq, horizons, threads) -> dict:
                         pairwise=len(models) > 1, groups=groups,
                         groups_source="metadata.json episode_indices" if groups is not None else None,
                         side_by_side=groups is not None, compare=compare,
-                        subsample_draws=COMPARE_DRAWS if compare else 0)
+                        subsample_draws=COMPARE_DRAWS if compare else 0,
+                        subsample_fraction=fraction_for(len(states), max(study.ks)))
     preprocessing = states_mod.record(zrecord, options)
     extra = {"study": {"config": str(study.config_path) if study.config_path else "built-in demo",
                        "data_dir": str(study.data_dir),
@@ -330,7 +333,9 @@ def _locked_run(study: Study, log, data, seq, horizons, threads) -> dict:
     results = compute(models, states_l2, str(states_path), settings, preprocessing, extra,
                       layers=layers)
     if views:
-        results["views"] = compare_all_views(views, states_l2, study, status, view_masks)
+        results["views"] = compare_all_views(views, states_l2, study, status, view_masks,
+                                             groups)
+        chance.adjust(results)
     for name, entry in results["models"].items():
         entry["provenance"] = _provenance(Path(entry["feats_A_path"]))
     state_input.annotate(results)
@@ -367,12 +372,15 @@ def _rows(path: Path, data) -> "torch.Tensor":
 
 
 def compare_all_views(views: dict, states_l2, study: Study, status: dict,
-                      masks: dict | None = None) -> dict:
-    """Modality split and action features of every model that has them (harness.views)."""
+                      masks: dict | None = None, groups=None) -> dict:
+    """Modality split and action features of every model that has them (harness.views),
+    each view against the states with its chance level (shuffles move whole `groups`)."""
     out = {}
     for name, by_view in views.items():
         out[name] = views_mod.compare_views(by_view, states_l2, study.ks,
-                                            defined=(masks or {}).get(name))
+                                            defined=(masks or {}).get(name),
+                                            permutations=study.permutations, seed=study.seed,
+                                            groups=groups)
         out[name]["text_fallback_samples"] = views_mod.text_fallback_count(
             Path(status[name]["feats_A_path"]))
     return out

@@ -8,7 +8,9 @@ import math
 from pathlib import Path
 
 from harness import state_input
-from harness.figures import finish_axes, fmt, legend_outside, pyplot, save_figure
+from harness.chance import ALPHA, MARK
+from harness.figures import (BAND_NOTE, Z95, chance_band, finish_axes, fmt, legend_outside,
+                             pyplot, save_figure, value_errors)
 
 
 def nan_note(results: dict) -> str:
@@ -37,43 +39,78 @@ def _value(m: dict, key: str) -> str:
     return "NaN" if key in m and m[key] is None else fmt(m.get(key))
 
 
+def signed(x) -> str:
+    """An excess over chance, always with its sign."""
+    return fmt(x) if x is None or x != x or x < 0 else "+" + fmt(x)
+
+
+def verdict(rec: dict | None) -> str:
+    """'above chance', or MARK ('at chance'): not above it after the report's correction."""
+    if not rec:
+        return ""
+    above = rec.get("above_chance")
+    if above is None:  # not adjusted (a record outside a results file)
+        above = (rec.get("p_value") or 1) < ALPHA and (rec.get("excess") or 0) > 0
+    return "above chance" if above else MARK
+
+
+def chance_cell(value, rec: dict | None) -> str:
+    """A CKNNA value with its chance level, excess and both p-values; 'at chance' when
+    not above it. A bare value when no null was drawn."""
+    if not rec:
+        return fmt(value)
+    draws = rec.get("n_permutations")
+    text = (f"{fmt(value)} (chance {fmt(rec.get('chance'))}, {signed(rec.get('excess'))}; "
+            f"p {p_text(rec.get('p_value'), draws).removeprefix('p ')}, "
+            f"adj. {fmt(rec.get('p_adjusted'))})")
+    return f"{text} {MARK}" if verdict(rec) == MARK else text
+
+
+def _perm(m: dict, k) -> dict | None:
+    return m.get("details", {}).get(f"k{k}", {}).get("permutation")
+
+
 def _columns(results: dict) -> list[tuple[str, callable]]:
-    """(header, entry -> cell text) for every number present in some model's entry."""
+    """(header, (entry, k) -> cell text) for every number present in some model's entry."""
     ks = results["_meta"]["k_values"]
     models = list(results["models"].values())
-    has = lambda key: any(key in m for m in models)  # noqa: E731
-    detail = lambda m, k, part: m.get("details", {}).get(f"k{k}", {}).get(part)  # noqa: E731
-    cols = []
-    for k in ks:
-        cols.append((f"CKNNA k={k}", lambda m, k=k: _value(m, f"cknna_k{k}")))
-        if has(f"mutual_knn_k{k}"):
-            cols.append((f"mkNN k={k}", lambda m, k=k: _value(m, f"mutual_knn_k{k}")))
-        if has(f"p_value_k{k}"):
-            cols.append((f"p k={k}", lambda m, k=k: p_text(
-                m.get(f"p_value_k{k}"), (detail(m, k, "permutation") or {}).get("n_permutations"))))
-        if any(detail(m, k, "subsample") for m in models):
-            level = next(detail(m, k, "subsample")["level"] for m in models
-                         if detail(m, k, "subsample"))
-            cols.append((f"{level:.0%} subsample interval k={k}",
-                         lambda m, k=k: interval_text(detail(m, k, "subsample"))))
+    has = lambda key: any(f"{key}_k{k}" in m for m in models for k in ks)  # noqa: E731
+    sub = lambda m, k: m.get("details", {}).get(f"k{k}", {}).get("subsample")  # noqa: E731
+    cols = [("CKNNA", lambda m, k: _value(m, f"cknna_k{k}"))]
+    if any(_perm(m, k) for m in models for k in ks):
+        cols += [("chance (null mean)", lambda m, k: fmt((_perm(m, k) or {}).get("chance",
+                                                        (_perm(m, k) or {}).get("null_mean")))),
+                 ("excess", lambda m, k: signed((_perm(m, k) or {}).get("excess"))),
+                 ("p", lambda m, k: p_text(m.get(f"p_value_k{k}"),
+                                           (_perm(m, k) or {}).get("n_permutations"))),
+                 ("p adj. (BH)", lambda m, k: fmt((_perm(m, k) or {}).get("p_adjusted"))),
+                 ("vs chance", lambda m, k: verdict(_perm(m, k)))]
+    if has("mutual_knn"):
+        cols.append(("mkNN", lambda m, k: _value(m, f"mutual_knn_k{k}")))
+    levels = [sub(m, k)["level"] for m in models for k in ks if sub(m, k)]
+    if levels:
+        cols.append((f"{levels[0]:.0%} interval of CKNNA", lambda m, k: interval_text(sub(m, k))))
     for key, header in (("cka_unbiased", "CKA (unbiased)"), ("cka_biased", "CKA (biased)")):
-        if has(key):
-            cols.append((header, lambda m, key=key: _value(m, key)))
+        if any(key in m for m in models):
+            cols.append((header, lambda m, k, key=key: _value(m, key)))
     return cols
 
 
 def markdown_table(results: dict) -> str:
-    """One row per model: CKNNA for each k against feats_B, with mutual kNN, p-values,
-    subsample intervals and CKA where computed; then the pairwise matrices."""
+    """One row per model and k: CKNNA against feats_B with its chance level, excess,
+    p-values (raw and adjusted) and verdict, mutual kNN, the interval and CKA where
+    computed; then the pairwise matrices."""
     ks = results["_meta"]["k_values"]
     models = results["models"]
     cols = _columns(results)
-    lines = ["| model | dim | " + " | ".join(c[0] for c in cols) + " |",
-             "|---|---:|" + "---:|" * len(cols)]
+    lines = ["| model | dim | k | " + " | ".join(c[0] for c in cols) + " |",
+             "|---|---:|---:|" + "".join("---|" if c[0] == "vs chance" else "---:|" for c in cols)]
     for label, m in models.items():
-        cells = [cell(m) for _, cell in cols]
         mark = state_input.marker(m.get("state_in_input"))
-        lines.append(f"| {label}{mark} | {m.get('feats_A_dim', '')} | " + " | ".join(cells) + " |")
+        for k in ks:
+            cells = [cell(m, k) for _, cell in cols]
+            lines.append(f"| {label}{mark} | {m.get('feats_A_dim', '')} | {k} | "
+                         + " | ".join(cells) + " |")
     notes = table_notes(results) + state_input.notes({"models": models})
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
@@ -82,7 +119,7 @@ def markdown_table(results: dict) -> str:
         labels = pairwise["labels"]
         for k in ks:
             matrix = pairwise[f"cknna_k{k}"]
-            lines += ["", f"CKNNA(row, column), k={k}", "",
+            lines += ["", f"CKNNA(row, column), k={k} (model against model: no chance level)", "",
                       "| | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
             lines += [f"| {a} | " + " | ".join(fmt(v) for v in row) + " |"
                       for a, row in zip(labels, matrix)]
@@ -90,17 +127,33 @@ def markdown_table(results: dict) -> str:
 
 
 def table_notes(results: dict) -> list[str]:
-    """How to read the p-value and interval columns, when they are there."""
+    """How to read the chance, p-value and interval columns, and how samples were treated."""
     meta, notes = results["_meta"], []
     if meta.get("permutations"):
         draws = meta["permutations"]
+        grouped = "whole groups of" if meta.get("groups") else "the"
+        notes.append(f"chance = mean CKNNA over {draws} shuffles of {grouped} samples (what "
+                     "unrelated features score here; it is not 0); excess = CKNNA - chance")
         notes.append(f"p = (1 + #shuffles with CKNNA >= observed) / (1 + {draws}); "
                      f"'p < 1/{draws + 1}' means no shuffle of the states reached the observed "
                      "value (more permutations would resolve smaller p)")
+        mt = meta.get("multiple_testing") or {}
+        if mt:
+            notes.append(f"p adj.: {mt['method']} correction over all {mt['family_size']} "
+                         f"p-values of these results; '{MARK}' marks a value whose adjusted p "
+                         f"is >= {mt['alpha']} or that is not above its chance level")
+    else:
+        notes.append("chance level not computed (no permutations): CKNNA of unrelated data "
+                     "is not 0, so a bare value cannot be read alone; add --permutations 100")
+    if meta.get("samples") and not meta.get("groups"):
+        notes.append(meta["samples"] + (f"; {meta['groups_available']}"
+                                        if meta.get("groups_available") else ""))
     sub = meta.get("subsample")
     if sub:
-        notes.append(f"subsample interval: percentile interval of CKNNA over {sub['draws']} "
-                     f"random subsets of {sub['fraction']:g}·N samples (CKNNA at that size)")
+        notes.append(f"interval: for the full-sample CKNNA shown, from {sub['draws']} random "
+                     f"subsets of {sub['fraction']:g}·N and {sub['draws']} of "
+                     f"{sub['fraction'] / 2:g}·N (subsampling with an estimated rate; "
+                     "see the README)")
     return notes
 
 
@@ -123,12 +176,14 @@ def comparison_markdown(results: dict) -> str:
                         reverse=True)
         first = rows[0] if rows else {}
         lines += ["", f"Ranking by CKNNA, k={k} (paired {first.get('level', 0.95):.0%} intervals "
-                      f"from {first.get('n_draws')} shared subsets of {first.get('fraction')} of "
-                      f"the {'groups' if first.get('whole_groups') else 'samples'})", "",
-                  "| rank | model | CKNNA | subset interval |", "|---:|---|---:|---|"]
+                      f"from {first.get('n_draws')} shared subsets of {first.get('fraction')} and "
+                      f"as many of half that of the "
+                      f"{'groups' if first.get('whole_groups') else 'samples'})", "",
+                  "| rank | model | CKNNA | interval |", "|---:|---|---:|---|"]
         for rank, m in enumerate(ranked, 1):
             sub = models[m].get("details", {}).get(f"k{k}", {}).get("subsample") or {}
-            lines.append(f"| {rank} | {m} | {fmt(models[m].get(f'cknna_k{k}'))} | "
+            lines.append(f"| {rank} | {m} | "
+                         f"{chance_cell(models[m].get(f'cknna_k{k}'), _perm(models[m], k))} | "
                          f"[{fmt(sub.get('low'))}, {fmt(sub.get('high'))}] |")
         lines += ["", "| a | b | CKNNA(a) - CKNNA(b) | interval | excludes 0 |",
                   "|---|---|---:|---|---|"]
@@ -154,9 +209,9 @@ def same_group_markdown(results: dict) -> str:
             continue
         cells = []
         for k in ks:
-            with_, without = (other[f"cknna_k{k}"], m[f"cknna_k{k}"]) if excluded_main else (
-                m[f"cknna_k{k}"], other[f"cknna_k{k}"])
-            cells += [fmt(with_), fmt(without)]
+            main = chance_cell(m[f"cknna_k{k}"], _perm(m, k))
+            second = chance_cell(other[f"cknna_k{k}"], other.get("chance", {}).get(f"k{k}"))
+            cells += [second, main] if excluded_main else [main, second]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -202,26 +257,26 @@ def heatmap_k(ks: list[int]) -> int:
 
 
 def cknna_vs_k_figure(results: dict):
-    """CKNNA against k, one line per model. Each model's permutation null (mean ± std)
-    is a dotted error bar in its colour, set beside the others at each k: the nulls of
-    different models are nearly equal, so lines through them would lie on each other."""
+    """CKNNA against k, one line per model, with its full-sample interval as error bars
+    when computed, and its chance level (null mean ± 1.96 sd) as a band in its colour."""
     plt = pyplot()
     ks = results["_meta"]["k_values"]
     models = results["models"]
     fig, ax = plt.subplots(figsize=(8, 4))
     x = list(range(len(ks)))
-    width = 0.5 / max(len(models), 1)
-    for i, (label, m) in enumerate(models.items()):
-        line, = ax.plot(x, [m[f"cknna_k{k}"] for k in ks], marker="o", label=label)
-        nulls = [m["details"][f"k{k}"].get("permutation") for k in ks]
-        if all(nulls):
-            shift = (i - (len(models) - 1) / 2) * width
-            bars = ax.errorbar([p + shift for p in x], [n["null_mean"] for n in nulls],
-                               yerr=[n["null_std"] for n in nulls], fmt="x", capsize=2,
-                               color=line.get_color(), label=f"{label}: null mean ± std")
-            bars[-1][0].set_linestyle(":")
+    for label, m in models.items():
+        ys = [m[f"cknna_k{k}"] for k in ks]
+        subs = [m.get("details", {}).get(f"k{k}", {}).get("subsample") for k in ks]
+        errors = None
+        if all(subs):
+            errors = [[y - s["low"] for y, s in zip(ys, subs)],
+                      [s["high"] - y for y, s in zip(ys, subs)]]
+        line = ax.errorbar(x, ys, yerr=errors, marker="o", capsize=3, label=label)
+        chance_band(ax, x, [_perm(m, k) for k in ks], line[0].get_color())
     ax.set_xticks(x, [str(k) for k in ks])
-    finish_axes(ax, "CKNNA vs k (x: permutation null mean ± std, beside each k per model)", "k (neighbours)", "CKNNA(model, states)")
+    what = "error bars: 95% interval; " if any(
+        m.get("details", {}).get(f"k{ks[0]}", {}).get("subsample") for m in models.values()) else ""
+    finish_axes(ax, f"CKNNA vs k ({what}{BAND_NOTE})", "k (neighbours)", "CKNNA(model, states)")
     return fig
 
 
@@ -230,7 +285,8 @@ def cknna_vs_k(results: dict, path: str | Path) -> None:
 
 
 def layer_curves_figure(results: dict):
-    """Per-layer CKNNA against the states for every model whose layers were swept."""
+    """Per-layer CKNNA against the states for every model whose layers were swept, with
+    each layer's chance band and error bars of its null's spread."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
     ks = results["_meta"]["k_values"]
@@ -238,11 +294,16 @@ def layer_curves_figure(results: dict):
         ks = [heatmap_k(ks)]
     for label, by_layer in results["layers"].items():
         names = sorted(by_layer, key=lambda n: int(n) if n.lstrip("-").isdigit() else 10**6)
+        xs = list(range(len(names)))
         for k in ks:
-            ax.plot(range(len(names)), [by_layer[n][f"k{k}"] for n in names], marker="o",
-                    label=f"{label} k={k}")
-        ax.set_xticks(range(len(names)), names)
-    finish_axes(ax, "CKNNA of each layer against the states", "hidden_states index", "CKNNA(layer, states)")
+            ys = [by_layer[n][f"k{k}"] for n in names]
+            recs = [by_layer[n].get("chance", {}).get(f"k{k}") for n in names]
+            line = ax.errorbar(xs, ys, yerr=value_errors(ys, recs), marker="o", capsize=3,
+                               label=f"{label} k={k}")
+            chance_band(ax, xs, recs, line[0].get_color())
+        ax.set_xticks(xs, names)
+    finish_axes(ax, f"CKNNA of each layer against the states\n(error bars: ±1.96 null sd; "
+                f"{BAND_NOTE})", "hidden_states index", "CKNNA(layer, states)")
     return fig
 
 
@@ -267,8 +328,10 @@ def views_markdown(results: dict) -> str:
     for model, v in views.items():
         for view, by_k in v["against_states"].items():
             mark = state_input.marker((v.get("state_in_input") or {}).get(view))
+            chance = by_k.get("chance", {})
             lines.append(f"| {model} | {VIEW_LABELS.get(view, view)}{mark} | "
-                         + " | ".join(fmt(by_k[f"k{k}"]) for k in ks) + " |")
+                         + " | ".join(chance_cell(by_k[f"k{k}"], chance.get(f"k{k}"))
+                                      for k in ks) + " |")
     lines += ["", "CKNNA between two views of the same model (same samples):", "",
               f"| model | views | {head} |", "|---|---|" + "---:|" * len(ks)]
     for model, v in views.items():
@@ -304,10 +367,20 @@ def views_figure(results: dict):
     for j, view in enumerate(names):
         xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(views))]
         ys = [m["against_states"].get(view, {}).get(f"k{k}") for m in views.values()]
-        ax.bar(xs, [float("nan") if y is None else y for y in ys], width,
-               label=VIEW_LABELS[view])
+        recs = [m["against_states"].get(view, {}).get("chance", {}).get(f"k{k}")
+                for m in views.values()]
+        ys = [float("nan") if y is None else y for y in ys]
+        errors = [Z95 * r["null_std"] if r else 0.0 for r in recs]
+        bars = ax.bar(xs, ys, width, yerr=errors, capsize=2, label=VIEW_LABELS[view])
+        for x, r in zip(xs, recs):  # each bar's chance band, as a grey span across it
+            if r:
+                lo, hi = r["chance"] - Z95 * r["null_std"], r["chance"] + Z95 * r["null_std"]
+                ax.fill_between([x - width / 2, x + width / 2], [lo, lo], [hi, hi],
+                                color="black", alpha=0.25, linewidth=0)
+        del bars
     ax.set_xticks(range(len(views)), list(views), rotation=20, ha="right")
-    finish_axes(ax, f"CKNNA against the states by representation, k={k}", None, "CKNNA(view, states)")
+    finish_axes(ax, f"CKNNA against the states by representation, k={k}\n(error bars: ±1.96 "
+                "null sd; grey: chance, mean ± 1.96 sd)", None, "CKNNA(view, states)")
     return fig
 
 
@@ -360,27 +433,29 @@ def study_markdown(results: dict, figures: dict[str, str] | None = None) -> str:
         detail = st.get("error", "").replace("\n", " ")[-300:] if st["status"] == "failed" else (
             st.get("feats_A_path", ""))
         lines.append(f"| {name} | {st['status']} | {detail} |")
-    lines += ["", "## CKNNA against the states", "", markdown_table(results)]
+    lines += ["", "## CKNNA against the states", "", READING["states"], "",
+              markdown_table(results)]
     if same_group_markdown(results):
         lines += ["## With and without same-episode neighbours", "",
                   "Frames of one episode share scene and task, so both spaces can pair them up; "
                   "'without' never lets two samples of one group be neighbours.", "",
-                  same_group_markdown(results)]
+                  READING["same_group"], "", same_group_markdown(results)]
     if comparison_markdown(results):
-        lines += ["## Model comparisons", comparison_markdown(results)]
+        lines += ["## Model comparisons", "", READING["comparisons"], comparison_markdown(results)]
     if views_markdown(results):
         lines += ["## Modality split and action representations", "",
                   "From the same forward as feats_A: the mean over the image tokens only and "
                   "over the task's tokens only; the action representation is Pi0's action "
                   "expert (final norm, last denoising step, action tokens).", "",
-                  views_markdown(results)]
+                  READING["views"], "", views_markdown(results)]
     lines += extra_sections(results)
     ks = meta["k_values"]
     for label, by_layer in results.get("layers", {}).items():
-        lines += [f"## Per-layer CKNNA: {label}", "",
+        lines += [f"## Per-layer CKNNA: {label}", "", READING["layers"], "",
                   "| hidden_states index | " + " | ".join(f"k={k}" for k in ks) + " |",
                   "|---|" + "---:|" * len(ks)]
-        lines += [f"| {n} | " + " | ".join(fmt(v[f"k{k}"]) for k in ks) + " |"
+        lines += [f"| {n} | " + " | ".join(chance_cell(v[f"k{k}"], v.get("chance", {}).get(f"k{k}"))
+                                           for k in ks) + " |"
                   for n, v in by_layer.items()]
         lines.append("")
     if figures:
@@ -392,6 +467,37 @@ def study_markdown(results: dict, figures: dict[str, str] | None = None) -> str:
     return "\n".join(lines)
 
 
+# One plain-language paragraph per section: what its numbers do and do not show.
+READING = {
+    "states": "How far each model's nearest-neighbour structure matches the states'. Read "
+              "a value against its chance level, the score of the same features against "
+              "shuffled states (it is far from 0 when samples come in episodes); only the "
+              "excess over chance says something, and only a value marked 'above chance' "
+              "is distinguishable from it after the correction for the many p-values "
+              "here. Differences between models smaller than the interval or the null's "
+              "spread are not a ranking.",
+    "same_group": "A large drop from 'with' to 'without' means most of the agreement comes "
+                  "from frames of one episode finding each other in both spaces (same scene, "
+                  "same task), not from the model tracking the robot's state across "
+                  "episodes; 'without' is the stricter test. Each value has its own chance "
+                  "level under the same setting.",
+    "comparisons": "Paired differences on the same subsets: an interval that excludes 0 is a "
+                   "difference the data support; overlapping values with intervals that "
+                   "include 0 are ties, whatever their order.",
+    "views": "Each view against the states with its chance level; view-to-view values "
+             "compare two representations of the same samples (no chance level). A view at "
+             "chance carries no detectable state information at this N.",
+    "horizons": "Whether features match the states a few steps ahead as well as now. Later "
+                "horizons repeat the last state for samples near an episode's end (counts "
+                "below), which makes those samples look alike; small changes across a are "
+                "within the null's spread unless marked above chance.",
+    "layers": "Each layer against the states, with its chance level. Differences between "
+              "layers of a few thousandths are about one null standard deviation: a trend "
+              "across layers is real only where the values clear their chance level by more "
+              "than that.",
+}
+
+
 def extra_sections(results: dict) -> list[str]:
     """Horizons and task success, when the study has them."""
     from harness.report_horizons import horizon_markdown
@@ -399,7 +505,8 @@ def extra_sections(results: dict) -> list[str]:
 
     lines = []
     if horizon_markdown(results):
-        lines += ["## CKNNA against future states (horizons)", horizon_markdown(results)]
+        lines += ["## CKNNA against future states (horizons)", "", READING["horizons"],
+                  horizon_markdown(results)]
     if success_markdown(results):
         lines += ["## CKNNA and task success across models", success_markdown(results)]
     return lines

@@ -3,10 +3,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness.figures import finish_axes, fmt, pyplot, save_figure
+from harness.figures import BAND_NOTE, chance_band, finish_axes, pyplot, save_figure, value_errors
+from harness.report import chance_cell
 
 def _horizons(results: dict) -> list[int]:
     return (results["_meta"].get("horizons") or {}).get("horizons", [])
+
+def _head(a: int, padded) -> str:
+    """A horizon's column header, with how many samples repeat their episode's last state."""
+    return f"a={a} ({padded[a]} padded)" if padded and a < len(padded) else f"a={a}"
+
 
 def horizon_markdown(results: dict) -> str:
     """One row per model and k, one column per horizon; empty without horizon scores."""
@@ -16,15 +22,17 @@ def horizon_markdown(results: dict) -> str:
     meta = results["_meta"]["horizons"]
     lines = ["", "CKNNA(model, states t..t+a) for each horizon a "
              f"({meta['flatten']}; z-scored per column: {meta['zscored_per_column']})", "",
-             "| model | k | " + " | ".join(f"a={a}" for a in horizons) + " |",
+             "| model | k | " + " | ".join(_head(a, meta.get("padded_per_step")) for a in horizons)
+             + " |",
              "|---|---:|" + "---:|" * len(horizons)]
     for label, m in results["models"].items():
         by_h = m.get("horizons")
         if not by_h:
             continue
         for k in results["_meta"]["k_values"]:
-            lines.append(f"| {label} | {k} | "
-                         + " | ".join(fmt(by_h[f"h{a}"][f"cknna_k{k}"]) for a in horizons) + " |")
+            lines.append(f"| {label} | {k} | " + " | ".join(
+                chance_cell(by_h[f"h{a}"][f"cknna_k{k}"], by_h[f"h{a}"].get("chance", {}).get(f"k{k}"))
+                for a in horizons) + " |")
     padded = meta.get("padded_per_step")
     if padded:
         shown = ", ".join(f"a={a}: {padded[a]}" for a in horizons if a < len(padded))
@@ -33,7 +41,8 @@ def horizon_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 def cknna_vs_horizon_figure(results: dict):
-    """CKNNA against horizon: one colour per model, one line style per k."""
+    """CKNNA against horizon: one colour per model, one line style per k, with error bars
+    of each value's null spread and chance bands; the x labels count padded samples."""
     plt = pyplot()
     horizons, ks = _horizons(results), results["_meta"]["k_values"]
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -44,11 +53,18 @@ def cknna_vs_horizon_figure(results: dict):
             continue
         colour = f"C{i % 10}"
         for j, k in enumerate(ks):
-            ax.plot(horizons, [by_h[f"h{a}"][f"cknna_k{k}"] for a in horizons], marker="o",
-                    color=colour, linestyle=styles[j % len(styles)], label=f"{label} k={k}")
+            ys = [by_h[f"h{a}"][f"cknna_k{k}"] for a in horizons]
+            recs = [by_h[f"h{a}"].get("chance", {}).get(f"k{k}") for a in horizons]
+            ax.errorbar(horizons, ys, yerr=value_errors(ys, recs), marker="o", capsize=2,
+                        color=colour, linestyle=styles[j % len(styles)], label=f"{label} k={k}")
+            chance_band(ax, horizons, recs, colour)
+    padded = (results["_meta"].get("horizons") or {}).get("padded_per_step") or []
     ax.set_xticks(horizons, [str(a) for a in horizons])
-    finish_axes(ax, "CKNNA against future states t..t+a", "horizon a (steps ahead, same episode)",
-            "CKNNA(model, states t..t+a)")
+    counts = ", ".join(f"a={a}: {padded[a]}" for a in horizons if a < len(padded))
+    finish_axes(ax, f"CKNNA against future states t..t+a\n(error bars: ±1.96 null sd; {BAND_NOTE})",
+                "horizon a (steps ahead, same episode)" + (
+                    f"\nsamples padded (step a past the episode's end, last state repeated): "
+                    f"{counts}" if counts else ""), "CKNNA(model, states t..t+a)")
     return fig
 
 

@@ -10,6 +10,8 @@ import html
 import re
 from pathlib import Path
 
+from harness.chance import MARK
+
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 80em; padding: 0 1em;
        color: #222; line-height: 1.4; }
@@ -21,6 +23,7 @@ figure { margin: 1em 0; }
 figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { font-size: 0.9em; color: #555; }
 code { background: #f3f3f3; padding: 0 0.2em; }
+td.at-chance { color: #777; background: #f1f1f1; font-style: italic; }
 """
 _IMAGE = re.compile(r"^!\[(?P<alt>[^\]]*)\]\((?P<src>[^)]+)\)$")
 
@@ -39,11 +42,18 @@ def _table(rows: list[str]) -> list[str]:
     header, align, body = _cells(rows[0]), _cells(rows[1]), [_cells(r) for r in rows[2:]]
     numeric = [a.endswith(":") for a in align]
     out = ["<table>", "<tr>" + "".join(f"<th>{_inline(h)}</th>" for h in header) + "</tr>"]
-    classes = ['<td class="num">' if n else "<td>" for n in numeric]
     for row in body:
-        out.append("<tr>" + "".join(f"{classes[i] if i < len(classes) else '<td>'}"
-                                    f"{_inline(c)}</td>" for i, c in enumerate(row)) + "</tr>")
+        out.append("<tr>" + "".join(_cell(c, i < len(numeric) and numeric[i])
+                                    for i, c in enumerate(row)) + "</tr>")
     return out + ["</table>"]
+
+
+def _cell(text: str, numeric: bool) -> str:
+    """A table cell; one holding a value not above chance is marked (class at-chance)."""
+    classes = (["num"] if numeric else []) + (["at-chance"] if MARK in text else [])
+    attr = f' class="{" ".join(classes)}"' if classes else ""
+    title = ' title="not above its chance level (adjusted p-value)"' if MARK in text else ""
+    return f"<td{attr}{title}>{_inline(text)}</td>"
 
 
 def _figure(alt: str, src: str, base: Path) -> str:

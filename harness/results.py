@@ -12,18 +12,21 @@ from dataclasses import dataclass, field
 
 import torch
 
+from harness import chance
 from harness import cknna as metrics
 from harness import provenance
 from harness import significance
 from harness.states import l2_rows  # noqa: F401  (its home is harness.states)
 
 TIE_RULES = {
-    "shared": "similarities re-scored in float64; neighbours tied (within 1e-11 relative) at "
+    "shared": "rows L2-normalised in float64, similarities re-scored in float64; neighbours "
+              "tied (within 4*2^-23 of |x_i| max|x_j|, the rounding of float32 inputs) at "
               "the k-th place share the remaining slots, M = min(w_A, w_B): invariant to "
               "sample order",
     "index": "neighbours ordered by similarity, equal similarities -> lower sample index first",
 }
 TIE_RULE = TIE_RULES["index"]
+INDEPENDENT = "samples treated as independent (no groups given)"
 # More rows than this fraction with a tie across the k-th place earns a warning.
 TIED_ROWS_WARNING = 0.05
 
@@ -36,7 +39,7 @@ class Settings:
     mutual: bool = True
     permutations: int = 0
     subsample_draws: int = 0
-    subsample_fraction: float = 0.8
+    subsample_fraction: float = 0.5  # and f/2: significance.two_size_subsets
     seed: int = 0
     pairwise: bool = False
     cka: bool = False
@@ -52,8 +55,8 @@ class Settings:
 
 def _k_search(s: Settings, n: int) -> int:
     k = max(s.ks)
-    if s.subsample_draws:
-        k = max(k, significance.long_list_length(k, s.subsample_fraction, n))
+    if s.subsample_draws:  # subsets of f and f/2 (significance.two_size_subsets)
+        k = max(k, significance.long_list_length(k, s.subsample_fraction / 2, n))
     return k
 
 
@@ -102,10 +105,25 @@ def other_exclusion(a: torch.Tensor, b: torch.Tensor, s: Settings) -> dict:
     sa, sb = (metrics.Space(x, max(s.ks), s.ties, s.groups.to(x.device) if exclude else None,
                             {"backend": s.backend}) for x in (a, b))
     out = {"exclude_same_group": exclude}
-    for k in s.ks:
-        sc = metrics.space_scores(sa, sb, k)
+    scores = {k: metrics.space_scores(sa, sb, k) for k in s.ks}
+    for k, sc in scores.items():
         out[f"cknna_k{k}"], out[f"mutual_knn_k{k}"] = sc.cknna, sc.mutual_knn
+    found = chance.for_spaces(sa, sb, scores, s.permutations, s.seed, s.groups)
+    if found:
+        out["chance"] = {f"k{k}": rec for k, rec in found.items()}
     return out
+
+
+def layer_entry(x: torch.Tensor, feats_b: torch.Tensor, s: Settings, space_b) -> dict:
+    """One layer's CKNNA per k ("k5": value) against the states, with its chance records."""
+    per_k = significance.align(x, feats_b, s.ks, permutations=s.permutations, seed=s.seed,
+                               ties=s.ties, groups=s.groups,
+                               exclude_same_group=s.exclude_same_group, space_b=space_b,
+                               backend=s.backend)
+    entry = {f"k{k}": r["cknna"] for k, r in per_k.items()}
+    if s.permutations:
+        entry["chance"] = {f"k{k}": r["permutation"] for k, r in per_k.items()}
+    return entry
 
 
 def pairwise(labels: list[str], spaces: list, ks: list[int]) -> dict:
@@ -136,9 +154,9 @@ def compute(models: dict[str, tuple[str, torch.Tensor]], feats_b: torch.Tensor, 
         if s.subsample_draws:  # every model on the same subsets, B's subset graphs once
             print(f"[cknna] {s.subsample_draws} subsets x {len(models)} models", file=sys.stderr)
             for k in s.ks:
-                significance._check_fraction(n, s.subsample_fraction, k)
-            subsets = significance.subsets(n, s.subsample_draws, s.subsample_fraction, s.seed,
-                                           s.groups)
+                significance._check_fraction(n, s.subsample_fraction / 2, k)
+            subsets = significance.two_size_subsets(n, s.subsample_draws, s.subsample_fraction,
+                                                    s.seed, s.groups)
             tables = significance.subsample_table(spaces, space_b, s.ks, subsets)
         for i, (label, (path, a)) in enumerate(models.items()):
             print(f"[cknna] {label}: scores, null", file=sys.stderr)
@@ -154,10 +172,9 @@ def compute(models: dict[str, tuple[str, torch.Tensor]], feats_b: torch.Tensor, 
             comparisons = significance.compare(list(models), observed, draws, s.ks,
                                                fraction=s.subsample_fraction, seed=s.seed,
                                                groups=s.groups is not None)
-        per_layer = {label: {name: {f"k{k}": r["cknna"] for k, r in significance.align(
-            x.to(s.device), feats_b, s.ks, ties=s.ties, groups=s.groups,
-            exclude_same_group=s.exclude_same_group, space_b=space_b, backend=s.backend).items()}
-            for name, x in by_layer.items()} for label, by_layer in (layers or {}).items()}
+        per_layer = {label: {name: layer_entry(x.to(s.device), feats_b, s, space_b)
+                             for name, x in by_layer.items()}
+                     for label, by_layer in (layers or {}).items()}
     notes = sorted({str(w.message) for w in caught})
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
@@ -176,8 +193,11 @@ def compute(models: dict[str, tuple[str, torch.Tensor]], feats_b: torch.Tensor, 
                        "exclude_same_group": s.exclude_same_group,
                        "permutations_and_subsets": "whole groups"}
             if s.groups is not None else None,
+            "samples": "grouped: permutations and subsets move whole groups"
+            if s.groups is not None else INDEPENDENT,
             "permutations": s.permutations,
-            "subsample": {"draws": s.subsample_draws, "fraction": s.subsample_fraction}
+            "subsample": {"draws": s.subsample_draws, "fraction": s.subsample_fraction,
+                          "method": significance.INTERVAL_METHOD}
             if s.subsample_draws else None,
             "seed": s.seed,
             "warnings": notes,
@@ -194,4 +214,5 @@ def compute(models: dict[str, tuple[str, torch.Tensor]], feats_b: torch.Tensor, 
         results["comparisons"] = comparisons
     if per_layer:
         results["layers"] = per_layer
+    chance.adjust(results)  # callers adding sections (views, horizons) adjust again
     return results  # NaN stays a float here; io.write_json writes null + a warning

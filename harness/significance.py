@@ -203,6 +203,8 @@ def permutation_null(sa: Space, sb: Space, observed: Scores, n_permutations: int
         null = null_draws(sa, sb, observed, n_permutations, seed, groups)
     out = summarise_null(observed.cknna, null, seed)
     out["groups_respected"] = groups is not None
+    # The chance level beside the value (harness.chance adds the adjusted p-value).
+    out["chance"], out["excess"] = out["null_mean"], out["cknna_minus_null_mean"]
     return out
 
 
@@ -304,8 +306,8 @@ def subset_graph(space: Space, subset: torch.Tensor, k: int,
         short = restrict(space.neighbours, subset, columns) if columns else None
         cache["restricted_key"], cache["restricted"], cache["restricted_whole"] = key, short, None
     lists = cache["restricted"]
-    if lists is not None and not zone_ends_inside(lists[0], k, zone_reach(space.x, subset,
-                                                                          space.memo)[1]):
+    if lists is not None and not zone_ends_inside(lists[0], k, zone_reach(
+            space.x, subset, space.memo, lists[0].values.dtype)[1]):
         lists = None
     if lists is None:
         if cache["restricted_whole"] is None:
@@ -323,8 +325,8 @@ def subset_scores(sa: Space, sb: Space, subset: torch.Tensor, k: int) -> tuple[S
         nan = float("nan")
         return Scores(k, nan, nan, nan, nan, nan), 0
     if sa.ties == "index":
-        na, ra = _subsample_neighbours(sa.x, sa.neighbours, subset, k, sa.groups)
-        nb, rb = _subsample_neighbours(sb.x, sb.neighbours, subset, k, sb.groups)
+        na, ra = _subsample_neighbours(sa.search_x, sa.neighbours, subset, k, sa.groups)
+        nb, rb = _subsample_neighbours(sb.search_x, sb.neighbours, subset, k, sb.groups)
         return scores_from_neighbours(na, nb, k), ra + rb
     ga, ra = subset_graph(sa, subset, k)
     gb, rb = subset_graph(sb, subset, k)
@@ -397,65 +399,133 @@ def summarise_draws(vals: torch.Tensor, level: float) -> tuple[float, float]:
 
 
 def interval_record(vals: torch.Tensor, redone: int, *, fraction: float, level: float, seed: int,
-                    sizes: list[int], groups: bool) -> dict:
-    """The JSON record of a subsample interval (percentiles of CKNNA at the subset size)."""
-    finite = vals[~vals.isnan()]
-    lo, hi = summarise_draws(vals, level)
-    return {"n_draws": len(vals), "fraction": fraction,
-            "subsample_size": round(sum(sizes) / len(sizes)) if sizes else 0, "level": level,
-            "seed": seed, "low": lo, "high": hi,
-            "mean": finite.mean().item() if len(finite) else float("nan"),
-            "std": finite.std().item() if len(finite) > 1 else float("nan"),
+                    sizes: list[int], groups: bool, observed: float = float("nan")) -> dict:
+    """The JSON record of a subsampling interval. `vals`: CKNNA over `two_size_subsets`
+    (the f subsets, then the f/2 ones). low/high: the interval for the full-sample value
+    `observed` (`rate_interval`); `at_subset_size`: percentiles of CKNNA at f N itself."""
+    n_draws = len(vals) // 2
+    small, large = split_draws(vals, n_draws)
+    finite = large[~large.isnan()]
+    lo, hi = summarise_draws(large, level)
+    iv = rate_interval(observed, small, large, fraction / 2, fraction, level)
+    return {"n_draws": n_draws, "fraction": fraction,
+            "subsample_size": round(sum(sizes[:n_draws]) / n_draws) if n_draws else 0,
+            "level": level, "seed": seed, "method": INTERVAL_METHOD,
+            "low": iv["low"], "high": iv["high"], "sd": iv["sd"], "rate_beta": iv["rate_beta"],
+            "at_subset_size": {"low": lo, "high": hi,
+                               "mean": finite.mean().item() if len(finite) else float("nan"),
+                               "std": finite.std().item() if len(finite) > 1 else float("nan")},
             "nan_draws": int(vals.isnan().sum()), "rows_searched_again": redone,
             "whole_groups": groups}
 
 
 def subsample_interval(feats_a: torch.Tensor, feats_b: torch.Tensor, topk: int, *,
-                       n_draws: int = 200, fraction: float = 0.8, level: float = 0.95,
+                       n_draws: int = 200, fraction: float = 0.5, level: float = 0.95,
                        seed: int = 0, ties: str = "shared",
                        groups: torch.Tensor | None = None) -> dict:
-    """Percentile interval of CKNNA over random subsets of fraction * N samples.
-
-    It describes the spread of CKNNA at the smaller size m = fraction * N (kNN graphs
-    depend on N), reusing long neighbour lists instead of new Gram products."""
+    """Interval for the full-sample CKNNA from subsets of fraction f and f/2 (see
+    `rate_interval`), reusing long neighbour lists instead of new Gram products."""
     n = feats_a.shape[0]
     _check(feats_a, feats_b, topk)
-    _check_fraction(n, fraction, topk)
-    draws = subsets(n, n_draws, fraction, seed, groups)
-    length = long_list_length(topk, fraction, n)
+    _check_fraction(n, fraction / 2, topk)
+    draws = two_size_subsets(n, n_draws, fraction, seed, groups)
+    length = long_list_length(topk, fraction / 2, n)
     sa, sb = Space(feats_a, length, ties), Space(feats_b, length, ties)
     vals, redone = subsample_values(sa, sb, topk, draws)
+    observed = space_scores(sa, sb, topk).cknna
     return interval_record(vals, redone, fraction=fraction, level=level, seed=seed,
-                           sizes=[len(s) for s in draws], groups=groups is not None)
+                           sizes=[len(s) for s in draws], groups=groups is not None,
+                           observed=observed)
+
+
+# ---------------------------------------------------------------- intervals for the full value
+
+# The rate exponent beta of sd(CKNNA at n) ~ n^-beta lies between 1/2 (an ordinary
+# statistic) and 1 (a degenerate U-statistic, e.g. HSIC near independence).
+RATE_BOUNDS = (0.5, 1.0)
+
+
+def _sub_variance_ratio(beta: float, f_small: float, f_large: float) -> float:
+    """Var of subset values at f_small over that at f_large, when Var(CKNNA at m) =
+    c m^(-2 beta) and a subset's value varies around the full one by the difference."""
+    return (f_small ** (-2 * beta) - 1) / (f_large ** (-2 * beta) - 1)
+
+
+def estimate_rate(small: torch.Tensor, large: torch.Tensor, f_small: float,
+                  f_large: float) -> float:
+    """beta from the spread of subset values at two sizes (Bertail, Politis & Romano 1999),
+    within RATE_BOUNDS; the ratio grows with beta, so bisection finds it."""
+    small, large = small[~small.isnan()], large[~large.isnan()]
+    if len(small) < 2 or len(large) < 2 or not large.var() > 0:
+        return RATE_BOUNDS[0]
+    ratio = (small.var() / large.var()).item()
+    lo, hi = RATE_BOUNDS
+    if ratio <= _sub_variance_ratio(lo, f_small, f_large):
+        return lo
+    if ratio >= _sub_variance_ratio(hi, f_small, f_large):
+        return hi
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _sub_variance_ratio(mid, f_small, f_large) < ratio else (lo, mid)
+    return (lo + hi) / 2
+
+
+def rate_interval(observed: float, small: torch.Tensor, large: torch.Tensor, f_small: float,
+                  f_large: float, level: float = 0.95) -> dict:
+    """Interval for a full-sample value (or a paired difference) from its values on
+    subsets of two sizes f_small N < f_large N drawn without replacement.
+
+    Subsampling with the rate correction of Politis & Romano: a subset of m = f N varies
+    around the full value with Var = sd_N^2 (f^(-2 beta) - 1) when sd_n ~ n^-beta, so
+    sd_N = sd(subset values at f) / sqrt(f^(-2 beta) - 1). beta is estimated from the two
+    sizes (`estimate_rate`). The interval is observed +- z sd_N: centred on the value
+    shown, since CKNNA's mean moves with the sample size."""
+    beta = estimate_rate(small, large, f_small, f_large)
+    finite = large[~large.isnan()]
+    if len(finite) < 2 or math.isnan(observed):
+        return {"low": float("nan"), "high": float("nan"), "sd": float("nan"), "rate_beta": beta}
+    sd = finite.std().item() / math.sqrt(f_large ** (-2 * beta) - 1)
+    z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.5 + level / 2)).item()
+    return {"low": observed - z * sd, "high": observed + z * sd, "sd": sd, "rate_beta": beta}
+
+
+INTERVAL_METHOD = ("subsampling without replacement at fractions f and f/2 of the "
+                   "samples (whole groups when grouped), rate n^-beta estimated from the two "
+                   "(Politis & Romano; Bertail et al. 1999), normal interval around the "
+                   "full-sample value")
+
+
+def fraction_for(n: int, k: int, preferred: float = 0.5) -> float:
+    """`preferred`, or the smallest larger fraction whose f/2 subsets still hold k + 2
+    samples (small studies); at most 0.9."""
+    need = (k + 2.5) * 2 / n
+    return min(0.9, max(preferred, math.ceil(need * 100) / 100))
+
+
+def split_draws(values: torch.Tensor, n_draws: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values on the f/2 subsets, values on the f subsets) of a table made over
+    `two_size_subsets` (the f subsets first)."""
+    return values[n_draws:], values[:n_draws]
+
+
+def two_size_subsets(n: int, draws: int, fraction: float, seed: int,
+                     groups: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """`draws` subsets of fraction f (seeded `seed`, the same as before), then `draws` of
+    f/2 (seeded seed + 1): every model gets the same ones."""
+    return (subsets(n, draws, fraction, seed, groups)
+            + subsets(n, draws, fraction / 2, seed + 1, groups))
 
 
 # ---------------------------------------------------------------- paired comparisons
-
-
-def paired_interval(observed: float, draws: torch.Tensor, fraction: float,
-                    level: float = 0.95) -> tuple[float, float]:
-    """Interval for a full-sample difference from its values on subsets of `fraction`.
-
-    Subsets of m = f N (without replacement) vary around the full value with
-    Var ~ sigma^2 (1/m - 1/N) = Var(full) (1 - f) / f, so the spread of the subset values
-    scaled by sqrt(f / (1 - f)) estimates the full value's (Politis & Romano subsampling).
-    The draws are centred on their own mean (CKNNA at m is biased against CKNNA at N, the
-    same way for both models only to first order) and moved to the observed value."""
-    finite = draws[~draws.isnan()]
-    if not len(finite) or math.isnan(observed):
-        return float("nan"), float("nan")
-    lo, hi = summarise_draws(finite, level)
-    scale = math.sqrt(fraction / (1 - fraction))
-    centre = finite.mean().item()
-    return observed + scale * (lo - centre), observed + scale * (hi - centre)
 
 
 def compare(labels: list[str], observed: dict[str, dict[int, float]],
             draws: dict[str, dict[int, torch.Tensor]], ks: list[int], *, fraction: float,
             level: float = 0.95, seed: int = 0, groups: bool = False) -> dict:
     """For every pair of models and every k: CKNNA_a - CKNNA_b with a paired interval
-    from the SAME subsets for both (a difference whose interval excludes 0 is a ranking
-    the data support)."""
+    from the SAME subsets for both (`draws`: values over `two_size_subsets`, a's minus
+    b's subset by subset; a difference whose interval excludes 0 is a ranking the data
+    support)."""
     out = {}
     for k in ks:
         rows = []
@@ -463,13 +533,18 @@ def compare(labels: list[str], observed: dict[str, dict[int, float]],
             for b in labels[i + 1:]:
                 diff = draws[a][k] - draws[b][k]
                 value = observed[a][k] - observed[b][k]
-                lo, hi = paired_interval(value, diff, fraction, level)
-                finite = diff[~diff.isnan()]
+                n_draws = len(diff) // 2
+                small, large = split_draws(diff, n_draws)
+                iv = rate_interval(value, small, large, fraction / 2, fraction, level)
+                lo, hi = iv["low"], iv["high"]
+                finite = large[~large.isnan()]
                 rows.append({"a": a, "b": b, "difference": value, "interval": [lo, hi],
                              "level": level, "excludes_zero": bool(lo > 0 or hi < 0),
+                             "sd": iv["sd"], "rate_beta": iv["rate_beta"],
+                             "method": INTERVAL_METHOD,
                              "subset_difference_mean": finite.mean().item() if len(finite) else float("nan"),
                              "subset_difference_std": finite.std().item() if len(finite) > 1 else float("nan"),
-                             "n_draws": len(diff), "fraction": fraction, "seed": seed,
+                             "n_draws": n_draws, "fraction": fraction, "seed": seed,
                              "whole_groups": groups})
         out[f"k{k}"] = rows
     return out
@@ -479,7 +554,7 @@ def compare(labels: list[str], observed: dict[str, dict[int, float]],
 
 
 def align(feats_a: torch.Tensor, feats_b: torch.Tensor, ks, *, permutations: int = 0,
-          subsample_draws: int = 0, subsample_fraction: float = 0.8, seed: int = 0,
+          subsample_draws: int = 0, subsample_fraction: float = 0.5, seed: int = 0,
           ties: str = "shared", groups: torch.Tensor | None = None,
           exclude_same_group: bool = False, space_a: Space | None = None,
           space_b: Space | None = None, keep_draws: bool = False,
@@ -500,8 +575,8 @@ def align(feats_a: torch.Tensor, feats_b: torch.Tensor, ks, *, permutations: int
         _check(feats_a, feats_b, k)
     k_search = ks[-1]
     if subsample_draws:
-        _check_fraction(n, subsample_fraction, ks[-1])
-        k_search = max(k_search, long_list_length(ks[-1], subsample_fraction, n))
+        _check_fraction(n, subsample_fraction / 2, ks[-1])
+        k_search = max(k_search, long_list_length(ks[-1], subsample_fraction / 2, n))
     excluded = groups if exclude_same_group else None
 
     def space(x, given):
@@ -510,7 +585,8 @@ def align(feats_a: torch.Tensor, feats_b: torch.Tensor, ks, *, permutations: int
         return Space(x, k_search, ties, excluded, knn_options)
 
     sa, sb = space(feats_a, space_a), space(feats_b, space_b)
-    draws = subsets(n, subsample_draws, subsample_fraction, seed, groups) if subsample_draws else []
+    draws = (two_size_subsets(n, subsample_draws, subsample_fraction, seed, groups)
+             if subsample_draws else [])
     table = subsample_table([sa], sb, ks, draws)[0] if subsample_draws and not skip_subsample else {}
     scores = {k: space_scores(sa, sb, k) for k in ks}
     nulls = {}
@@ -532,7 +608,7 @@ def align(feats_a: torch.Tensor, feats_b: torch.Tensor, ks, *, permutations: int
             row["subsample"] = interval_record(vals, redone, fraction=subsample_fraction,
                                                level=0.95, seed=seed,
                                                sizes=[len(d) for d in draws],
-                                               groups=groups is not None)
+                                               groups=groups is not None, observed=s.cknna)
             if keep_draws:
                 row["subsample_values"] = vals
         results[k] = row

@@ -14,7 +14,12 @@ from harness.errors import HarnessError
 
 
 def l2_rows(x: torch.Tensor) -> torch.Tensor:
-    """Row L2 normalisation, as the seed applies before CKNNA (callers reject zero rows)."""
+    """Row L2 normalisation, as the seed applies before CKNNA (callers reject zero rows),
+    computed and kept in float64: rows equal up to a positive scale then differ by a few
+    float64 ulps, far inside the tie tolerance, where float32 normalisation leaves them
+    about 6e-8 apart (tied or not by rounding). The kNN search still runs in float32
+    (`cknna.Space`)."""
+    x = x.double()
     return x / x.norm(dim=1, keepdim=True)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from harness import chance
 from harness import cknna as metrics
 from harness import states as states_mod
 from harness.extra_outputs import VIEW_FILES
@@ -72,11 +73,14 @@ def text_fallback_count(feats_path: Path) -> int | None:
 
 def compare_views(views: dict[str, torch.Tensor], states: torch.Tensor, ks: list[int],
                   ties: str = "shared", backend: str = "torch",
-                  defined: dict[str, torch.Tensor] | None = None) -> dict:
-    """{"against_states": {view: {"k5": ...}}, "pairs": {"full~image": {"k5": ...}},
-    "samples": {view: N}} for L2-normalised views of one model. A view with a mask in
-    `defined` (the text view: samples that have a task) is compared on those samples only,
-    and so is anything compared with it. Each sample set is searched once per view."""
+                  defined: dict[str, torch.Tensor] | None = None, permutations: int = 0,
+                  seed: int = 0, groups: torch.Tensor | None = None) -> dict:
+    """{"against_states": {view: {"k5": ..., "chance": {"k5": record}}}, "pairs":
+    {"full~image": {"k5": ...}}, "samples": {view: N}} for L2-normalised views of one model.
+    A view with a mask in `defined` (the text view: samples that have a task) is compared
+    on those samples only, and so is anything compared with it. Each sample set is searched
+    once per view; chance records come from `permutations` shuffles (whole `groups`) when
+    asked."""
     names = [v for v in ORDER if v in views]
     defined = defined or {}
     n = states.shape[0]
@@ -90,16 +94,25 @@ def compare_views(views: dict[str, torch.Tensor], states: torch.Tensor, ks: list
                                        {"backend": backend})
         return cache[key]
 
-    def scores(a: str, b: str) -> dict:
+    def mask_of(a: str, b: str) -> torch.Tensor | None:
         masks = [defined[v] for v in (a, b) if v in defined]
-        mask = None if not masks else masks[0] if len(masks) == 1 else masks[0] & masks[1]
-        return {f"k{k}": metrics.space_scores(space(a, mask), space(b, mask), k).cknna
-                for k in ks}
+        return None if not masks else masks[0] if len(masks) == 1 else masks[0] & masks[1]
+
+    def scores(a: str, b: str) -> dict:
+        mask = mask_of(a, b)
+        return {k: metrics.space_scores(space(a, mask), space(b, mask), k) for k in ks}
 
     out = {"views": names, "against_states": {}, "pairs": {},
            "samples": {v: int(defined[v].sum()) if v in defined else n for v in names}}
     for v in names:
-        out["against_states"][v] = scores(v, "states")
+        mask = mask_of(v, "states")
+        found = scores(v, "states")
+        out["against_states"][v] = {f"k{k}": s.cknna for k, s in found.items()}
+        kept_groups = groups if groups is None or mask is None else groups[mask]
+        chance_by_k = chance.for_spaces(space(v, mask), space("states", mask), found,
+                                        permutations, seed, kept_groups)
+        if chance_by_k:
+            out["against_states"][v]["chance"] = {f"k{k}": r for k, r in chance_by_k.items()}
     for a, b in combinations(names, 2):
-        out["pairs"][f"{a}~{b}"] = scores(a, b)
+        out["pairs"][f"{a}~{b}"] = {f"k{k}": sc.cknna for k, sc in scores(a, b).items()}
     return out

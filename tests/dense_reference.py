@@ -66,7 +66,10 @@ def dense_biased_cka(A, B):
 # kernels, one row at a time, no lists, no re-scoring, no safety margins.
 
 
-def shared_tie_weights(K, k, rtol=1e-11, exclude=None):
+TIE_RTOL = 4 * 2.0 ** -23  # the README's tie tolerance: a few float32 input roundings
+
+
+def shared_tie_weights(K, k, rtol=TIE_RTOL, exclude=None):
     """W[i, j] = 1 if K_ij is above row i's k-th largest value s by more than tol, the
     remaining slots shared equally among those within tol of s, else 0 (self and
     `exclude`d pairs never count). tol = rtol * |x_i| * max_j |x_j| = rtol * sqrt(K_ii max K_jj)."""

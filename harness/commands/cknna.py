@@ -20,7 +20,7 @@ from harness.io import check_output_file, load_features, read_tensor, write_json
 from harness.knn import BACKENDS
 from harness.report import comparison_markdown, heatmap, heatmap_k, markdown_table, nan_note
 from harness.report_horizons import horizon_markdown
-from harness.results import Settings, compute
+from harness.results import INDEPENDENT, Settings, compute
 from harness.states import normalised, standardised
 from harness.states import record as preprocessing_record
 
@@ -40,7 +40,9 @@ def register(sub) -> None:
                    help="permutation null with N shuffles of B: p-value, null mean/std")
     p.add_argument("--subsample", type=int, default=0, metavar="DRAWS",
                    help="subsampling interval over DRAWS random subsets")
-    p.add_argument("--subsample_fraction", type=float, default=0.8)
+    p.add_argument("--subsample_fraction", type=float, default=0.5,
+                   help="subsets of this fraction of the samples and of half of it give the "
+                        "interval of the full-sample CKNNA (see the README)")
     p.add_argument("--seed", type=int, default=0, help="seed for permutations and subsets")
     p.add_argument("--zscore_B", action="store_true",
                    help="standardise each column of feats_B before L2 normalisation "
@@ -51,10 +53,12 @@ def register(sub) -> None:
     p.add_argument("--ties", choices=TIES, default="shared",
                    help="shared (default): neighbours tied at the k-th place share the "
                         "remaining slots, order-invariant; index: lower sample index wins")
-    p.add_argument("--groups", metavar="FILE",
-                   help="per-sample group labels (e.g. episode indices): a 1-D integer "
-                        ".pt/.npy/.safetensors tensor or JSON list of length N; permutations "
-                        "and subsets then move whole groups")
+    p.add_argument("--groups", metavar="FILE|DIR",
+                   help="per-sample group labels (e.g. episode indices): a data directory or "
+                        "its metadata.json (its episode_indices), a 1-D integer "
+                        ".pt/.npy/.safetensors tensor or a JSON list of length N; permutations "
+                        "and subsets then move whole groups (without it, samples are treated "
+                        "as independent)")
     p.add_argument("--exclude_same_group", action="store_true",
                    help="pairs in one group are never neighbours, in either space (needs --groups)")
     p.add_argument("--compare", action="store_true",
@@ -71,15 +75,30 @@ def register(sub) -> None:
 
 def distinct(path, x: torch.Tensor) -> torch.Tensor:
     """Normalised rows that are not all one row (then no neighbour graph exists)."""
-    if all_rows_equal(x):
+    if all_rows_equal(x.float()):  # the search's precision (float32), as cknna.Space
         raise HarnessError(f"{path}: all {x.shape[0]} rows are identical after L2 "
                            "normalisation; the neighbour graph (and CKNNA) is undefined")
     return x
 
 
+def _episodes(path: Path, raw) -> list | None:
+    """The episode_indices of a data directory's metadata.json dict, else None."""
+    if isinstance(raw, dict):
+        if "episode_indices" not in raw:
+            raise HarnessError(f"--groups {path}: a JSON object without episode_indices")
+        return raw["episode_indices"]
+    return None
+
+
 def load_groups(path, n: int) -> torch.Tensor:
-    """Per-sample integer labels from a JSON list or a 1-D integer tensor file."""
+    """Per-sample integer labels: a data directory or its metadata.json (episode_indices),
+    a JSON list, or a 1-D integer tensor file."""
     path = Path(path)
+    if path.is_dir():
+        path = path / "metadata.json"
+        if not path.is_file():
+            raise HarnessError(f"--groups {path.parent}: a directory without metadata.json "
+                               "(give a data directory, its metadata.json or a labels file)")
     if not path.is_file():
         raise HarnessError(f"--groups {path}: file not found")
     if path.suffix == ".json":
@@ -87,9 +106,11 @@ def load_groups(path, n: int) -> torch.Tensor:
             raw = json.loads(path.read_text())
         except (ValueError, UnicodeDecodeError) as err:
             raise HarnessError(f"--groups {path}: not valid JSON ({err})") from None
+        raw = _episodes(path, raw) or raw
         if not isinstance(raw, list) or not all(isinstance(v, int) and not isinstance(v, bool)
                                                 for v in raw):
-            raise HarnessError(f"--groups {path}: must be a JSON list of integers")
+            raise HarnessError(f"--groups {path}: must be a JSON list of integers "
+                               "(or a metadata.json with episode_indices)")
         groups = torch.tensor(raw, dtype=torch.long)
     else:
         try:
@@ -102,6 +123,20 @@ def load_groups(path, n: int) -> torch.Tensor:
     if groups.ndim != 1 or len(groups) != n:
         raise HarnessError(f"--groups {path}: shape {tuple(groups.shape)}; need 1-D of length N={n}")
     return groups
+
+
+def groups_hint(b_path: Path, n: int) -> str | None:
+    """When feats_B sits in a data directory whose metadata has episodes: how to use them."""
+    meta = b_path.parent / "metadata.json"
+    try:
+        episodes = json.loads(meta.read_text()).get("episode_indices")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(episodes, list) or len(episodes) != n:
+        return None
+    return (f"{meta} has episode indices ({len(set(episodes))} episodes for {n} samples): "
+            f"pass --groups {b_path.parent} so that permutations and subsets move whole "
+            "episodes (and --exclude_same_group to keep same-episode pairs from being neighbours)")
 
 
 def labels_for(paths: list[Path]) -> list[str]:
@@ -126,7 +161,7 @@ def _check_args(args, n: int) -> list[int]:
         raise HarnessError("--permutations and --subsample must be >= 0")
     if args.subsample and not 0 < args.subsample_fraction < 1:
         raise HarnessError(f"--subsample_fraction {args.subsample_fraction}: must be in (0, 1)")
-    m = int(round(args.subsample_fraction * n))
+    m = int(round(args.subsample_fraction / 2 * n))  # the smaller of the two subset sizes
     if args.subsample and max(args.topk) > m - 1:
         raise HarnessError(f"--subsample_fraction {args.subsample_fraction}: subsets of "
                            f"{m} are too small for k={max(args.topk)}")
@@ -149,7 +184,7 @@ def _check_groups(args, groups: torch.Tensor, ks: list[int]) -> None:
                            f"{n - largest} candidates, fewer than k={max(ks)}")
     if args.subsample:
         n_groups = len(groups.unique())
-        if round(args.subsample_fraction * n_groups) < 1:
+        if round(args.subsample_fraction / 2 * n_groups) < 1:
             raise HarnessError(f"--subsample_fraction {args.subsample_fraction}: draws no "
                                f"whole group of {n_groups}")
 
@@ -199,7 +234,11 @@ def run(args: argparse.Namespace) -> int:
                         ties=args.ties, groups=groups, groups_source=args.groups,
                         exclude_same_group=args.exclude_same_group, compare=args.compare)
     preprocessing = preprocessing_record(record)
-    results = state_input.annotate(compute(models, feats_b, str(b_path), settings, preprocessing))
+    hint = groups_hint(b_path, n) if groups is None else None
+    if groups is None:
+        print(f"[cknna] {INDEPENDENT}" + (f"; {hint}" if hint else ""), file=sys.stderr)
+    results = state_input.annotate(compute(models, feats_b, str(b_path), settings, preprocessing,
+                                           {"groups_available": hint} if hint else None))
     if seq is not None:
         horizons_mod.add_to_results(results, models, seq, horizons, settings, args.zscore_B,
                                     args.feats_B_seq)

@@ -25,6 +25,19 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def chance_summary(results: dict) -> str:
+    """One line: how many of the report's values clear their chance level."""
+    from harness.chance import records
+
+    found = [rec for _, rec in records(results)]
+    mt = results["_meta"].get("multiple_testing") or {}
+    if not found:
+        return "chance levels: not computed (permutations = 0); bare CKNNA values cannot be read alone"
+    above = sum(bool(r.get("above_chance")) for r in found)
+    return (f"above chance: {above} of {len(found)} CKNNA values ({mt.get('method')} adjusted "
+            f"p < {mt.get('alpha')}; the report marks the others 'at chance')")
+
+
 def run(args: argparse.Namespace) -> int:
     from harness import pipeline, state_input
     from harness.errors import HarnessError
@@ -46,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     report = files["markdown"]
     if study.stand_ins:
         print(pipeline.STAND_IN_NOTICE)
+    print(chance_summary(results))
     for name, path in files.items():
         print(f"{LABELS.get(name, 'figure')}: {path}")
     for line in state_input.console_lines(results):

@@ -22,6 +22,11 @@ PAGE_FACTS = """(() => ({
                                           local: i.src.startsWith('data:image/png;base64,')})),
   headings: [...document.querySelectorAll('h2')].map(h => h.textContent),
   text: document.body.innerText,
+  atChance: [...document.querySelectorAll('td.at-chance')].map(td => ({
+    text: td.textContent, row: td.parentElement.firstElementChild.textContent,
+    colour: getComputedStyle(td).color, italic: getComputedStyle(td).fontStyle})),
+  verdicts: [...document.querySelectorAll('tr')].map(tr => [...tr.children].map(c => c.textContent))
+            .filter(cells => cells.includes('above chance') || cells.includes('at chance')),
   external: [...document.querySelectorAll('[src],[href]')]
             .map(e => e.getAttribute('src') || e.getAttribute('href'))
             .filter(u => !u.startsWith('data:')),
@@ -41,12 +46,22 @@ def test_report_html_renders_tables_and_figures_without_errors(tmp_path):
         errors = page.errors()
     assert errors == []
     # models-status (header only here), CKNNA, two pairwise (k=5, 10), one layer sweep
-    assert facts["tables"] == 5 and facts["rows"] == 1 + 3 + 3 + 3 + 4
+    # models-status (header only here), CKNNA (a row per model and k), two pairwise, layers
+    assert facts["tables"] == 5 and facts["rows"] == 1 + 5 + 3 + 3 + 4
     assert len(facts["images"]) == 3
     assert all(i["ok"] and i["local"] for i in facts["images"]), facts["images"]
     assert facts["external"] == []
     assert "CKNNA against the states" in facts["headings"] and "Figures" in facts["headings"]
-    assert "p < 1/31" in facts["text"] and "95% subsample interval k=10" in facts["text"]
+    assert "p < 1/31" in facts["text"] and "95% interval of CKNNA" in facts["text"]
+    # A value at chance is marked as such (greyed, italic, the words 'at chance'); one
+    # above chance is not.
+    marked = facts["atChance"]
+    assert marked and all("at chance" in m["text"] for m in marked)
+    assert all(m["colour"] == "rgb(119, 119, 119)" and m["italic"] == "italic" for m in marked)
+    assert {m["row"] for m in marked} == {"noise-model"}
+    verdict = {(row[0], row[2]): row[8] for row in facts["verdicts"]}  # model, k: vs chance
+    assert verdict[("noise-model", "10")] == "at chance"
+    assert verdict[("related-model", "10")] == "above chance"
     image = Image.open(shot).convert("L")
     assert image.width >= 1000 and image.height > 1500  # the whole page, figures included
     low, high = image.getextrema()

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from harness.cli import main
+from harness.states import l2_rows
 from harness.synth import generate
-from tests.dense_reference import dense_cknna
+from tests.dense_reference import dense_cknna, dense_shared_scores
 
 DEMO_MODELS = {"spatialvla-tiny", "pi0-lerobot-tiny", "starvla-qwen2.5-vl-tiny",
                "starvla-qwen3-vl-tiny", "paligemma-tiny-layer-sweep",
@@ -50,6 +51,9 @@ def test_run_prints_where_every_file_is(demo, demo_console):
         assert (out / name).is_file()
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 5 and "RANDOM-WEIGHT" in html
+    res = json.loads((out / "results.json").read_text())
+    above = sum(r["above_chance"] for _, _, r in cknna_values(res))
+    assert f"above chance: {above} of {len(list(cknna_values(res)))} CKNNA values" in stdout
 
 
 def test_extraction_progress_is_logged_for_every_model(demo):
@@ -73,16 +77,19 @@ def test_demo_writes_a_consistent_report(demo, capsys):
     for name, entry in res["models"].items():
         feats = torch.load(entry["feats_A_path"], weights_only=True)
         assert feats.shape[0] == res["_meta"]["N"] == states.shape[0]
-        # The JSON's number is what the formula gives on the written features...
+        # The JSON's number is what the definition gives on the written features (two
+        # rows of one model have k-th place similarities 3e-8 apart, below float32
+        # precision: tied, so the shared-tie definition, not plain top-k)...
         assert entry["cknna_k10"] == pytest.approx(
-            dense_cknna(unit_rows(feats), unit_rows(states), 10), abs=1e-6)
+            dense_shared_scores(l2_rows(feats), l2_rows(states), 10)[0], abs=1e-6)
         # ...and the markdown table shows the same number.
         table = report.split("## CKNNA against the states")[1]
-        row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+        row = next(line for line in table.splitlines()
+                   if line.startswith(f"| {name} | {entry['feats_A_dim']} | 10 |"))
         assert f"{entry['cknna_k10']:.4f}" in row
         assert entry["provenance"]["dataset_fingerprint"] == res["_meta"]["study"]["dataset_fingerprint"]
     sweep = res["layers"]["paligemma-tiny-layer-sweep"]
-    assert len(sweep) >= 2 and all(set(v) == {"k5", "k10", "k20"} for v in sweep.values())
+    assert len(sweep) >= 2 and all(set(v) == {"k5", "k10", "k20", "chance"} for v in sweep.values())
     labels = res["pairwise"]["labels"]
     assert len(res["pairwise"]["cknna_k10"]) == len(labels) == len(DEMO_MODELS)
 
@@ -92,12 +99,12 @@ def test_demo_shows_the_modality_split_action_views_and_every_familys_layers(dem
     model, Pi0's action features against the states and feats_A, layer curves for all."""
     out, _ = demo
     res = json.loads((out / "results.json").read_text())
-    states = unit_rows(torch.load(out / "data" / "feats_B.pt", weights_only=True))
+    states = l2_rows(torch.load(out / "data" / "feats_B.pt", weights_only=True))
     assert set(res["layers"]) == DEMO_MODELS
     assert set(res["views"]) == DEMO_MODELS
     for name, views in res["views"].items():
         folder = out / "features" / name
-        load = lambda f: unit_rows(torch.load(folder / f, weights_only=True))  # noqa: E731
+        load = lambda f: l2_rows(torch.load(folder / f, weights_only=True))  # noqa: E731
         files = {"full": "feats_A.pt", "image": "feats_A_img.pt", "text": "feats_A_txt.pt"}
         if name in ("pi0-lerobot-tiny", "openvla-tiny", "smolvla-tiny"):  # action streams
             files["action"] = "feats_action.pt"
@@ -108,10 +115,10 @@ def test_demo_shows_the_modality_split_action_views_and_every_familys_layers(dem
         for view, f in files.items():  # each number is the formula on the written file
             rows = has_task if view == "text" else slice(None)
             assert views["against_states"][view]["k10"] == pytest.approx(
-                dense_cknna(load(f)[rows] if view != "text" else unit_rows(text[rows]),
-                            states[rows], 10), abs=1e-6), (name, view)
+                dense_shared_scores(load(f)[rows] if view != "text" else l2_rows(text[rows]),
+                                    states[rows], 10)[0], abs=1e-6), (name, view)
         assert views["pairs"]["full~image"]["k10"] == pytest.approx(
-            dense_cknna(load(files["full"]), load(files["image"]), 10), abs=1e-6)
+            dense_shared_scores(load(files["full"]), load(files["image"]), 10)[0], abs=1e-6)
         assert views["text_fallback_samples"] > 0  # the synthetic set has empty tasks
     assert "full~action" in res["views"]["pi0-lerobot-tiny"]["pairs"]
     report = (out / "report.md").read_text()
@@ -228,10 +235,10 @@ def test_episode_groups_and_comparisons_in_the_report(tmp_path, small_data):
     res = json.loads((out / "results.json").read_text())
     assert res["_meta"]["groups"]["n_groups"] == len(episodes.unique())
     near = res["models"]["near"]
-    a = unit_rows(torch.load(tmp_path / "near" / "feats_A.pt"))
+    a = l2_rows(torch.load(tmp_path / "near" / "feats_A.pt"))  # the pipeline's normalisation
     assert near["other_same_group_setting"]["cknna_k5"] == pytest.approx(
-        C.cknna(a, unit_rows(states), 5, groups=episodes), abs=1e-12)
-    assert near["cknna_k5"] == pytest.approx(C.cknna(a, unit_rows(states), 5), abs=1e-12)
+        C.cknna(a, l2_rows(states), 5, groups=episodes), abs=1e-12)
+    assert near["cknna_k5"] == pytest.approx(C.cknna(a, l2_rows(states), 5), abs=1e-12)
     [row] = res["comparisons"]["k10"]
     assert (row["a"], row["b"], row["n_draws"], row["whole_groups"]) == ("near", "far", 200, True)
     report = (out / "report.md").read_text()
@@ -242,3 +249,105 @@ def test_episode_groups_and_comparisons_in_the_report(tmp_path, small_data):
     assert json.loads((out / "results.json").read_text())["_meta"]["groups"] is None
     bad = write_config(tmp_path / "bad.toml", small_data, models, group_by="task")
     assert main(["run", str(bad)]) == 2
+
+
+# ------------------------------------------------------------ chance levels (issue 18)
+
+
+def cknna_values(res):
+    """(where, CKNNA value, its chance record) for every CKNNA value against the states in a
+    results file, found by walking the documented layout (not harness.chance.records)."""
+    ks = res["_meta"]["k_values"]
+    for label, m in res["models"].items():
+        for k in ks:
+            yield f"{label} k={k}", m[f"cknna_k{k}"], {
+                "chance": m[f"chance_k{k}"], "excess": m[f"excess_k{k}"],
+                "p_value": m[f"p_value_k{k}"], "p_adjusted": m[f"p_adjusted_k{k}"],
+                "above_chance": m[f"above_chance_k{k}"]}
+            other = m["other_same_group_setting"]
+            yield f"{label} other k={k}", other[f"cknna_k{k}"], other["chance"][f"k{k}"]
+            for h, entry in m["horizons"].items():
+                yield f"{label} {h} k={k}", entry[f"cknna_k{k}"], entry["chance"][f"k{k}"]
+    for label, by_layer in res["layers"].items():
+        for name, entry in by_layer.items():
+            for k in ks:
+                yield f"{label} layer {name} k={k}", entry[f"k{k}"], entry["chance"][f"k{k}"]
+    for label, v in res["views"].items():
+        for view, entry in v["against_states"].items():
+            for k in ks:
+                yield f"{label} {view} k={k}", entry[f"k{k}"], entry["chance"][f"k{k}"]
+
+
+def test_every_value_has_its_chance_level_in_the_json_and_the_html(demo):
+    import html as html_mod
+
+    from harness.figures import fmt
+    out, _ = demo
+    res = json.loads((out / "results.json").read_text())
+    page = html_mod.unescape((out / "report.html").read_text())
+    found = list(cknna_values(res))
+    assert len(found) == 5 * 3 * (2 + 5) + 3 * 5 * 3 + 16 * 3  # models x k x settings, ...
+    mt = res["_meta"]["multiple_testing"]
+    assert mt["method"] == "Benjamini-Hochberg" and mt["family_size"] == len(found)
+    for where, value, rec in found:
+        assert rec["excess"] == pytest.approx(value - rec["chance"], abs=1e-12), where
+        assert 0 < rec["p_value"] <= rec["p_adjusted"] <= 1, where
+        assert rec["above_chance"] == (rec["p_adjusted"] < 0.05 and rec["excess"] > 0), where
+        excess = fmt(rec["excess"]) if rec["excess"] < 0 else "+" + fmt(rec["excess"])
+        mark = " at chance" if not rec["above_chance"] else ""
+        if " " not in where.split(" k=")[0]:  # the main table: one column each
+            label, k = where.split(" k=")
+            cells = [fmt(value), fmt(rec["chance"]), excess]
+            row = "</td><td class=\"num\">".join(cells)
+            assert f"<td class=\"num\">{k}</td><td class=\"num\">{row}</td>" in page, where
+            continue
+        cell = f"{fmt(value)} (chance {fmt(rec['chance'])}, {excess}; "
+        assert cell in page, where
+        start = page.index(cell)
+        assert page[start:page.index("</td>", start)].endswith(f"{fmt(rec['p_adjusted'])}){mark}"), where
+
+
+def test_the_interval_contains_the_full_sample_value_on_the_demo(demo, tmp_path, capsys):
+    out, _ = demo
+    feats = sorted(str(p) for p in (out / "features").glob("*/feats_A.pt"))
+    data = out / "data"
+    target = tmp_path / "r.json"
+    assert main(["cknna", "--feats_A", *feats, "--feats_B", str(data / "feats_B.pt"),
+                 "--topk", "5", "10", "20", "--groups", str(data), "--subsample", "40",
+                 "--output", str(target)]) == 0
+    res = json.loads(target.read_text())
+    assert res["_meta"]["groups"]["n_groups"] == len(set(json.loads(
+        (data / "metadata.json").read_text())["episode_indices"]))
+    for label, m in res["models"].items():
+        for k in (5, 10, 20):
+            sub = m["details"][f"k{k}"]["subsample"]
+            assert sub["low"] < m[f"cknna_k{k}"] < sub["high"], (label, k)
+
+
+def test_cknna_groups_from_a_data_directory_or_its_metadata(demo, tmp_path, capsys):
+    out, _ = demo
+    feats = str(out / "features" / "pi0-lerobot-tiny" / "feats_A.pt")
+    data = out / "data"
+    episodes = json.loads((data / "metadata.json").read_text())["episode_indices"]
+    (tmp_path / "groups.json").write_text(json.dumps(episodes))
+    results = {}
+    for name, groups in (("dir", str(data)), ("meta", str(data / "metadata.json")),
+                         ("list", str(tmp_path / "groups.json"))):
+        target = tmp_path / f"{name}.json"
+        assert main(["cknna", "--feats_A", feats, "--feats_B", str(data / "feats_B.pt"),
+                     "--groups", groups, "--permutations", "20", "--output", str(target)]) == 0
+        results[name] = json.loads(target.read_text())["models"]["pi0-lerobot-tiny"]
+    assert results["dir"]["chance_k10"] == results["meta"]["chance_k10"] == results["list"]["chance_k10"]
+    capsys.readouterr()
+    target = tmp_path / "none.json"
+    assert main(["cknna", "--feats_A", feats, "--feats_B", str(data / "feats_B.pt"),
+                 "--permutations", "20", "--output", str(target)]) == 0
+    captured = capsys.readouterr()
+    none = json.loads(target.read_text())
+    assert none["_meta"]["samples"].startswith("samples treated as independent")
+    assert f"--groups {data}" in none["_meta"]["groups_available"]
+    assert "samples treated as independent" in captured.err and f"--groups {data}" in captured.err
+    assert "samples treated as independent" in captured.out  # under the printed table
+    # the seed-compatible numbers do not depend on groups; the chance level does
+    assert none["models"]["pi0-lerobot-tiny"]["cknna_k10"] == results["dir"]["cknna_k10"]
+    assert none["models"]["pi0-lerobot-tiny"]["chance_k10"] < results["dir"]["chance_k10"]

@@ -213,10 +213,12 @@ def test_short_lists_fall_back_to_an_exact_search():
     assert torch.allclose(got.values, want.values)
 
 
-def test_interval_brackets_its_draws():
+def test_interval_is_for_the_full_sample_value():
     a, b = related_pair(1, 120, 10, 5)
     ci = S.subsample_interval(a, b, 10, n_draws=40, fraction=0.8, seed=0)
-    assert ci["low"] <= ci["mean"] <= ci["high"]
+    assert ci["low"] < C.cknna(a, b, 10) < ci["high"]
+    at_m = ci["at_subset_size"]  # the subsets' own percentiles, kept apart
+    assert at_m["low"] <= at_m["mean"] <= at_m["high"]
     assert ci["subsample_size"] == 96 and ci["nan_draws"] == 0
 
 

@@ -56,7 +56,7 @@ def test_seed_flags_and_json_superset(study, capsys):
             assert entry[f"cknna_k{k}"] == pytest.approx(dense_cknna(a, b, k), abs=1e-6)
             assert entry[f"mutual_knn_k{k}"] == pytest.approx(dense_mutual_knn(a, b, k))
     table = capsys.readouterr().out
-    assert "| spatialvla |" in table and "CKNNA k=5" in table
+    assert "| spatialvla | 16 | 5 |" in table and "| CKNNA |" in table
 
 
 def test_mutual_knn_only_when_asked(study):
@@ -227,8 +227,9 @@ def test_groups_exclusion_compare_and_tie_counts_in_the_json(study, capsys):
     assert "Ranking by CKNNA, k=5" in capsys.readouterr().out
     # The same numbers as the library with the same groups.
     from harness import cknna as C
-    b = unit_rows(states)
-    a = unit_rows(torch.load(paths[0]))
+    from harness.states import l2_rows
+    b = l2_rows(states)  # the CLI's normalisation (float64)
+    a = l2_rows(torch.load(paths[0]))
     assert res["models"]["spatialvla"]["cknna_k3"] == pytest.approx(
         C.cknna(a, b, 3, groups=torch.tensor(groups)), abs=1e-12)
 

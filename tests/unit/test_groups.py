@@ -154,11 +154,20 @@ def test_paired_interval_uses_the_same_subsets_for_both_models():
         assert d.item() == pytest.approx(want, abs=1e-6)
 
 
-def test_paired_interval_scales_the_subset_spread_to_the_full_sample():
-    draws = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
-    lo, hi = S.paired_interval(10.0, draws, fraction=0.5, level=0.5)
-    # quartiles 1 and 3 around the mean 2, scale sqrt(0.5 / 0.5) = 1, moved to 10
-    assert (lo, hi) == pytest.approx((9.0, 11.0))
-    lo, hi = S.paired_interval(10.0, draws, fraction=0.8, level=0.5)
-    assert (lo, hi) == pytest.approx((10 - 2.0, 10 + 2.0))
-    assert all(math.isnan(v) for v in S.paired_interval(float("nan"), draws, 0.5))
+def test_rate_interval_scales_the_subset_spread_to_the_full_sample():
+    """sd(full) = sd(subsets of f) / sqrt(f^(-2 beta) - 1), beta from the spread ratio of
+    the two sizes: 1/2 for an ordinary statistic, 1 for a degenerate one."""
+    large = torch.tensor([-1.0, 1.0, -1.0, 1.0], dtype=torch.float64)
+    for beta, ratio in ((0.5, 6.0), (1.0, (0.4 ** -2 - 1) / (0.8 ** -2 - 1)), (0.75, None)):
+        if ratio is None:
+            ratio = (0.4 ** -1.5 - 1) / (0.8 ** -1.5 - 1)
+        small = large * math.sqrt(ratio)
+        iv = S.rate_interval(10.0, small, large, 0.4, 0.8, level=0.95)
+        assert iv["rate_beta"] == pytest.approx(beta, abs=1e-6)
+        sd = large.std().item() / math.sqrt(0.8 ** (-2 * beta) - 1)
+        assert iv["sd"] == pytest.approx(sd)
+        assert (iv["low"], iv["high"]) == pytest.approx((10 - 1.959964 * sd, 10 + 1.959964 * sd))
+    # beyond the bounds the rate is clamped (1/2 gives the widest interval)
+    assert S.rate_interval(0.0, large, large, 0.4, 0.8)["rate_beta"] == 0.5
+    assert S.rate_interval(0.0, 100 * large, large, 0.4, 0.8)["rate_beta"] == 1.0
+    assert math.isnan(S.rate_interval(float("nan"), large, large, 0.4, 0.8)["low"])

@@ -30,19 +30,20 @@ def test_smallest_p_value_is_shown_as_a_bound():
 def test_table_has_intervals_cka_and_p_floor(results):
     table = report.markdown_table(results)
     header = table.splitlines()[0]
-    for column in ("95% subsample interval k=5", "95% subsample interval k=10",
-                   "CKA (unbiased)", "CKA (biased)", "p k=10"):
-        assert column in header, column
-    row = next(x for x in table.splitlines() if x.startswith("| related-model |"))
+    for column in ("95% interval of CKNNA", "CKA (unbiased)", "CKA (biased)", "p",
+                   "chance (null mean)", "excess", "p adj. (BH)", "vs chance"):
+        assert f"| {column} |" in header, column
+    row = next(x for x in table.splitlines() if x.startswith("| related-model | 12 | 10 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     by_header = dict(zip([c.strip() for c in header.strip("|").split("|")], cells))
     entry = results["models"]["related-model"]
     sub = entry["details"]["k10"]["subsample"]
-    assert by_header["95% subsample interval k=10"] == f"[{sub['low']:.4f}, {sub['high']:.4f}]"
+    assert by_header["95% interval of CKNNA"] == f"[{sub['low']:.4f}, {sub['high']:.4f}]"
     assert by_header["CKA (unbiased)"] == f"{entry['cka_unbiased']:.4f}"
     # States scaled into the features: no shuffle comes close, so p is at its floor.
     assert entry["p_value_k10"] == pytest.approx(1 / 31)
-    assert by_header["p k=10"] == "p < 1/31"
+    assert by_header["p"] == "p < 1/31"
+    assert by_header["vs chance"] == "above chance"
     assert "'p < 1/31' means no shuffle" in table
 
 
@@ -57,7 +58,8 @@ def test_printed_cknna_table_shows_intervals_and_cka(tmp_path, capsys):
     assert main(["cknna", "--feats_A", str(tmp_path / "m" / "feats_A.pt"), "--feats_B",
                  str(tmp_path / "b.pt"), "--topk", "5", "--subsample", "8", "--also_cka"]) == 0
     out = capsys.readouterr().out
-    assert "95% subsample interval k=5" in out and "CKA (unbiased)" in out
+    assert "95% interval of CKNNA" in out and "CKA (unbiased)" in out
+    assert "samples treated as independent" in out
     assert re.search(r"\| \[-?\d\.\d{4}, -?\d\.\d{4}\] \|", out)
 
 
@@ -84,25 +86,36 @@ def test_heatmap_annotations_are_readable_on_every_cell():
         assert contrast(text.get_color(), cell) >= 4.5, (text.get_text(), text.get_color())
 
 
-def test_null_means_have_legend_entries_and_do_not_overlap(results):
+def test_cknna_vs_k_shows_each_chance_band_and_interval(results):
+    from matplotlib.collections import PolyCollection
     fig = report.cknna_vs_k_figure(results)
     ax = fig.axes[0]
-    legend = [t.get_text() for t in ax.get_legend().get_texts()]
-    for label in results["models"]:
-        assert label in legend and f"{label}: null mean ± std" in legend
-    # Each model's null markers sit at their own x positions.
-    nulls = [c for c in ax.containers]
-    xs = [tuple(c.lines[0].get_xdata()) for c in nulls]
-    assert len(nulls) == 2 and len(set(x for pts in xs for x in pts)) == 2 * 2
-    # The legend is outside the plotting area: it hides no line.
-    fig.canvas.draw()
+    ks = results["_meta"]["k_values"]
+    bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    assert len(bands) == len(results["models"])
+    for band, m in zip(bands, results["models"].values()):
+        ys = band.get_paths()[0].vertices[:, 1]
+        for k in ks:
+            null = m["details"][f"k{k}"]["permutation"]
+            assert min(abs(ys - (null["chance"] - 1.96 * null["null_std"]))) < 1e-9
+            assert min(abs(ys - (null["chance"] + 1.96 * null["null_std"]))) < 1e-9
+    # error bars: the interval of the full-sample value, around the value itself
+    bars = [c for c in ax.containers]
+    assert len(bars) == len(results["models"])
+    for bar, m in zip(bars, results["models"].values()):
+        segments = bar.lines[2][0].get_segments()
+        for seg, k in zip(segments, ks):
+            sub = m["details"][f"k{k}"]["subsample"]
+            assert sorted(seg[:, 1]) == pytest.approx([sub["low"], sub["high"]])
+    fig.canvas.draw()  # the legend is outside the plotting area: it hides no line
     box, axes_box = ax.get_legend().get_window_extent(), ax.get_window_extent()
     assert box.x0 >= axes_box.x1
 
 
-def test_layers_figure_has_a_title(results):
+def test_layers_figure_has_a_title_naming_its_band(results):
     fig = report.layer_curves_figure(results)
-    assert fig.axes[0].get_title() == "CKNNA of each layer against the states"
+    title = fig.axes[0].get_title()
+    assert title.startswith("CKNNA of each layer against the states") and "chance" in title
 
 
 def test_report_md_links_figures_and_html_embeds_them(results, tmp_path):
@@ -118,6 +131,7 @@ def test_report_md_links_figures_and_html_embeds_them(results, tmp_path):
     for src, name in zip(images, linked):  # the very bytes of each figure
         assert base64.b64decode(src.removeprefix("data:image/png;base64,")) == (
             tmp_path / name).read_bytes()
-    assert "<script" not in html and "http" not in html.lower().replace("http-equiv", "")
+    text = re.sub(r"data:image/png;base64,[^\"]+", "", html)  # base64 may hold any letters
+    assert "<script" not in text and "http" not in text.lower().replace("http-equiv", "")
     separators = [line for line in markdown.splitlines() if line.startswith("|---")]
     assert html.count("<table>") == len(separators) == 5 and "p &lt; 1/31" in html

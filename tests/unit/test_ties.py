@@ -184,7 +184,8 @@ def test_identical_rows_give_nan_with_a_warning(which):
         assert math.isnan(C.cknna(a, b, 5))
     with pytest.warns(RuntimeWarning, match="degenerate"):
         result = S.align(a, b, [5], permutations=5, subsample_draws=3, subsample_fraction=0.8)
-    assert math.isnan(result[5]["cknna"]) and math.isnan(result[5]["subsample"]["mean"])
+    assert math.isnan(result[5]["cknna"]) and math.isnan(result[5]["subsample"]["low"])
+    assert math.isnan(result[5]["subsample"]["at_subset_size"]["mean"])
 
 
 def test_rows_equal_only_up_to_rounding_are_still_degenerate():
