@@ -53,4 +53,8 @@ def tiny_pi0_fast(seed: int = SEED):
     """(policy, tokenizer) of the Pi0-FAST stand-in: the Pi0.5 one with FAST's prefix."""
     policy = TinyPI0PolicyNew(TinyPI05Config(), seed=seed)
     policy.model = TinyPI0FastModel(policy.config, seed)
+    # LeRobot 0.4.4 builds FAST's PaliGemma from a config, so transformers' default
+    # attention (sdpa) runs its prefix; sample_actions_fast does not switch it to eager
+    from harness.extractors.pi0_lerobot import lm_config
+    lm_config(policy.model.paligemma_with_expert)._attn_implementation = "sdpa"
     return policy.eval(), char_tokenizer("right")

@@ -169,11 +169,11 @@ def test_prompt_is_the_policy_processors_prompt(family, extractor):
         TransitionKey.OBSERVATION: {"observation.state": states},
         TransitionKey.COMPLEMENTARY_DATA: {"task": tasks}})[TransitionKey.COMPLEMENTARY_DATA]["task"]
     extractor.set_states(states, [0, 1])
-    extractor.state_in_input = True
+    extractor.with_state = True
     try:
         assert extractor.prompts(tasks, [0, 1]) == theirs
     finally:
-        extractor.state_in_input = False
+        extractor.with_state = False
     blind = extractor.prompts(tasks, [0, 1])
     assert all("State" not in p for p in blind)
     assert blind[0] == theirs[0][: theirs[0].index(", State:")] + theirs[0][theirs[0].index(";"):]
