@@ -70,7 +70,7 @@ def _siglip(seed: int) -> nn.Module:
     config = SiglipVisionConfig(hidden_size=VISION_WIDTH, intermediate_size=2 * VISION_WIDTH,
                                 num_hidden_layers=1, num_attention_heads=2, image_size=IMAGE,
                                 patch_size=PATCH)
-    config._attn_implementation = "eager"
+    config._attn_implementation = "sdpa"  # transformers' default, which LeRobot leaves
     return SiglipVisionModel(config).eval()
 
 
