@@ -29,7 +29,9 @@ class TinyPI0FastModel(TinyPI0FlowMatching):
     """`PI0FastPytorch`-shaped prefix: embed_prefix_fast and a dtype-taking 4-D mask."""
 
     def __init__(self, config: TinyPI05Config, seed: int):
-        super().__init__(config, seed, new_api=True)
+        # LeRobot 0.4.4 builds FAST's PaliGemma from a config, so transformers' default
+        # attention (sdpa) runs its prefix: sample_actions_fast does not switch it to eager
+        super().__init__(config, seed, new_api=True, attn="sdpa")
         self._prepare_attention_masks_4d = self._masks_4d
 
     @staticmethod
@@ -53,8 +55,4 @@ def tiny_pi0_fast(seed: int = SEED):
     """(policy, tokenizer) of the Pi0-FAST stand-in: the Pi0.5 one with FAST's prefix."""
     policy = TinyPI0PolicyNew(TinyPI05Config(), seed=seed)
     policy.model = TinyPI0FastModel(policy.config, seed)
-    # LeRobot 0.4.4 builds FAST's PaliGemma from a config, so transformers' default
-    # attention (sdpa) runs its prefix; sample_actions_fast does not switch it to eager
-    from harness.extractors.pi0_lerobot import lm_config
-    lm_config(policy.model.paligemma_with_expert)._attn_implementation = "sdpa"
     return policy.eval(), char_tokenizer("right")

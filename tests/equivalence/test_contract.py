@@ -34,6 +34,12 @@ from harness.extractors.registry import families
 from harness.features import FEATS, extract
 from tests.random_samples import random_samples
 
+CPU_MIXED_DTYPE = "mixed dtype (CPU)"
+"""PyTorch's CPU layer_norm refuses a float32 input with bf16 weights. A checkpoint whose
+mix feeds it one (Pi0.5, Pi0-FAST: SigLIP's float32 patch embeddings into its bf16
+LayerNorms, under transformers 4.x) cannot run on CPU at all, LeRobot's own code included
+(tests/equivalence/test_lerobot04_pi05.py): in the checkpoint tier that is an expected
+failure (xfail, never a pass); the float32 tier still runs everything."""
 TIERS = {"checkpoint": dict(rtol=0.0, atol=0.05), "float32": dict(rtol=0.0, atol=1e-5)}
 """Batch 1 vs 4 tolerance per tier, relative to each file's largest absolute value."""
 N = 4
@@ -86,9 +92,14 @@ def _run(family, tier, opts, out, batch_size, states=None, spy=None) -> dict:
             ex.set_states(_states(0) if states is None else states)
         if spy is not None:
             spy(ex)
-        extract(ex, random_samples(N, size=(64, 64)), out, batch_size=batch_size,
-                progress=False, split_modalities=True,
-                action_repr=spec.action_stream and _refusal(ex) is None)
+        try:
+            extract(ex, random_samples(N, size=(64, 64)), out, batch_size=batch_size,
+                    progress=False, split_modalities=True,
+                    action_repr=spec.action_stream and _refusal(ex) is None)
+        except RuntimeError as err:
+            if tier == "checkpoint" and CPU_MIXED_DTYPE in str(err):
+                pytest.xfail(f"{family}'s checkpoint dtype mix cannot run on CPU here: {err}")
+            raise
     meta = json.loads((out / "extraction_metadata.json").read_text())
     files = {name: torch.load(out / name, weights_only=True)
              for name in [FEATS, *meta["layer_files"], *meta.get("extra_files", [])]}
