@@ -1,6 +1,5 @@
 """The robot state as a model input, for the LeRobot families that take it (SmolVLA's state
-token, the discretised state in Pi0.5 / Pi0-FAST prompts), and the dtype policies their
-loaders apply.
+token, the discretised state in Pi0.5 / Pi0-FAST prompts), and what those families share.
 
 Why it matters: CKNNA of features against the proprioceptive state says nothing about what
 a model learned when the features were computed FROM that state. So these families are
@@ -123,16 +122,6 @@ class StateInput:
         return out
 
 
-def apply_dtype_policy(module: torch.nn.Module, dtype: torch.dtype,
-                       keep_float32: tuple[str, ...] = ()) -> None:
-    """Cast every parameter and floating buffer to `dtype`, except parameters whose name
-    contains one of `keep_float32` (LeRobot's `to_bfloat16_for_selected_params` rule)."""
-    module.to(dtype=dtype)
-    for name, param in module.named_parameters():
-        if any(part in name for part in keep_float32):
-            param.data = param.data.to(torch.float32)
-
-
 def parameter_dtypes(module: torch.nn.Module, prefixes: dict[str, str]) -> dict[str, list[str]]:
     """label -> sorted dtypes of the parameters under each module path, read from the
     modules (what ran, for the record)."""
@@ -152,6 +141,12 @@ SPEC_FIELDS = dict(
     auto_dtype=None,  # the checkpoint's own dtypes, as LeRobot's loader gives them
 )
 """FamilySpec fields every LeRobot family added by issue 20 shares."""
+
+
+def build_dtype(dtype: str | None) -> str | None:
+    """The dtype a LeRobot family's extractor takes: None (the loader's own mix, on a
+    stand-in `release_dtype_policy`) for `--dtype checkpoint`."""
+    return None if dtype == "checkpoint" else dtype
 
 
 def family_options(state_help: str) -> tuple[Option, ...]:

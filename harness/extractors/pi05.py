@@ -27,8 +27,9 @@ import torch
 
 from harness.errors import HarnessError
 from harness.extractors.base import HiddenStates
-from harness.extractors.lerobot_state import (SPEC_FIELDS, StateInput, apply_dtype_policy,
-                                              family_options, parameter_dtypes)
+from harness.extractors.dtype_policy import FLOAT32, DtypePolicy
+from harness.extractors.lerobot_state import (SPEC_FIELDS, StateInput, build_dtype, family_options,
+                                              parameter_dtypes)
 from harness.extractors.pi0_lerobot import (NORM_PATHS, Pi0LeRobotExtractor, audit_weights,
                                             images_01, resolve_checkpoint)
 from harness.extractors.registry import Common, FamilySpec, Option
@@ -39,19 +40,22 @@ KEEP_FLOAT32 = ("vision_tower.vision_model.embeddings.patch_embedding.weight",
                 "vision_tower.vision_model.embeddings.patch_embedding.bias",
                 "vision_tower.vision_model.embeddings.position_embedding.weight",
                 "input_layernorm", "post_attention_layernorm", "model.norm")
-DTYPE_POLICY = ("the config's `dtype`: bfloat16 -> paligemma_with_expert in bfloat16 except "
-                "the SigLIP patch/position embeddings and every RMSNorm (input_layernorm, "
-                "post_attention_layernorm, model.norm), kept float32; the action/time "
-                "projections float32. float32 -> float32 throughout (LeRobot 0.4.4's "
-                "to_bfloat16_for_selected_params)")
+DTYPE_POLICY = DtypePolicy(
+    "the config's `dtype`: bfloat16 (the release) -> paligemma_with_expert in bfloat16 except "
+    "the SigLIP patch/position embeddings and every RMSNorm (input_layernorm, "
+    "post_attention_layernorm, model.norm), kept float32; the action/time projections "
+    "float32. float32 -> float32 throughout (LeRobot 0.4.4's to_bfloat16_for_selected_params)",
+    root="model.paligemma_with_expert", float32_params=KEEP_FLOAT32)
+"""The checkpoint's dtype mix when its config says bfloat16 (Pi0-FAST's loader applies the
+same rule to its PaliGemma)."""
 
 
 def release_dtype_policy(policy) -> None:
     """Put a policy built here (a stand-in) in the dtypes LeRobot's loader gives a
     checkpoint whose config says `dtype` (DTYPE_POLICY)."""
-    apply_dtype_policy(policy, torch.float32)
+    FLOAT32.apply(policy)
     if getattr(policy.config, "dtype", "float32") == "bfloat16":
-        apply_dtype_policy(policy.model.paligemma_with_expert, torch.bfloat16, KEEP_FLOAT32)
+        DTYPE_POLICY.apply(policy)
 
 
 def discretise(state: torch.Tensor) -> np.ndarray:
@@ -89,7 +93,7 @@ class Pi05Extractor(Pi0LeRobotExtractor):
                  tokenizer_name: str = TOKENIZER, **kw):
         super().__init__(ckpt, tokenizer=tokenizer, **kw)
         self.given_policy, self.given_masks = policy, make_att_2d_masks
-        self.state_in_input, self.tokenizer_name = state_in_input, tokenizer_name
+        self.with_state, self.tokenizer_name = state_in_input, tokenizer_name
         self.states = StateInput()
 
     def load(self) -> "Pi05Extractor":
@@ -152,9 +156,14 @@ class Pi05Extractor(Pi0LeRobotExtractor):
         """The data directory's states (written into the prompt only with --state_in_input)."""
         self.states.set_states(states, indices)
 
+    def state_in_input(self, output: str) -> bool:
+        """With --state_in_input the state is in the prompt, and the prefix is
+        bidirectional: every prefix token, so every prefix file, sees it."""
+        return self.with_state and output != "feats_action"
+
     def prompts(self, tasks, sample_indices) -> list[str]:
         """The policy's prompt (with the discretised state) or the state-blind one."""
-        if not self.state_in_input:
+        if not self.with_state:
             return [self.prompt_blind.format(task=clean_task(t)) for t in tasks]
         bins = discretise(self.states.rows(sample_indices, int(self.policy.config.max_state_dim)))
         return [self.prompt_with_state.format(task=clean_task(t), state=" ".join(map(str, row)))
@@ -170,7 +179,7 @@ class Pi05Extractor(Pi0LeRobotExtractor):
     def build_inputs(self, samples) -> dict:
         indices = [int(s[0]) for s in samples]
         tokens, masks = self.tokenize(self.prompts([task for _, _, task in samples], indices))
-        self.observed.note("state_in_prompt", self.state_in_input)
+        self.observed.note("state_in_prompt", self.with_state)
         return {"images": images_01(samples).to(self.device), "lang_tokens": tokens.to(self.device),
                 "lang_masks": masks.to(self.device), "sample_indices": torch.tensor(indices)}
 
@@ -179,32 +188,40 @@ class Pi05Extractor(Pi0LeRobotExtractor):
         return super().modality_masks(inputs, [clean_task(t) for t in tasks], hidden)
 
     # -- action stream ----------------------------------------------------------
+    def action_refusal(self) -> str | None:
+        """Why --action_repr is refused on this install, in one line (the contract suite
+        asserts this refusal instead of extracting)."""
+        return stock_transformers_refusal(self.family) or (
+            f"{self.family}: --action_repr on LeRobot's transformers fork is not implemented "
+            "in this harness")
+
     def action_provenance(self) -> dict:
-        why = stock_transformers_refusal(self.family)
-        raise HarnessError(why or f"{self.family}: --action_repr on LeRobot's transformers "
-                           "fork is not implemented in this harness")
+        raise HarnessError(self.action_refusal())
 
     def action_features(self, inputs: dict) -> torch.Tensor:
-        self.action_provenance()
-        raise AssertionError("unreachable")
+        raise HarnessError(self.action_refusal())
+
+    def _padding_side(self) -> str:
+        """The side the tokenizer padded on (`tokenize` sets it, as LeRobot's step)."""
+        return self.tokenizer.padding_side
 
     def describe(self) -> dict:
         record = super().describe()
-        template = self.prompt_with_state if self.state_in_input else self.prompt_blind
+        template = self.prompt_with_state if self.with_state else self.prompt_blind
         record.update({
             "prompt_template": template.replace("\n", "\\n"),
             "tokenization": "LeRobot 0.4.4 processor: cleaned task (strip, '_' and newline -> "
                             "space), right pad to max_length, truncation",
             "padding": "max_length", "tokenizer": self.tokenizer_name,
-            "state_in_input": self.state_in_input,
+            "state_in_input": self.with_state,
             "state_input": (f"{self.states.describe()}, discretised into 256 bins over [-1, 1] in "
-                            "the prompt") if self.state_in_input else
+                            "the prompt") if self.with_state else
             "none: the state-blind prompt (the policy's template without the state field)",
             "seed_compat": False,
             "parameter_dtypes": parameter_dtypes(self.policy.model, {
                 "paligemma": "paligemma_with_expert.paligemma",
                 "language_model_norm": "paligemma_with_expert." + self.norm_path}),
-            "dtype_policy": "as given: --dtype" if self.dtype is not None else DTYPE_POLICY,
+            "dtype_policy": "as given: --dtype" if self.dtype is not None else DTYPE_POLICY.summary,
         })
         for key in ("stubbed_abstract_methods",):
             record.pop(key, None)
@@ -214,7 +231,7 @@ class Pi05Extractor(Pi0LeRobotExtractor):
 def build_with(cls, common: Common, opts: dict, stand_in):
     """The extractor of a Pi0.5-like family: the real checkpoint, or `stand_in()`'s
     (policy, tokenizer) for --ckpt tiny."""
-    kw = dict(name=common.ckpt, device=common.device, dtype=common.dtype,
+    kw = dict(name=common.ckpt, device=common.device, dtype=build_dtype(common.dtype),
               image_key=opts["image_key"], state_in_input=opts["state_in_input"],
               allow_missing=opts["allow_missing_keys"],
               allow_unexpected=opts["allow_unexpected_keys"], revision=common.revision,
@@ -247,6 +264,7 @@ SPEC = FamilySpec(
     options=options(),
     final_norm_paths={"pi05": NORM_PATHS},
     action_stream=True,
+    dtype_policy=DTYPE_POLICY,
     demo=(("pi05-tiny", "tiny", {"split_modalities": True, "layers": "all"}),),
     **SPEC_FIELDS,
 )

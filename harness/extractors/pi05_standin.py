@@ -29,7 +29,9 @@ class TinyPI0FastModel(TinyPI0FlowMatching):
     """`PI0FastPytorch`-shaped prefix: embed_prefix_fast and a dtype-taking 4-D mask."""
 
     def __init__(self, config: TinyPI05Config, seed: int):
-        super().__init__(config, seed, new_api=True)
+        # LeRobot 0.4.4 builds FAST's PaliGemma from a config, so transformers' default
+        # attention (sdpa) runs its prefix: sample_actions_fast does not switch it to eager
+        super().__init__(config, seed, new_api=True, attn="sdpa")
         self._prepare_attention_masks_4d = self._masks_4d
 
     @staticmethod

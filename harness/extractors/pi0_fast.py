@@ -19,9 +19,10 @@ import torch
 
 from harness.errors import HarnessError
 from harness.extractors.base import HiddenStates
+from harness.extractors.observed import note_token_inputs
 from harness.extractors.pi0_lerobot import NORM_PATHS, note_prefix
 from harness.extractors.lerobot_state import SPEC_FIELDS
-from harness.extractors.pi05 import Pi05Extractor, build_with, options
+from harness.extractors.pi05 import DTYPE_POLICY, Pi05Extractor, build_with, options
 from harness.extractors.registry import Common, FamilySpec
 from harness.hooks import capture
 from harness.residual_stream import capture_residual_stream, layer_indices
@@ -36,11 +37,13 @@ class Pi0FastExtractor(Pi05Extractor):
     policy_module, policy_class = "lerobot.policies.pi0_fast.modeling_pi0_fast", "PI0FastPolicy"
     prompt_with_state = "Task: {task}, State: {state};\n"
     prompt_blind = "Task: {task};\n"
+    eager_prefix = False  # sample_actions_fast keeps the model's own attention
 
     def build_inputs(self, samples) -> dict:
         """The prompt, then BOS appended after its padding (as sample_actions_fast)."""
         inputs = super().build_inputs(samples)
         tokens, masks = inputs["lang_tokens"], inputs["lang_masks"]
+        note_token_inputs(self.observed, None, masks, None)  # the prompt's padding, before BOS
         bos = torch.full((tokens.shape[0], 1), self.tokenizer.bos_token_id, dtype=tokens.dtype,
                          device=tokens.device)
         inputs["lang_tokens"] = torch.cat([tokens, bos], dim=1)
@@ -100,6 +103,7 @@ SPEC = FamilySpec(
     options=options(),
     final_norm_paths={"pi0_fast": NORM_PATHS},
     action_stream=False,
+    dtype_policy=DTYPE_POLICY,
     demo=(("pi0-fast-tiny", "tiny", {"split_modalities": True, "layers": "all"}),),
     **SPEC_FIELDS,
 )

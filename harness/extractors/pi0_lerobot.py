@@ -192,6 +192,7 @@ class Pi0LeRobotExtractor(Extractor):
 
     family = "pi0_lerobot"
     extraction_point = "hook on the final Gemma norm (== prefix_out), prefill only"
+    eager_prefix = True  # the new API's sample_actions switches the prefix LM to eager
 
     def __init__(self, ckpt: str = DEFAULT_CKPT, *, device: str = "cpu", dtype: str | None = None,
                  image_key: str | None = None, seed_tokenization: bool = False,
@@ -240,7 +241,7 @@ class Pi0LeRobotExtractor(Extractor):
         policy = self.policy
         pwe = policy.model.paligemma_with_expert
         self.api = "old" if "fill_kv_cache" in inspect.signature(pwe.forward).parameters else "new"
-        if self.api == "new":  # set now, so what is recorded before the first forward runs
+        if self.api == "new" and self.eager_prefix:  # set now, so the record is what runs
             prefix_attention_as_sample_actions(pwe)
         self.norm_path, _ = find_module(pwe, NORM_PATHS)
         keys = list(policy.config.image_features)
@@ -476,8 +477,7 @@ class Pi0LeRobotExtractor(Extractor):
         chosen = getattr(getattr(pwe, "config", None), "attention_implementation", None)
         if self.api == "old" and chosen is not None:
             return chosen
-        lm_config = _get(pwe, "paligemma.language_model.config")
-        return getattr(lm_config, "_attn_implementation", None)
+        return getattr(lm_config(pwe), "_attn_implementation", None)
 
     @staticmethod
     def _lm_dtype(pwe) -> torch.dtype:
@@ -503,9 +503,18 @@ def prefix_attention_as_sample_actions(pwe) -> None:
     attention right before its prefix forward; the model is built with transformers'
     default (sdpa), which moves features by ~5e-7. Do the same (checked bit-equal against
     the real LeRobot 0.4.4 in tests/equivalence/test_lerobot04_pi0.py)."""
-    lm_config = _get(pwe, "paligemma.language_model.config")
-    if lm_config is not None and hasattr(lm_config, "_attn_implementation"):
-        lm_config._attn_implementation = "eager"
+    config = lm_config(pwe)
+    if config is not None and hasattr(config, "_attn_implementation"):
+        config._attn_implementation = "eager"
+
+
+def lm_config(pwe):
+    """The prefix language model's config (transformers 4.52+ layout first), or None."""
+    for path in ("paligemma.model.language_model.config", "paligemma.language_model.config"):
+        config = _get(pwe, path)
+        if config is not None:
+            return config
+    return None
 
 
 def _state_dim(config) -> int | None:

@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from harness.errors import HarnessError
 from harness.extractors.base import Extractor, HiddenStates
-from harness.extractors.lerobot_state import (SPEC_FIELDS, StateInput, apply_dtype_policy,
-                                              family_options, parameter_dtypes)
+from harness.extractors.dtype_policy import FLOAT32, DtypePolicy
+from harness.extractors.lerobot_state import (SPEC_FIELDS, StateInput, build_dtype, family_options,
+                                              parameter_dtypes)
 from harness.extractors.observed import Observed, note_token_inputs
 from harness.extractors.pi0_lerobot import audit_weights, images_01, resolve_checkpoint
 from harness.extractors.registry import Common, FamilySpec
@@ -38,11 +40,11 @@ DEFAULT_CKPT = "lerobot/smolvla_base"
 NORM_PATH = "vlm.model.text_model.norm"  # under policy.model.vlm_with_expert
 EXPERT_NORM_PATH = "lm_expert.norm"
 ACTION_SEED = 0  # noise of sample i: torch.Generator().manual_seed(ACTION_SEED + i)
-DTYPE_POLICY = ("with the config's load_vlm_weights true (the release): the VLM and the "
-                "action expert in bfloat16 (LeRobot 0.4.4 loads the VLM with "
-                "torch_dtype=bfloat16 and builds the expert from its config), except the "
-                "expert's cross-attention k/v projections (plain nn.Linear, float32); the "
-                "state, action and time projections float32. Else float32 throughout")
+SUMMARY = ("with the config's load_vlm_weights true (the release): the VLM and the action "
+           "expert in bfloat16 (LeRobot 0.4.4 loads the VLM with torch_dtype=bfloat16 and "
+           "builds the expert from its config), except the expert's cross-attention k/v "
+           "projections (plain nn.Linear, float32); the state, action and time projections "
+           "float32. Else float32 throughout")
 
 
 def cross_attention_layers(config, n_layers: int) -> list[int]:
@@ -53,19 +55,26 @@ def cross_attention_layers(config, n_layers: int) -> list[int]:
     return [i for i in range(n_layers) if not (every > 0 and i % every == 0)]
 
 
+def dtype_policy(cross_layers) -> DtypePolicy:
+    """The loader's mix for an expert whose `cross_layers` have float32 k/v projections."""
+    return DtypePolicy(SUMMARY, root="model.vlm_with_expert", low_modules=("vlm", "lm_expert"),
+                       float32_params=tuple(f"lm_expert.layers.{i}.self_attn.{kv}_proj."
+                                            for i in cross_layers for kv in "kv"))
+
+
+DTYPE_POLICY = dtype_policy(cross_attention_layers(
+    SimpleNamespace(attention_mode="cross_attn", self_attn_every_n_layers=2), 16))
+"""The release's mix (smolvla_base: 16 expert layers, cross-attention in every odd one)."""
+
+
 def release_dtype_policy(policy) -> None:
     """Put a policy built here (the stand-in, or LeRobot's built with load_vlm_weights
-    false) in the dtypes LeRobot's loader gives the release checkpoint (DTYPE_POLICY;
+    false) in the dtypes LeRobot's loader gives the release checkpoint (SUMMARY;
     checked against LeRobot itself in tests/equivalence/test_lerobot04_smolvla.py)."""
-    apply_dtype_policy(policy, torch.float32)
-    if not getattr(policy.config, "load_vlm_weights", False):
-        return
-    vwe = policy.model.vlm_with_expert
-    apply_dtype_policy(vwe.vlm, torch.bfloat16)
-    apply_dtype_policy(vwe.lm_expert, torch.bfloat16)
-    for i in cross_attention_layers(policy.config, len(vwe.lm_expert.layers)):
-        attention = vwe.lm_expert.layers[i].self_attn
-        attention.k_proj.float(), attention.v_proj.float()
+    FLOAT32.apply(policy)
+    if getattr(policy.config, "load_vlm_weights", False):
+        expert = policy.model.vlm_with_expert.lm_expert
+        dtype_policy(cross_attention_layers(policy.config, len(expert.layers))).apply(policy)
 
 
 class SmolVLAExtractor(Extractor):
@@ -84,7 +93,7 @@ class SmolVLAExtractor(Extractor):
         self.policy, self.tokenizer, self.make_att_2d_masks = policy, tokenizer, make_att_2d_masks
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        self.image_key_override, self.state_in_input = image_key, state_in_input
+        self.image_key_override, self.with_state = image_key, state_in_input
         self.allow_missing, self.allow_unexpected = tuple(allow_missing), tuple(allow_unexpected)
         self.check_values, self.layer_spec = check_values, layers
         self.states = StateInput()
@@ -136,6 +145,11 @@ class SmolVLAExtractor(Extractor):
         """The data directory's states (fed only with --state_in_input)."""
         self.states.set_states(states, indices)
 
+    def state_in_input(self, output: str) -> bool:
+        """With --state_in_input the state token is pooled into feats_A and the expert
+        attends to the real state; the image and text views never see it (later block)."""
+        return self.with_state and output in ("feats_A", "feats_action")
+
     def tokenize(self, tasks: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """As LeRobot's SmolVLA pre-processor: task + "\\n", right pad (`pad_language_to`),
         truncation at `tokenizer_max_length`."""
@@ -153,7 +167,7 @@ class SmolVLAExtractor(Extractor):
         # state-blind: the states as stored (no pooled token sees them, so a normaliser
         # that does not fit the data cannot stop the run); with the state: the policy's way
         state = self.states.rows(indices, int(self.policy.config.max_state_dim),
-                                 normalise=self.state_in_input)
+                                 normalise=self.with_state)
         return {"images": images.to(self.device), "lang_tokens": tokens.to(self.device),
                 "lang_masks": masks.to(self.device), "state": state.to(self.device),
                 "sample_indices": torch.tensor(indices)}
@@ -186,7 +200,7 @@ class SmolVLAExtractor(Extractor):
                                "the final norm of this forward")
         state_pos = inputs["state_positions"] = self.state_positions(att_masks)
         mask = pad_masks.bool().clone()
-        if not self.state_in_input:
+        if not self.with_state:
             mask[:, state_pos] = False
         self._note(images, inputs, hidden, state_pos)
         layers = {"last": hidden}
@@ -213,7 +227,7 @@ class SmolVLAExtractor(Extractor):
             self.observed.note("image_size_fed", f"{image.shape[-1]}x{image.shape[-2]}")
         n_image = state_pos[0] - inputs["lang_tokens"].shape[1]
         self.observed.note("image_tokens", n_image)
-        self.observed.note("state_token_pooled", self.state_in_input)
+        self.observed.note("state_token_pooled", self.with_state)
         self.observed.note("state_fed_nonzero", bool(inputs["state"].abs().sum() > 0))
         note_token_inputs(self.observed, None, inputs["lang_masks"], None)
         self.observed.note("hidden_dtype", str(hidden.dtype).removeprefix("torch."))
@@ -242,7 +256,7 @@ class SmolVLAExtractor(Extractor):
         config, model = self.policy.config, self.policy.model
         self.policy.reset()
         images, img_masks, state = self._prefix_inputs(inputs)
-        if not self.state_in_input:  # the expert attends to the state token: zeros
+        if not self.with_state:  # the expert attends to the state token: zeros
             state = torch.zeros_like(state)
         noise = torch.stack([torch.randn(config.chunk_size, config.max_action_dim,
                                          generator=torch.Generator().manual_seed(ACTION_SEED + int(i)))
@@ -263,7 +277,18 @@ class SmolVLAExtractor(Extractor):
                 "tokens": f"the last chunk_size = {config.chunk_size} suffix tokens, mean",
                 "denoising_steps": config.num_steps,
                 "noise": f"torch.Generator().manual_seed({ACTION_SEED} + sample index)",
-                "state_input": self.states.describe() if self.state_in_input else "zeros"}
+                "state_input": self.states.describe() if self.with_state else "zeros"}
+
+    def attention_implementation(self) -> str:
+        """Read from the modules that run: the cut language model runs LeRobot's own
+        attention (`get_attention_interface`: eager) or, on the stand-in, its config's;
+        the vision encoder its config's. One name when they agree."""
+        inner = self.policy.model.vlm_with_expert.vlm.model
+        interface = getattr(self.policy.model.vlm_with_expert, "get_attention_interface", None)
+        text = ("eager" if interface().__name__ == "eager_attention_forward"
+                else interface().__name__) if interface else inner.text_model.config._attn_implementation
+        vision = inner.vision_model.config._attn_implementation
+        return text if text == vision else f"language {text}, vision {vision}"
 
     def describe(self) -> dict:
         policy = self.policy
@@ -281,19 +306,20 @@ class SmolVLAExtractor(Extractor):
             "parameter_dtypes": parameter_dtypes(policy.model, {
                 "vlm": "vlm_with_expert.vlm", "lm_expert": "vlm_with_expert.lm_expert",
                 "state_proj": "state_proj"}),
-            "dtype_policy": "as given: --dtype" if self.dtype is not None else DTYPE_POLICY,
+            "dtype_policy": "as given: --dtype" if self.dtype is not None else SUMMARY,
             "image_key": self.image_key, "image_keys_in_config": list(config.image_features),
             "image_path": f"policy.prepare_images: resize_with_pad to "
                           f"{list(config.resize_imgs_with_padding)} (zero pad), x2-1",
             "prompt_template": "{task}\\n",
             "tokenizer_max_length": int(config.tokenizer_max_length),
-            "padding": config.pad_language_to, "padding_side": "right",
-            "state_in_input": self.state_in_input,
-            "state_input": self.states.describe(self.state_in_input) + ", into the prefix's "
+            "padding": config.pad_language_to, "padding_side": self.tokenizer.padding_side,
+            **image_size(config),
+            "state_in_input": self.with_state,
+            "state_input": self.states.describe(self.with_state) + ", into the prefix's "
                            "state token" + (
-                "" if self.state_in_input else ", which image and text tokens cannot attend "
+                "" if self.with_state else ", which image and text tokens cannot attend "
                 "to and pooling leaves out (state-blind)"),
-            "pooling_mask": "prefix_pad_masks" + ("" if self.state_in_input else
+            "pooling_mask": "prefix_pad_masks" + ("" if self.with_state else
                                                   " without the state token"),
             "weight_audit": self.audit,
             **({} if self.layer_spec == "last" else {
@@ -303,8 +329,14 @@ class SmolVLAExtractor(Extractor):
         }
 
 
+def image_size(config) -> dict:
+    """{"image_size": side} when the policy resizes (with padding) to a square, else {}."""
+    height, width = config.resize_imgs_with_padding or (None, None)
+    return {"image_size": int(width)} if width is not None and height == width else {}
+
+
 def _build(common: Common, opts: dict, stack) -> SmolVLAExtractor:
-    kw = dict(name=common.ckpt, device=common.device, dtype=common.dtype,
+    kw = dict(name=common.ckpt, device=common.device, dtype=build_dtype(common.dtype),
               image_key=opts["image_key"], state_in_input=opts["state_in_input"],
               allow_missing=opts["allow_missing_keys"],
               allow_unexpected=opts["allow_unexpected_keys"], revision=common.revision,
@@ -325,6 +357,7 @@ SPEC = FamilySpec(
                            "states); recorded. Default: state-blind (left out)"),
     final_norm_paths={"smolvla": (NORM_PATH,)},
     action_stream=True,
+    dtype_policy=DTYPE_POLICY,
     demo=(("smolvla-tiny", "tiny", {"split_modalities": True, "layers": "all",
                                      "action_repr": True}),),
     **SPEC_FIELDS,

@@ -43,6 +43,8 @@ class TinySmolVLAConfig:
     n_action_steps: int = 4
     num_steps: int = 3
     num_vlm_layers: int = 2
+    attention_mode: str = "cross_attn"  # the release's: cross-attention in every odd layer
+    self_attn_every_n_layers: int = 2
     prefix_length: int = 0
     load_vlm_weights: bool = True  # the release: LeRobot loads the VLM in bfloat16
     input_features: dict = field(default_factory=dict)
@@ -68,7 +70,7 @@ def _siglip(seed: int) -> nn.Module:
     config = SiglipVisionConfig(hidden_size=VISION_WIDTH, intermediate_size=2 * VISION_WIDTH,
                                 num_hidden_layers=1, num_attention_heads=2, image_size=IMAGE,
                                 patch_size=PATCH)
-    config._attn_implementation = "eager"
+    config._attn_implementation = "sdpa"  # transformers' default, which LeRobot leaves
     return SiglipVisionModel(config).eval()
 
 
@@ -104,12 +106,28 @@ class _VLM(nn.Module):
         self.model = _Inner(num_layers, seed)
 
 
+class _CastLinear(nn.Linear):
+    """A k/v projection LeRobot rebuilds for cross-attention (a plain nn.Linear, left
+    float32 by its loader): its input is cast to its dtype and back, as LeRobot casts."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype)).to(x.dtype)
+
+
 class TinySmolVLMWithExpert(nn.Module):
     def __init__(self, config: TinySmolVLAConfig, seed: int):
+        from harness.extractors.smolvla import cross_attention_layers
         super().__init__()
         self.vlm = _VLM(config.num_vlm_layers, seed)
         self.lm_expert = _llama(EXPERT_WIDTH, config.num_vlm_layers, seed + 2)
         self.lm_expert.embed_tokens = None
+        for i in cross_attention_layers(config, config.num_vlm_layers):
+            attention = self.lm_expert.layers[i].self_attn
+            for name in ("k_proj", "v_proj"):
+                old = getattr(attention, name)
+                new = _CastLinear(old.in_features, old.out_features, bias=old.bias is not None)
+                new.load_state_dict(old.state_dict())
+                setattr(attention, name, new)
         self.prefix_to_expert = nn.Linear(WIDTH, EXPERT_WIDTH)
 
     def embed_image(self, image: torch.Tensor) -> torch.Tensor:
@@ -125,7 +143,7 @@ class TinySmolVLMWithExpert(nn.Module):
         prefix, suffix = inputs_embeds
         if prefix is None:  # a denoising step; the "cache" is the pooled prefix
             cond = self.prefix_to_expert(past_key_values.to(self.prefix_to_expert.weight.dtype))
-            x = suffix + cond[:, None]
+            x = (suffix + cond[:, None]).to(self.lm_expert.norm.weight.dtype)  # LeRobot casts
             out = self.lm_expert(inputs_embeds=x, position_ids=position_ids,
                                  use_cache=False).last_hidden_state
             return [None, out], past_key_values

@@ -39,9 +39,9 @@ def char_tokenizer(padding_side: str = "right"):
     return tok
 
 
-def tiny_paligemma(text: str = "gemma", seed: int = SEED):
+def tiny_paligemma(text: str = "gemma", seed: int = SEED, attn: str = "eager"):
     """PaliGemma (text "gemma") or PaliGemma2 ("gemma2") from the engine's tiny zoo."""
-    model, _ = tiny.build("paligemma2" if text == "gemma2" else "paligemma", seed=seed)
+    model, _ = tiny.build("paligemma2" if text == "gemma2" else "paligemma", seed=seed, attn=attn)
     return model
 
 
@@ -186,9 +186,9 @@ def resize_with_pad(img: torch.Tensor, height: int, width: int, pad_value: float
 class TinyPaliGemmaWithExpert(nn.Module):
     """PaliGemma + Gemma action expert; prefix-only forward as the old API calls it."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, attn: str = "eager"):
         super().__init__()
-        self.paligemma = tiny_paligemma("gemma", seed=seed)
+        self.paligemma = tiny_paligemma("gemma", seed=seed, attn=attn)
         self.gemma_expert, _ = tiny.build("gemma", seed=seed + 1)
 
     def embed_image(self, image: torch.Tensor) -> torch.Tensor:
@@ -293,8 +293,8 @@ class TinyPaliGemmaWithExpertNew(TinyPaliGemmaWithExpert):
     """LeRobot 0.6 shape: 4-D float mask in, no `fill_kv_cache`, a final norm whose
     forward returns a tuple."""
 
-    def __init__(self, seed: int):
-        super().__init__(seed)
+    def __init__(self, seed: int, attn: str = "eager"):
+        super().__init__(seed, attn)
         norm = language_model(self.paligemma).norm
         norm.__class__ = type("TupleRMSNorm", (type(norm),), {"forward": _tuple_norm_forward})
 
@@ -311,11 +311,12 @@ class TinyPI0FlowMatching(nn.Module):
     """`policy.model`: prefix embedding (scaled image + language embeddings) and the
     action-side projections whose weights a real checkpoint also carries."""
 
-    def __init__(self, config: TinyPI0Config, seed: int, new_api: bool = False):
+    def __init__(self, config: TinyPI0Config, seed: int, new_api: bool = False,
+                 attn: str = "eager"):
         super().__init__()
         self.config = config
         pwe_cls = TinyPaliGemmaWithExpertNew if new_api else TinyPaliGemmaWithExpert
-        self.paligemma_with_expert = pwe_cls(seed)
+        self.paligemma_with_expert = pwe_cls(seed, attn)  # the PaliGemma's attention
         # the old API's PaliGemmaWithExpertConfig carries PI0Config.attention_implementation
         self.paligemma_with_expert.config = SimpleNamespace(
             attention_implementation=config.attention_implementation)

@@ -143,6 +143,16 @@ def test_the_extractor_runs_the_installed_lerobot(family, extractor):
     assert extractor.provenance()["state_in_input"] is False
 
 
+def test_recorded_attention_is_what_lerobot_runs(family, extractor):
+    """Pi0.5's sample_actions switches the prefix to eager; Pi0-FAST's sample_actions_fast
+    keeps what PaliGemmaForConditionalGeneration(config) chose (sdpa): the extractor must
+    not change it, and records what the language model's config holds."""
+    from harness.extractors.pi0_lerobot import lm_config
+    ran = lm_config(extractor.policy.model.paligemma_with_expert)._attn_implementation
+    assert ran == ("eager" if family == "pi05" else "sdpa")
+    assert extractor.provenance()["attn_implementation"] == ran
+
+
 def test_features_equal_lerobots_prefix_output(family, extractor):
     batch = random_samples(3)
     inputs = extractor.build_inputs(batch)
@@ -169,11 +179,11 @@ def test_prompt_is_the_policy_processors_prompt(family, extractor):
         TransitionKey.OBSERVATION: {"observation.state": states},
         TransitionKey.COMPLEMENTARY_DATA: {"task": tasks}})[TransitionKey.COMPLEMENTARY_DATA]["task"]
     extractor.set_states(states, [0, 1])
-    extractor.state_in_input = True
+    extractor.with_state = True
     try:
         assert extractor.prompts(tasks, [0, 1]) == theirs
     finally:
-        extractor.state_in_input = False
+        extractor.with_state = False
     blind = extractor.prompts(tasks, [0, 1])
     assert all("State" not in p for p in blind)
     assert blind[0] == theirs[0][: theirs[0].index(", State:")] + theirs[0][theirs[0].index(";"):]

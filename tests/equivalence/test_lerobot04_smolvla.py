@@ -117,6 +117,26 @@ def test_the_extractor_runs_the_installed_lerobot_with_the_cut_language_model(ex
     assert record["state_in_input"] is False
 
 
+def test_recorded_attention_is_what_the_modules_run(extractor):
+    """The cut language model runs LeRobot's own eager attention; SigLIP runs what its
+    config says. The record names both when they differ."""
+    vwe = extractor.policy.model.vlm_with_expert
+    assert vwe.get_attention_interface().__name__ == "eager_attention_forward"
+    vision = vwe.vlm.model.vision_model.config._attn_implementation
+    want = "eager" if vision == "eager" else f"language eager, vision {vision}"
+    assert extractor.provenance()["attn_implementation"] == want
+
+
+def test_release_dtype_policy_is_the_declared_one():
+    """The SPEC's policy (what the contract suite loads the stand-in under) is the
+    loader's rule at the release's 16 expert layers, cross-attention in every odd one."""
+    from harness.extractors.smolvla import DTYPE_POLICY, dtype_policy, cross_attention_layers
+    release = modeling.SmolVLAConfig()
+    layers = cross_attention_layers(release, release.num_vlm_layers)
+    assert layers == list(range(1, 16, 2))
+    assert dtype_policy(layers) == DTYPE_POLICY
+
+
 def test_features_equal_lerobots_prefix_output_and_skip_the_state_token(extractor):
     batch = random_samples(3)
     extractor.set_states(states_for(3, 0), [s[0] for s in batch])

@@ -42,7 +42,7 @@ def test_extract_tiny_writes_features_with_provenance(family, data_dirs, tmp_pat
     feats, meta = run_extract(family, data_dirs[0], tmp_path / "out")
     assert feats.shape[0] == 6 and torch.isfinite(feats).all()
     assert meta["family"] == family and meta["model"] == "tiny"
-    assert meta["state_in_input"] is False and meta["dtype"] == "float32"
+    assert meta["state_in_input"] == {"feats_A.pt": False} and meta["dtype"] == "float32"
     assert meta["feats_A_shape"] == list(feats.shape)
 
 
@@ -53,21 +53,27 @@ def test_state_leakage(family, data_dirs, tmp_path):
     assert torch.equal(a, b)
     c, meta = run_extract(family, data_dirs[0], tmp_path / "c", "--state_in_input")
     d, _ = run_extract(family, data_dirs[1], tmp_path / "d", "--state_in_input")
-    assert meta["state_in_input"] is True
+    assert meta["state_in_input"] == {"feats_A.pt": True}  # recorded per file
     assert not torch.equal(c, d)
 
 
 def test_smolvla_stand_in_takes_the_release_dtype_policy():
     """dtype None (what a contract suite asks for: the checkpoint's own policy) puts the
-    stand-in's VLM and expert in bfloat16, the projections in float32, and it still runs."""
-    from harness.extractors.smolvla import SmolVLAExtractor
+    stand-in's VLM and expert in bfloat16 but for the cross-attention k/v projections (in
+    the release's odd layers), the projections in float32, and it still runs."""
+    from harness.extractors.smolvla import DTYPE_POLICY, SmolVLAExtractor
     from harness.extractors.smolvla_standin import tiny_smolvla
     from tests.random_samples import random_samples
 
     policy, tokenizer = tiny_smolvla()
     ex = SmolVLAExtractor("tiny", policy=policy, tokenizer=tokenizer, dtype=None).load()
     dtypes = ex.provenance()["parameter_dtypes"]
-    assert dtypes == {"vlm": ["bfloat16"], "lm_expert": ["bfloat16"], "state_proj": ["float32"]}
+    assert dtypes == {"vlm": ["bfloat16"], "lm_expert": ["bfloat16", "float32"],
+                      "state_proj": ["float32"]}
+    expert = dict(ex.policy.model.vlm_with_expert.lm_expert.named_parameters())
+    assert {n for n, p in expert.items() if p.dtype == torch.float32} == {
+        "layers.1.self_attn.k_proj.weight", "layers.1.self_attn.v_proj.weight"}
+    assert DTYPE_POLICY.mismatches(ex.policy) == []
     hidden = ex.forward(ex.build_inputs(random_samples(2)))
     assert hidden.layers["last"].dtype == torch.bfloat16
 
