@@ -38,6 +38,7 @@ import torch
 
 from harness.errors import HarnessError
 from harness.extractors.base import Extractor, HiddenStates
+from harness.extractors.dtype_policy import DtypePolicy
 from harness.extractors.lerobot_state import SPEC_FIELDS, parameter_dtypes
 from harness.extractors.observed import Observed, note_token_inputs
 from harness.extractors.pi0_lerobot import resolve_checkpoint
@@ -50,9 +51,11 @@ ASSETS_REPO = "lerobot/eagle2hg-processor-groot-n1p5"  # GrootConfig.tokenizer_a
 NORM_PATH = "eagle_model.language_model.model.norm"  # under the backbone
 IMAGE_TOKEN = "<IMG_CONTEXT>"
 PLACEHOLDER = re.compile(r"<image-(\d+)>")
-DTYPE_POLICY = ("the Eagle model in the dtype its config.json names (AutoModel.from_config), "
-                "eagle_linear float32; forward under a bfloat16 autocast with bfloat16 pixel "
-                "values when use_bf16 (GrootPolicy's default)")
+DTYPE_POLICY = DtypePolicy(
+    "the Eagle model in the dtype its config.json names (bf16 in the release; "
+    "AutoModel.from_config), eagle_linear float32; forward under a bfloat16 autocast with "
+    "bfloat16 pixel values when use_bf16 (GrootPolicy's default)",
+    low_modules=("eagle_model",))
 
 
 def eagle_pixels(image, size: int) -> torch.Tensor:
@@ -125,6 +128,8 @@ class GrootExtractor(Extractor):
         self.assets_label = assets_label  # what the record says instead of a temporary path
         self.backbone, self.assets = backbone, Path(assets) if assets else None
         self.device = torch.device(device)
+        self.release_mix = dtype == "checkpoint"  # a stand-in put in the release's dtypes
+        dtype = None if self.release_mix else dtype
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         self.use_bf16 = not fp32_compute and self.dtype is None
         self.layer_spec = layers
@@ -142,6 +147,8 @@ class GrootExtractor(Extractor):
             self.backbone = self._load_lerobot(resolve_checkpoint(self.ckpt, self.revision))
         if self.dtype is not None:
             self.backbone.to(dtype=self.dtype)
+        elif self.release_mix:
+            DTYPE_POLICY.apply(self.backbone)
         self.backbone = self.backbone.to(self.device).eval()
         eagle = self.backbone.eagle_model
         token = self.text.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -150,6 +157,18 @@ class GrootExtractor(Extractor):
                                f" per image, the model expects id {eagle.config.image_token_index}"
                                f" x {eagle.num_image_token}")
         return self
+
+    @property
+    def model(self):
+        """The module that runs (where dtype policies apply and provenance is read)."""
+        return self.backbone
+
+    def attention_implementation(self) -> str:
+        """Read from the modules that run; one name when language and vision agree."""
+        eagle = self.backbone.eagle_model
+        text = eagle.language_model.config._attn_implementation
+        vision = eagle.vision_model.config._attn_implementation
+        return text if text == vision else f"language {text}, vision {vision}"
 
     def _load_lerobot(self, directory: Path):
         try:
@@ -240,7 +259,9 @@ class GrootExtractor(Extractor):
             "dtype": next(lm.parameters()).dtype,
             "parameter_dtypes": parameter_dtypes(backbone, {"eagle_model": "eagle_model",
                                                             "eagle_linear": "eagle_linear"}),
-            "dtype_policy": "as given: --dtype, no autocast" if self.dtype is not None else DTYPE_POLICY,
+            "dtype_policy": ("as given: --dtype, no autocast" if self.dtype is not None
+                             else DTYPE_POLICY.summary),
+            "attn_implementation": self.attention_implementation(),
             "compute": "bfloat16 autocast" if self.use_bf16 else "no autocast",
             "assets": self.assets_label or str(self.assets),
             "image_path": f"[0,1] -> uint8 by truncation, bicubic to {self.image_size} when it "
@@ -248,10 +269,9 @@ class GrootExtractor(Extractor):
             "prompt_template": "Eagle chat template (assets' chat_template.json) over "
                                "[<image-1>, str([task])], generation prompt on",
             "image_tokens_per_image": self.text.tokens_per_tile,
-            "padding_side": "left",
+            "padding_side": self.text.tokenizer.padding_side,
             "task_per_row": "each sample its own task (LeRobot 0.4.4's pack step gives a batch "
                             "its first task)",
-            "state_in_input": False,
             "state_input": "none: GR00T's backbone never sees the state (only the action head "
                            "does)",
             "pooling_mask": "eagle attention_mask (every valid prompt token, images included)",
@@ -289,6 +309,7 @@ SPEC = FamilySpec(
                "(its use_bf16=False)"),
     ),
     final_norm_paths={"groot": (NORM_PATH,)},
+    dtype_policy=DTYPE_POLICY,
     demo=(("groot-tiny", "tiny", {"split_modalities": True, "layers": "all"}),),
     **SPEC_FIELDS,
 )

@@ -46,7 +46,7 @@ def test_extract_tiny_writes_features_with_provenance(data_dirs, tmp_path):
     feats, meta = run_extract(data_dirs[0], tmp_path / "out")
     assert feats.shape == (6, 64) and torch.isfinite(feats).all()
     assert meta["family"] == "groot" and meta["model"] == "tiny"
-    assert meta["state_in_input"] is False and meta["dtype"] == "float32"
+    assert not any(meta["state_in_input"].values()) and meta["dtype"] == "float32"
     assert meta["language_layers_run"] == meta["select_layer"] == standin.SELECT_LAYER
     assert meta["extraction_point"].endswith("backbone.eagle_model.language_model.model.norm")
     assert meta["observed"]["image_tokens"] == [4] and meta["observed"]["padding_side"] == ["left"]
