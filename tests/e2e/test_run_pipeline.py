@@ -15,6 +15,7 @@ from tests.dense_reference import dense_cknna, dense_shared_scores
 DEMO_MODELS = {"spatialvla-tiny", "pi0-lerobot-tiny", "starvla-qwen2.5-vl-tiny",
                "starvla-qwen3-vl-tiny", "paligemma-tiny-layer-sweep",
                "openvla-tiny", "smolvla-tiny", "pi05-tiny", "pi0-fast-tiny", "groot-tiny"}
+ACTION_MODELS = ("pi0-lerobot-tiny", "openvla-tiny", "smolvla-tiny")  # the demo's action_repr rows
 
 
 def unit_rows(x):
@@ -106,7 +107,7 @@ def test_demo_shows_the_modality_split_action_views_and_every_familys_layers(dem
         folder = out / "features" / name
         load = lambda f: l2_rows(torch.load(folder / f, weights_only=True))  # noqa: E731
         files = {"full": "feats_A.pt", "image": "feats_A_img.pt", "text": "feats_A_txt.pt"}
-        if name in ("pi0-lerobot-tiny", "openvla-tiny", "smolvla-tiny"):  # action streams
+        if name in ACTION_MODELS:
             files["action"] = "feats_action.pt"
         assert views["views"] == list(files)
         text = torch.load(folder / files["text"], weights_only=True)
@@ -286,7 +287,10 @@ def test_every_value_has_its_chance_level_in_the_json_and_the_html(demo):
     res = json.loads((out / "results.json").read_text())
     page = html_mod.unescape((out / "report.html").read_text())
     found = list(cknna_values(res))
-    assert len(found) == 5 * 3 * (2 + 5) + 3 * 5 * 3 + 16 * 3  # models x k x settings, ...
+    n_layers = sum(len(by_layer) for by_layer in res["layers"].values())
+    views = 3 * len(DEMO_MODELS) + len(ACTION_MODELS)  # full, image, text (+ action)
+    # models x k x (main, other setting, 5 horizons), views x k, layers x k
+    assert len(found) == len(DEMO_MODELS) * 3 * (2 + 5) + views * 3 + n_layers * 3
     mt = res["_meta"]["multiple_testing"]
     assert mt["method"] == "Benjamini-Hochberg" and mt["family_size"] == len(found)
     for where, value, rec in found:
