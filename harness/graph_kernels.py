@@ -1,0 +1,464 @@
+"""Compiled kernels (numba, CPU) for the metric's per-edge work, one pass each:
+
+- `build`: the order-invariant tie graphs of several k at once (one edge list, one weight
+  row per k), over all samples or over a subset, from neighbour lists searched once;
+- `hsic`: the unbiased HSIC sums of two such graphs with M = min(w_A, w_B), for the
+  identity or for a batch of relabellings of A (the permutation null).
+
+Graphs are host (NumPy) arrays. On CUDA the callers copy lists and features to the host
+once per space; the searches stay on the device.
+
+Float64 products x_i . x_j are summed in a free order (agreement with the dense float64
+definition to ~1e-15, not bit-for-bit with a torch reduction); the same pair always gives
+the same bits, so duplicate rows tie exactly wherever they sit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit, prange
+
+ROWS_PER_CHUNK = 256  # rows per parallel work item of `build`
+SUM_CHUNK = 1024  # rows per partial sum of `hsic`: fixed, so the order never follows threads
+
+
+@dataclass(frozen=True)
+class UnionGraph:
+    """Weighted kNN graphs for the k in `ks` on n nodes, as one edge list: row i's edges are
+    ptr[i]:ptr[i+1], neighbours `dst` ascending, float64 similarity `val`, weight w[q, e]
+    under ks[q] (0 where the edge belongs to another k only). `crossing[q]`: rows whose
+    tie crosses the k-th place; `short[q]`: rows whose list held fewer than k candidates
+    (scored again against every candidate)."""
+
+    ptr: np.ndarray
+    dst: np.ndarray
+    val: np.ndarray
+    w: np.ndarray
+    n: int
+    ks: tuple
+    crossing: np.ndarray
+    short: np.ndarray
+
+    def at(self, k: int) -> int:
+        return self.ks.index(k)
+
+    def self_scale(self, k: int) -> float:
+        """Size of the trace term of the self-HSIC at k (a near-zero value counts as zero)."""
+        w = self.w[self.at(k)]
+        return float(((w * self.val) ** 2).sum()) / (self.n * (self.n - 3))
+
+
+@njit(cache=True, fastmath={"reassoc", "contract"})
+def _dot(x, i, j):
+    """x_i . x_j in float64 (the operand order cannot change the bits: x_j . x_i is equal)."""
+    s = 0.0
+    for t in range(x.shape[1]):
+        s += np.float64(x[i, t]) * np.float64(x[j, t])
+    return s
+
+
+@njit(cache=True)
+def _exact(x, idx, memo, i, pos):
+    v = memo[i, pos]
+    if v != v:  # NaN: not computed yet (each row is only ever touched by one thread)
+        v = _dot(x, i, idx[i, pos])
+        memo[i, pos] = v
+    return v
+
+
+@njit(cache=True)
+def _sort_row(dst, val, w, lo, hi):
+    """Insertion sort of one row's edges by neighbour (rows are short)."""
+    for a in range(lo + 1, hi):
+        d, v = dst[a], val[a]
+        ws = w[:, a].copy()
+        b = a - 1
+        while b >= lo and dst[b] > d:
+            dst[b + 1], val[b + 1] = dst[b], val[b]
+            w[:, b + 1] = w[:, b]
+            b -= 1
+        dst[b + 1], val[b + 1] = d, v
+        w[:, b + 1] = ws
+
+
+@njit(cache=True)
+def _tie_weights(vals, count, k, n_above, tol, ranked):
+    """Row i's k-th largest value s among vals[:count] (known to lie there, with n_above
+    candidates known to be above all of them), and the tie: (s, share, n_up, n_tied)."""
+    ranked[:count] = -np.sort(-vals[:count])
+    need = min(max(k - n_above - 1, 0), count - 1)
+    s = ranked[need]
+    above, tied = 0, 0
+    for t in range(count):
+        if vals[t] > s + tol:
+            above += 1
+        elif abs(vals[t] - s) <= tol:
+            tied += 1
+    n_up = n_above + above
+    return s, (k - n_up) / max(tied, 1), n_up, tied
+
+
+@njit(cache=True)
+def _weight(v, s, tol, share):
+    if v > s + tol:
+        return 1.0
+    if abs(v - s) <= tol:
+        return share
+    return 0.0
+
+
+@njit(cache=True)
+def _emit(wrow, dst, val, out_dst, out_val, out_w, at, write):
+    """An edge (1) if some k weighs it, written at `at` when `write`; else nothing (0)."""
+    if wrow.max() <= 0:
+        return 0
+    if write:
+        out_dst[at], out_val[at] = dst, val
+        out_w[:, at] = wrow
+    return 1
+
+
+@njit(cache=True)
+def _rescan_row(r, x, members, groups, ks, tol, sims, ranked, crossing_row,
+                out_dst, out_val, out_w, start, write):
+    """Row r against every member in float64 (its list may miss part of a tie)."""
+    i = members[r]
+    m = len(members)
+    valid = 0
+    for c in range(m):
+        j = members[c]
+        if c == r or (len(groups) > 0 and groups[j] == groups[i]):
+            sims[c] = -np.inf
+        else:
+            sims[c] = _dot(x, i, j)
+            valid += 1
+    nk = len(ks)
+    if valid < ks[nk - 1]:
+        return -1
+    s_k = np.empty(nk)
+    share_k = np.empty(nk)
+    for q in range(nk):
+        s_k[q], share_k[q], n_up, tied = _tie_weights(sims, m, ks[q], 0, tol, ranked)
+        crossing_row[q] = n_up + tied > ks[q]
+    count = 0
+    wrow = np.empty(nk)
+    for c in range(m):
+        if sims[c] == -np.inf:
+            continue
+        for q in range(nk):
+            wrow[q] = _weight(sims[c], s_k[q], tol, share_k[q])
+        count += _emit(wrow, c, sims[c], out_dst, out_val, out_w, start + count, write)
+    return count
+
+
+@njit(cache=True)
+def _row(r, x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma, full_lists,
+         maxnorm, kept_pos, kept_val, ex, sims, ranked, crossing_row, short_row,
+         out_dst, out_val, out_w, start, write):
+    """Row r's edges (written at `start` when `write`); returns their count, -1 when the row
+    has fewer than max(ks) candidates at all.
+
+    Search values are within gamma |x_i| max|x_j| of the truth, so only candidates within
+    `reach` of the listed k-th value can be tied or cross it: those are scored in float64
+    (every kept edge's value is the float64 product). A row whose k-th place or zone may
+    lie past its list is scored against every candidate (`_rescan_row`)."""
+    i = members[r]
+    scale = norms[i] * maxnorm
+    tol = rtol * scale
+    reach = 2 * gamma * scale + tol
+    length = idx.shape[1]
+    nk = len(ks)
+    kmax = ks[nk - 1]
+    cnt = 0
+    for pos in range(length):  # the list's subset members, best first, to the last zone's end
+        v = np.float64(vals[i, pos])
+        if v == -np.inf:
+            break
+        if local[idx[i, pos]] < 0:
+            continue
+        if cnt >= kmax and v < kept_val[kmax - 1] - reach:
+            break
+        kept_pos[cnt], kept_val[cnt] = pos, v
+        cnt += 1
+    last = -np.inf if full_lists else np.float64(vals[i, length - 1])
+    rescan = False
+    for q in range(nk):
+        short_row[q] = cnt < ks[q]
+        if cnt < ks[q] or last >= kept_val[ks[q] - 1] - reach:
+            rescan = True
+    if rescan:
+        return _rescan_row(r, x, members, groups, ks, tol, sims, ranked, crossing_row,
+                           out_dst, out_val, out_w, start, write)
+    n_above = np.empty(nk, np.int64)
+    zone_end = np.empty(nk, np.int64)
+    s_k = np.empty(nk)
+    share_k = np.empty(nk)
+    end = 0
+    for q in range(nk):
+        kth = kept_val[ks[q] - 1]
+        a = 0
+        while kept_val[a] > kth + reach:
+            a += 1
+        b = a
+        while b < cnt and kept_val[b] >= kth - reach:
+            b += 1
+        n_above[q], zone_end[q] = a, b
+        end = max(end, b)
+    for t in range(end):
+        ex[t] = _exact(x, idx, memo, i, kept_pos[t])
+    for q in range(nk):
+        a, b = n_above[q], zone_end[q]
+        s_k[q], share_k[q], n_up, tied = _tie_weights(ex[a:b], b - a, ks[q], a, tol, ranked)
+        crossing_row[q] = n_up + tied > ks[q]
+    count = 0
+    wrow = np.empty(nk)
+    for t in range(end):
+        for q in range(nk):
+            if t < n_above[q]:
+                wrow[q] = 1.0
+            elif t < zone_end[q]:
+                wrow[q] = _weight(ex[t], s_k[q], tol, share_k[q])
+            else:
+                wrow[q] = 0.0
+        count += _emit(wrow, local[idx[i, kept_pos[t]]], ex[t], out_dst, out_val, out_w,
+                       start + count, write)
+    if write:
+        _sort_row(out_dst, out_val, out_w, start, start + count)
+    return count
+
+
+@njit(cache=True, parallel=True)
+def _build(x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma, full_lists,
+           max_edges):
+    m, nk, length = len(members), len(ks), idx.shape[1]
+    maxnorm = 0.0
+    for r in range(m):
+        maxnorm = max(maxnorm, norms[members[r]])
+    counts = np.zeros(m + 1, np.int64)
+    crossing = np.zeros((m, nk), np.bool_)
+    short = np.zeros((m, nk), np.bool_)
+    chunks = (m + ROWS_PER_CHUNK - 1) // ROWS_PER_CHUNK
+    none_i = np.empty(0, np.int64)
+    none_f = np.empty(0)
+    none_w = np.empty((nk, 0))
+    for c in prange(chunks):  # pass 1: count each row's edges
+        kept_pos, kept_val = np.empty(length, np.int64), np.empty(length)
+        ex, sims, ranked = np.empty(length), np.empty(m), np.empty(max(m, length))
+        for r in range(c * ROWS_PER_CHUNK, min(m, (c + 1) * ROWS_PER_CHUNK)):
+            counts[r + 1] = _row(r, x, norms, idx, vals, memo, members, local, groups, ks, rtol,
+                                 gamma, full_lists, maxnorm, kept_pos, kept_val, ex, sims,
+                                 ranked, crossing[r], short[r], none_i, none_f, none_w, 0,
+                                 False)
+    ptr = np.cumsum(counts)
+    dst, val, w = np.empty(0, np.int64), np.empty(0), np.empty((nk, 0))
+    if counts.min() < 0 or ptr[m] > max_edges:
+        return False, ptr, dst, val, w, crossing.sum(axis=0), short.sum(axis=0)
+    dst, val, w = np.empty(ptr[m], np.int64), np.empty(ptr[m]), np.empty((nk, ptr[m]))
+    for c in prange(chunks):  # pass 2: write them (the products are memoised by now)
+        kept_pos, kept_val = np.empty(length, np.int64), np.empty(length)
+        ex, sims, ranked = np.empty(length), np.empty(m), np.empty(max(m, length))
+        for r in range(c * ROWS_PER_CHUNK, min(m, (c + 1) * ROWS_PER_CHUNK)):
+            _row(r, x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma,
+                 full_lists, maxnorm, kept_pos, kept_val, ex, sims, ranked, crossing[r],
+                 short[r], dst, val, w, ptr[r], True)
+    return True, ptr, dst, val, w, crossing.sum(axis=0), short.sum(axis=0)
+
+
+def build(x: np.ndarray, norms: np.ndarray, idx: np.ndarray, vals: np.ndarray, memo: np.ndarray,
+          ks, *, members: np.ndarray | None = None, groups: np.ndarray | None = None,
+          rtol: float, gamma: float, max_edges: int) -> UnionGraph:
+    """Tie graphs at every k in `ks` over `members` (sorted sample indices; all by default),
+    nodes numbered by position in `members`, from lists `idx`/`vals` (every sample's,
+    best first, -inf padding last) and the float64 products known so far (`memo`, NaN where
+    not yet computed; filled in here). `groups`: same-group pairs are never candidates."""
+    n = x.shape[0]
+    members = np.arange(n) if members is None else np.ascontiguousarray(members, np.int64)
+    local = np.full(n, -1, np.int64)
+    local[members] = np.arange(len(members))
+    ks = tuple(sorted(set(int(k) for k in ks)))
+    groups = np.empty(0, np.int64) if groups is None else np.ascontiguousarray(groups, np.int64)
+    full_lists = idx.shape[1] >= n - 1
+    ok, ptr, dst, val, w, crossing, short = _build(
+        x, norms, idx, vals, memo, members, local, groups, np.array(ks, np.int64), rtol, gamma,
+        full_lists, max_edges)
+    if not ok:
+        raise ValueError(f"k={ks[-1]}: some rows have fewer than k candidate neighbours, or "
+                         f"ties make the neighbour graph larger than {max_edges} edges (most "
+                         "rows tie with most others); the data are degenerate")
+    return UnionGraph(ptr, dst, val, w, len(members), ks, crossing, short)
+
+
+@njit(cache=True, parallel=True)
+def _from_lists(lists, values, ks):
+    m, kmax = lists.shape
+    nk = len(ks)
+    ptr = np.arange(m + 1) * kmax
+    dst, val, w = np.empty(m * kmax, np.int64), np.empty(m * kmax), np.zeros((nk, m * kmax))
+    for r in prange(m):
+        for t in range(kmax):
+            e = r * kmax + t
+            dst[e], val[e] = lists[r, t], values[r, t]
+            for q in range(nk):
+                w[q, e] = 1.0 if t < ks[q] and values[r, t] > -np.inf else 0.0
+        _sort_row(dst, val, w, r * kmax, (r + 1) * kmax)
+    return ptr, dst, val, w
+
+
+def from_lists(lists: np.ndarray, values: np.ndarray, ks) -> UnionGraph:
+    """The index rule's graphs: row r's first k listed neighbours (`lists`, node numbers)
+    weigh 1, with similarities `values` (float64)."""
+    ks = tuple(sorted(set(int(k) for k in ks)))
+    ptr, dst, val, w = _from_lists(np.ascontiguousarray(lists[:, :ks[-1]], np.int64),
+                                   np.ascontiguousarray(values[:, :ks[-1]], np.float64),
+                                   np.array(ks, np.int64))
+    zeros = np.zeros(len(ks), np.int64)
+    return UnionGraph(ptr, dst, val, w, len(lists), ks, zeros, zeros)
+
+
+@njit(cache=True, parallel=True)
+def products(x, rows, cols):
+    """Float64 x_rows[e] . x_cols[e] for every pair e."""
+    out = np.empty(len(rows))
+    for e in prange(len(rows)):
+        out[e] = _dot(x, rows[e], cols[e])
+    return out
+
+
+# ---------------------------------------------------------------- HSIC sums
+
+
+@njit(cache=True)
+def _find(ptr, dst, row, col):
+    lo, hi = ptr[row], ptr[row + 1]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if dst[mid] < col:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo if lo < ptr[row + 1] and dst[lo] == col else -1
+
+
+@njit(cache=True)
+def _rows(lo, hi, perm, a_ptr, a_dst, a_val, a_w, b_ptr, b_dst, b_val, b_w, mark, l_out, acc,
+          second):
+    """Rows lo:hi of B against A relabelled by `perm` (edge (i, j) of A[perm] is edge
+    (perm[i], perm[j]) of A), shared edges found through a mark of A's row.
+    First pass: acc[q] += (sum M K, sum M L, trace, sum M) and l_out[q, i] = sum_j M_ij L_ij.
+    Second pass (l_out complete): acc[q, 4] += sum over shared (i, j) of M_ij K_ij l_out[j],
+    i.e. 1'K~L~1 = sum_l (K~ into l)(L~ out of l)."""
+    nk = a_w.shape[0]
+    for i in range(lo, hi):
+        u = perm[i]
+        for ea in range(a_ptr[u], a_ptr[u + 1]):
+            mark[a_dst[ea]] = ea + 1
+        for eb in range(b_ptr[i], b_ptr[i + 1]):
+            j = b_dst[eb]
+            ea = mark[perm[j]] - 1
+            if ea < 0:
+                continue
+            ea2, eb2 = -1, -1
+            if not second:  # the reverse edge (j, i), shared too?
+                eb2 = _find(b_ptr, b_dst, j, i)
+                if eb2 >= 0:
+                    ea2 = _find(a_ptr, a_dst, perm[j], u)
+            for q in range(nk):
+                m = min(a_w[q, ea], b_w[q, eb])
+                if m <= 0:
+                    continue
+                mk = m * a_val[ea]
+                if second:
+                    acc[q, 4] += mk * l_out[q, j]
+                    continue
+                ml = m * b_val[eb]
+                acc[q, 0] += mk
+                acc[q, 1] += ml
+                acc[q, 3] += m
+                l_out[q, i] += ml
+                if ea2 >= 0:
+                    m2 = min(a_w[q, ea2], b_w[q, eb2])
+                    if m2 > 0:
+                        acc[q, 2] += mk * m2 * b_val[eb2]
+        for ea in range(a_ptr[u], a_ptr[u + 1]):
+            mark[a_dst[ea]] = 0
+
+
+@njit(cache=True)
+def _finish(parts, n):
+    """Per k: unbiased HSIC (Song et al. 2012, eq. 5) and sum M from chunk partials, added
+    in chunk order."""
+    nk = parts.shape[1]
+    out = np.empty((2, nk))
+    for q in range(nk):
+        tot = np.zeros(5)
+        for c in range(parts.shape[0]):
+            tot += parts[c, q]
+        hsic = tot[2] + tot[0] * tot[1] / ((n - 1) * (n - 2)) - 2 * tot[4] / (n - 2)
+        out[0, q], out[1, q] = hsic / (n * (n - 3)), tot[3]
+    return out
+
+
+@njit(cache=True)
+def _one(perm, a_ptr, a_dst, a_val, a_w, b_ptr, b_dst, b_val, b_w, chunks):
+    n, nk = len(perm), a_w.shape[0]
+    mark = np.zeros(n, np.int64)
+    l_out = np.zeros((nk, n))
+    parts = np.zeros((chunks, nk, 5))
+    for second in (False, True):
+        for c in range(chunks):
+            _rows(c * SUM_CHUNK, min(n, (c + 1) * SUM_CHUNK), perm, a_ptr, a_dst, a_val, a_w,
+                  b_ptr, b_dst, b_val, b_w, mark, l_out, parts[c], second)
+    return _finish(parts, n)
+
+
+@njit(cache=True, parallel=True)
+def _many(perms, a_ptr, a_dst, a_val, a_w, b_ptr, b_dst, b_val, b_w):
+    """Parallel over relabellings; each summed exactly as `_identity` would sum it."""
+    p, n = perms.shape
+    nk = a_w.shape[0]
+    chunks = (n + SUM_CHUNK - 1) // SUM_CHUNK
+    out = np.empty((p, 2, nk))
+    for d in prange(p):
+        out[d] = _one(perms[d], a_ptr, a_dst, a_val, a_w, b_ptr, b_dst, b_val, b_w, chunks)
+    return out
+
+
+@njit(cache=True, parallel=True)
+def _identity(a_ptr, a_dst, a_val, a_w, b_ptr, b_dst, b_val, b_w):
+    """One graph pair, parallel over row chunks (same chunk partials as `_many`)."""
+    n = len(a_ptr) - 1
+    nk = a_w.shape[0]
+    chunks = (n + SUM_CHUNK - 1) // SUM_CHUNK
+    perm = np.arange(n)
+    l_out = np.zeros((nk, n))
+    parts = np.zeros((chunks, nk, 5))
+    for second in (False, True):
+        for c in prange(chunks):
+            mark = np.zeros(n, np.int64)
+            _rows(c * SUM_CHUNK, min(n, (c + 1) * SUM_CHUNK), perm, a_ptr, a_dst, a_val, a_w,
+                  b_ptr, b_dst, b_val, b_w, mark, l_out, parts[c], second)
+    return _finish(parts, n)
+
+
+def _arrays(g: UnionGraph, ks):
+    rows = [g.at(k) for k in ks]
+    return g.ptr, g.dst, g.val, np.ascontiguousarray(g.w[rows])
+
+
+def hsic(ga: UnionGraph, gb: UnionGraph, ks, perms: np.ndarray | None = None):
+    """Unbiased HSIC of M*K_A and M*L_B, M = min(W_A, W_B), at each k in `ks`, and sum M:
+    arrays (len(ks),) for the graphs as they are, or (P, len(ks)) for A relabelled by each
+    row p of `perms` (A[p]: edge (i, j) weighs what (p[i], p[j]) weighs in A). An identity
+    row gives the same bits as `perms=None`."""
+    if ga.n != gb.n:
+        raise ValueError(f"graphs on {ga.n} and {gb.n} nodes")
+    if ga.n < 4:
+        raise ValueError(f"unbiased HSIC needs N >= 4 samples, got {ga.n}")
+    a, b = _arrays(ga, ks), _arrays(gb, ks)
+    if perms is None:
+        out = _identity(*a, *b)
+        return out[0], out[1]
+    out = _many(np.ascontiguousarray(perms, np.int64), *a, *b)
+    return out[:, 0], out[:, 1]
+
