@@ -14,6 +14,7 @@ the same bits, so duplicate rows tie exactly wherever they sit.
 """
 from __future__ import annotations
 
+from collections import namedtuple
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,15 +27,17 @@ SUM_CHUNK = 1024  # rows per partial sum of `hsic`: fixed, so the order never fo
 @dataclass(frozen=True)
 class UnionGraph:
     """Weighted kNN graphs for the k in `ks` on n nodes, as one edge list: row i's edges are
-    ptr[i]:ptr[i+1], neighbours `dst` ascending, float64 similarity `val`, weight w[q, e]
+    ptr[i]:ptr[i+1], neighbours `dst` ascending, float64 similarity `val`, weight w[e, q]
     under ks[q] (0 where the edge belongs to another k only). `crossing[q]`: rows whose
     tie crosses the k-th place; `short[q]`: rows whose list held fewer than k candidates
-    (scored again against every candidate)."""
+    (scored again against every candidate). rev[e]: the edge (j, i) of edge e = (i, j), -1
+    where there is none."""
 
     ptr: np.ndarray
     dst: np.ndarray
     val: np.ndarray
     w: np.ndarray
+    rev: np.ndarray
     n: int
     ks: tuple
     crossing: np.ndarray
@@ -45,7 +48,7 @@ class UnionGraph:
 
     def self_scale(self, k: int) -> float:
         """Size of the trace term of the self-HSIC at k (a near-zero value counts as zero)."""
-        w = self.w[self.at(k)]
+        w = self.w[:, self.at(k)]
         return float(((w * self.val) ** 2).sum()) / (self.n * (self.n - 3))
 
 
@@ -58,7 +61,7 @@ def _dot(x, i, j):
     return s
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _exact(x, idx, memo, i, pos):
     v = memo[i, pos]
     if v != v:  # NaN: not computed yet (each row is only ever touched by one thread)
@@ -69,26 +72,32 @@ def _exact(x, idx, memo, i, pos):
 
 @njit(cache=True)
 def _sort_row(dst, val, w, lo, hi):
-    """Insertion sort of one row's edges by neighbour (rows are short)."""
+    """Insertion sort of one row's edges by neighbour (rows are short, mostly sorted)."""
+    nk = w.shape[1]
     for a in range(lo + 1, hi):
+        if dst[a - 1] <= dst[a]:
+            continue
         d, v = dst[a], val[a]
-        ws = w[:, a].copy()
         b = a - 1
         while b >= lo and dst[b] > d:
-            dst[b + 1], val[b + 1] = dst[b], val[b]
-            w[:, b + 1] = w[:, b]
             b -= 1
+        for c in range(a, b + 1, -1):  # rotate b+1..a right by one
+            dst[c], val[c] = dst[c - 1], val[c - 1]
+            for q in range(nk):
+                w[c, q], w[c - 1, q] = w[c - 1, q], w[c, q]
         dst[b + 1], val[b + 1] = d, v
-        w[:, b + 1] = ws
 
 
-@njit(cache=True)
-def _tie_weights(vals, count, k, n_above, tol, ranked):
-    """Row i's k-th largest value s among vals[:count] (known to lie there, with n_above
-    candidates known to be above all of them), and the tie: (s, share, n_up, n_tied)."""
-    ranked[:count] = -np.sort(-vals[:count])
-    need = min(max(k - n_above - 1, 0), count - 1)
-    s = ranked[need]
+@njit(cache=True, inline="always")
+def _tie(vals, count, k, n_above, tol, ranked):
+    """Row i's k-th largest value s, known to be among vals[:count] with n_above candidates
+    above them all, and its tie: (s, share of each tied candidate, #above, #tied)."""
+    if count == 1:
+        s = vals[0]
+    else:
+        ranked[:count] = vals[:count]
+        ranked[:count].sort()
+        s = ranked[count - 1 - min(max(k - n_above - 1, 0), count - 1)]
     above, tied = 0, 0
     for t in range(count):
         if vals[t] > s + tol:
@@ -99,7 +108,7 @@ def _tie_weights(vals, count, k, n_above, tol, ranked):
     return s, (k - n_up) / max(tied, 1), n_up, tied
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _weight(v, s, tol, share):
     if v > s + tol:
         return 1.0
@@ -108,21 +117,22 @@ def _weight(v, s, tol, share):
     return 0.0
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _emit(wrow, dst, val, out_dst, out_val, out_w, at, write):
     """An edge (1) if some k weighs it, written at `at` when `write`; else nothing (0)."""
     if wrow.max() <= 0:
         return 0
     if write:
         out_dst[at], out_val[at] = dst, val
-        out_w[:, at] = wrow
+        out_w[at] = wrow
     return 1
 
 
 @njit(cache=True)
-def _rescan_row(r, x, members, groups, ks, tol, sims, ranked, crossing_row,
-                out_dst, out_val, out_w, start, write):
+def _rescan_row(r, x, members, groups, ks, tol, sc, crossing_row, out_dst, out_val, out_w, start,
+                write):
     """Row r against every member in float64 (its list may miss part of a tie)."""
+    sims, ranked, s_k, share_k, wrow = sc.sims, sc.ranked, sc.s_k, sc.share_k, sc.wrow
     i = members[r]
     m = len(members)
     valid = 0
@@ -136,13 +146,10 @@ def _rescan_row(r, x, members, groups, ks, tol, sims, ranked, crossing_row,
     nk = len(ks)
     if valid < ks[nk - 1]:
         return -1
-    s_k = np.empty(nk)
-    share_k = np.empty(nk)
     for q in range(nk):
-        s_k[q], share_k[q], n_up, tied = _tie_weights(sims, m, ks[q], 0, tol, ranked)
+        s_k[q], share_k[q], n_up, tied = _tie(sims, m, ks[q], 0, tol, ranked)
         crossing_row[q] = n_up + tied > ks[q]
     count = 0
-    wrow = np.empty(nk)
     for c in range(m):
         if sims[c] == -np.inf:
             continue
@@ -152,17 +159,29 @@ def _rescan_row(r, x, members, groups, ks, tol, sims, ranked, crossing_row,
     return count
 
 
+_Scratch = namedtuple("_Scratch", "kept_pos kept_val ex sims ranked n_above zone_end s_k share_k wrow")
+
+
+@njit(cache=True)
+def _scratch(length, m, nk):
+    """One thread's work arrays for `_row`."""
+    return _Scratch(np.empty(length, np.int64), np.empty(length), np.empty(length), np.empty(m),
+                    np.empty(max(m, length)), np.empty(nk, np.int64), np.empty(nk, np.int64),
+                    np.empty(nk), np.empty(nk), np.empty(nk))
+
+
 @njit(cache=True)
 def _row(r, x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma, full_lists,
-         maxnorm, kept_pos, kept_val, ex, sims, ranked, crossing_row, short_row,
-         out_dst, out_val, out_w, start, write):
+         maxnorm, sc, crossing_row, short_row, out_dst, out_val, out_w, start, write):
     """Row r's edges (written at `start` when `write`); returns their count, -1 when the row
     has fewer than max(ks) candidates at all.
 
     Search values are within gamma |x_i| max|x_j| of the truth, so only candidates within
     `reach` of the listed k-th value can be tied or cross it: those are scored in float64
-    (every kept edge's value is the float64 product). A row whose k-th place or zone may
-    lie past its list is scored against every candidate (`_rescan_row`)."""
+    (as is every kept edge's value). A row whose k-th place or tie zone may lie past its
+    list is scored against every candidate (`_rescan_row`)."""
+    kept_pos, kept_val, ex = sc.kept_pos, sc.kept_val, sc.ex
+    n_above, zone_end, s_k, share_k, wrow = sc.n_above, sc.zone_end, sc.s_k, sc.share_k, sc.wrow
     i = members[r]
     scale = norms[i] * maxnorm
     tol = rtol * scale
@@ -172,7 +191,7 @@ def _row(r, x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma, 
     kmax = ks[nk - 1]
     cnt = 0
     for pos in range(length):  # the list's subset members, best first, to the last zone's end
-        v = np.float64(vals[i, pos])
+        v = vals[i, pos]
         if v == -np.inf:
             break
         if local[idx[i, pos]] < 0:
@@ -181,19 +200,15 @@ def _row(r, x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma, 
             break
         kept_pos[cnt], kept_val[cnt] = pos, v
         cnt += 1
-    last = -np.inf if full_lists else np.float64(vals[i, length - 1])
+    last = -np.inf if full_lists else vals[i, length - 1]
     rescan = False
     for q in range(nk):
         short_row[q] = cnt < ks[q]
         if cnt < ks[q] or last >= kept_val[ks[q] - 1] - reach:
             rescan = True
     if rescan:
-        return _rescan_row(r, x, members, groups, ks, tol, sims, ranked, crossing_row,
-                           out_dst, out_val, out_w, start, write)
-    n_above = np.empty(nk, np.int64)
-    zone_end = np.empty(nk, np.int64)
-    s_k = np.empty(nk)
-    share_k = np.empty(nk)
+        return _rescan_row(r, x, members, groups, ks, tol, sc, crossing_row, out_dst, out_val,
+                           out_w, start, write)
     end = 0
     for q in range(nk):
         kth = kept_val[ks[q] - 1]
@@ -209,10 +224,9 @@ def _row(r, x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma, 
         ex[t] = _exact(x, idx, memo, i, kept_pos[t])
     for q in range(nk):
         a, b = n_above[q], zone_end[q]
-        s_k[q], share_k[q], n_up, tied = _tie_weights(ex[a:b], b - a, ks[q], a, tol, ranked)
+        s_k[q], share_k[q], n_up, tied = _tie(ex[a:b], b - a, ks[q], a, tol, sc.ranked)
         crossing_row[q] = n_up + tied > ks[q]
     count = 0
-    wrow = np.empty(nk)
     for t in range(end):
         for q in range(nk):
             if t < n_above[q]:
@@ -228,6 +242,27 @@ def _row(r, x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma, 
     return count
 
 
+@njit(cache=True, inline="always")
+def _find(ptr, dst, row, col):
+    lo, hi = ptr[row], ptr[row + 1]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if dst[mid] < col:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo if lo < ptr[row + 1] and dst[lo] == col else -1
+
+
+@njit(cache=True, parallel=True)
+def _reverse(ptr, dst):
+    rev = np.empty(len(dst), np.int64)
+    for i in prange(len(ptr) - 1):
+        for e in range(ptr[i], ptr[i + 1]):
+            rev[e] = _find(ptr, dst, dst[e], i)
+    return rev
+
+
 @njit(cache=True, parallel=True)
 def _build(x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma, full_lists,
            max_edges):
@@ -239,29 +274,22 @@ def _build(x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma, f
     crossing = np.zeros((m, nk), np.bool_)
     short = np.zeros((m, nk), np.bool_)
     chunks = (m + ROWS_PER_CHUNK - 1) // ROWS_PER_CHUNK
-    none_i = np.empty(0, np.int64)
-    none_f = np.empty(0)
-    none_w = np.empty((nk, 0))
+    dst, val, w = np.empty(0, np.int64), np.empty(0), np.empty((0, nk))
     for c in prange(chunks):  # pass 1: count each row's edges
-        kept_pos, kept_val = np.empty(length, np.int64), np.empty(length)
-        ex, sims, ranked = np.empty(length), np.empty(m), np.empty(max(m, length))
+        sc = _scratch(length, m, nk)
         for r in range(c * ROWS_PER_CHUNK, min(m, (c + 1) * ROWS_PER_CHUNK)):
             counts[r + 1] = _row(r, x, norms, idx, vals, memo, members, local, groups, ks, rtol,
-                                 gamma, full_lists, maxnorm, kept_pos, kept_val, ex, sims,
-                                 ranked, crossing[r], short[r], none_i, none_f, none_w, 0,
-                                 False)
+                                 gamma, full_lists, maxnorm, sc, crossing[r], short[r], dst,
+                                 val, w, 0, False)
     ptr = np.cumsum(counts)
-    dst, val, w = np.empty(0, np.int64), np.empty(0), np.empty((nk, 0))
     if counts.min() < 0 or ptr[m] > max_edges:
         return False, ptr, dst, val, w, crossing.sum(axis=0), short.sum(axis=0)
-    dst, val, w = np.empty(ptr[m], np.int64), np.empty(ptr[m]), np.empty((nk, ptr[m]))
+    dst, val, w = np.empty(ptr[m], np.int64), np.empty(ptr[m]), np.empty((ptr[m], nk))
     for c in prange(chunks):  # pass 2: write them (the products are memoised by now)
-        kept_pos, kept_val = np.empty(length, np.int64), np.empty(length)
-        ex, sims, ranked = np.empty(length), np.empty(m), np.empty(max(m, length))
+        sc = _scratch(length, m, nk)
         for r in range(c * ROWS_PER_CHUNK, min(m, (c + 1) * ROWS_PER_CHUNK)):
             _row(r, x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma,
-                 full_lists, maxnorm, kept_pos, kept_val, ex, sims, ranked, crossing[r],
-                 short[r], dst, val, w, ptr[r], True)
+                 full_lists, maxnorm, sc, crossing[r], short[r], dst, val, w, ptr[r], True)
     return True, ptr, dst, val, w, crossing.sum(axis=0), short.sum(axis=0)
 
 
@@ -286,7 +314,7 @@ def build(x: np.ndarray, norms: np.ndarray, idx: np.ndarray, vals: np.ndarray, m
         raise ValueError(f"k={ks[-1]}: some rows have fewer than k candidate neighbours, or "
                          f"ties make the neighbour graph larger than {max_edges} edges (most "
                          "rows tie with most others); the data are degenerate")
-    return UnionGraph(ptr, dst, val, w, len(members), ks, crossing, short)
+    return UnionGraph(ptr, dst, val, w, _reverse(ptr, dst), len(members), ks, crossing, short)
 
 
 @njit(cache=True, parallel=True)
@@ -294,13 +322,13 @@ def _from_lists(lists, values, ks):
     m, kmax = lists.shape
     nk = len(ks)
     ptr = np.arange(m + 1) * kmax
-    dst, val, w = np.empty(m * kmax, np.int64), np.empty(m * kmax), np.zeros((nk, m * kmax))
+    dst, val, w = np.empty(m * kmax, np.int64), np.empty(m * kmax), np.zeros((m * kmax, nk))
     for r in prange(m):
         for t in range(kmax):
             e = r * kmax + t
             dst[e], val[e] = lists[r, t], values[r, t]
             for q in range(nk):
-                w[q, e] = 1.0 if t < ks[q] and values[r, t] > -np.inf else 0.0
+                w[e, q] = 1.0 if t < ks[q] and values[r, t] > -np.inf else 0.0
         _sort_row(dst, val, w, r * kmax, (r + 1) * kmax)
     return ptr, dst, val, w
 
@@ -313,7 +341,7 @@ def from_lists(lists: np.ndarray, values: np.ndarray, ks) -> UnionGraph:
                                    np.ascontiguousarray(values[:, :ks[-1]], np.float64),
                                    np.array(ks, np.int64))
     zeros = np.zeros(len(ks), np.int64)
-    return UnionGraph(ptr, dst, val, w, len(lists), ks, zeros, zeros)
+    return UnionGraph(ptr, dst, val, w, _reverse(ptr, dst), len(lists), ks, zeros, zeros)
 
 
 @njit(cache=True, parallel=True)
@@ -329,26 +357,14 @@ def products(x, rows, cols):
 
 
 @njit(cache=True)
-def _find(ptr, dst, row, col):
-    lo, hi = ptr[row], ptr[row + 1]
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if dst[mid] < col:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo if lo < ptr[row + 1] and dst[lo] == col else -1
-
-
-@njit(cache=True)
-def _rows(lo, hi, perm, a_ptr, a_dst, a_val, a_w, b_ptr, b_dst, b_val, b_w, mark, l_out, acc,
-          second):
+def _rows(lo, hi, perm, a_ptr, a_dst, a_val, a_w, a_rev, b_ptr, b_dst, b_val, b_w, b_rev, mark,
+          l_out, acc, second):
     """Rows lo:hi of B against A relabelled by `perm` (edge (i, j) of A[perm] is edge
     (perm[i], perm[j]) of A), shared edges found through a mark of A's row.
     First pass: acc[q] += (sum M K, sum M L, trace, sum M) and l_out[q, i] = sum_j M_ij L_ij.
     Second pass (l_out complete): acc[q, 4] += sum over shared (i, j) of M_ij K_ij l_out[j],
     i.e. 1'K~L~1 = sum_l (K~ into l)(L~ out of l)."""
-    nk = a_w.shape[0]
+    nk = a_w.shape[1]
     for i in range(lo, hi):
         u = perm[i]
         for ea in range(a_ptr[u], a_ptr[u + 1]):
@@ -358,13 +374,10 @@ def _rows(lo, hi, perm, a_ptr, a_dst, a_val, a_w, b_ptr, b_dst, b_val, b_w, mark
             ea = mark[perm[j]] - 1
             if ea < 0:
                 continue
-            ea2, eb2 = -1, -1
-            if not second:  # the reverse edge (j, i), shared too?
-                eb2 = _find(b_ptr, b_dst, j, i)
-                if eb2 >= 0:
-                    ea2 = _find(a_ptr, a_dst, perm[j], u)
+            # The reverse edge (j, i): in B, and in A[perm] as (perm[j], perm[i]).
+            eb2, ea2 = b_rev[eb], a_rev[ea]
             for q in range(nk):
-                m = min(a_w[q, ea], b_w[q, eb])
+                m = min(a_w[ea, q], b_w[eb, q])
                 if m <= 0:
                     continue
                 mk = m * a_val[ea]
@@ -376,8 +389,8 @@ def _rows(lo, hi, perm, a_ptr, a_dst, a_val, a_w, b_ptr, b_dst, b_val, b_w, mark
                 acc[q, 1] += ml
                 acc[q, 3] += m
                 l_out[q, i] += ml
-                if ea2 >= 0:
-                    m2 = min(a_w[q, ea2], b_w[q, eb2])
+                if ea2 >= 0 and eb2 >= 0:
+                    m2 = min(a_w[ea2, q], b_w[eb2, q])
                     if m2 > 0:
                         acc[q, 2] += mk * m2 * b_val[eb2]
         for ea in range(a_ptr[u], a_ptr[u + 1]):
@@ -400,35 +413,35 @@ def _finish(parts, n):
 
 
 @njit(cache=True)
-def _one(perm, a_ptr, a_dst, a_val, a_w, b_ptr, b_dst, b_val, b_w, chunks):
-    n, nk = len(perm), a_w.shape[0]
+def _one(perm, a_ptr, a_dst, a_val, a_w, a_rev, b_ptr, b_dst, b_val, b_w, b_rev, chunks):
+    n, nk = len(perm), a_w.shape[1]
     mark = np.zeros(n, np.int64)
     l_out = np.zeros((nk, n))
     parts = np.zeros((chunks, nk, 5))
     for second in (False, True):
         for c in range(chunks):
             _rows(c * SUM_CHUNK, min(n, (c + 1) * SUM_CHUNK), perm, a_ptr, a_dst, a_val, a_w,
-                  b_ptr, b_dst, b_val, b_w, mark, l_out, parts[c], second)
+                  a_rev, b_ptr, b_dst, b_val, b_w, b_rev, mark, l_out, parts[c], second)
     return _finish(parts, n)
 
 
 @njit(cache=True, parallel=True)
-def _many(perms, a_ptr, a_dst, a_val, a_w, b_ptr, b_dst, b_val, b_w):
+def _many(perms, a_ptr, a_dst, a_val, a_w, a_rev, b_ptr, b_dst, b_val, b_w, b_rev):
     """Parallel over relabellings; each summed exactly as `_identity` would sum it."""
     p, n = perms.shape
-    nk = a_w.shape[0]
+    nk = a_w.shape[1]
     chunks = (n + SUM_CHUNK - 1) // SUM_CHUNK
     out = np.empty((p, 2, nk))
     for d in prange(p):
-        out[d] = _one(perms[d], a_ptr, a_dst, a_val, a_w, b_ptr, b_dst, b_val, b_w, chunks)
+        out[d] = _one(perms[d], a_ptr, a_dst, a_val, a_w, a_rev, b_ptr, b_dst, b_val, b_w, b_rev, chunks)
     return out
 
 
 @njit(cache=True, parallel=True)
-def _identity(a_ptr, a_dst, a_val, a_w, b_ptr, b_dst, b_val, b_w):
+def _identity(a_ptr, a_dst, a_val, a_w, a_rev, b_ptr, b_dst, b_val, b_w, b_rev):
     """One graph pair, parallel over row chunks (same chunk partials as `_many`)."""
     n = len(a_ptr) - 1
-    nk = a_w.shape[0]
+    nk = a_w.shape[1]
     chunks = (n + SUM_CHUNK - 1) // SUM_CHUNK
     perm = np.arange(n)
     l_out = np.zeros((nk, n))
@@ -437,13 +450,13 @@ def _identity(a_ptr, a_dst, a_val, a_w, b_ptr, b_dst, b_val, b_w):
         for c in prange(chunks):
             mark = np.zeros(n, np.int64)
             _rows(c * SUM_CHUNK, min(n, (c + 1) * SUM_CHUNK), perm, a_ptr, a_dst, a_val, a_w,
-                  b_ptr, b_dst, b_val, b_w, mark, l_out, parts[c], second)
+                  a_rev, b_ptr, b_dst, b_val, b_w, b_rev, mark, l_out, parts[c], second)
     return _finish(parts, n)
 
 
 def _arrays(g: UnionGraph, ks):
     rows = [g.at(k) for k in ks]
-    return g.ptr, g.dst, g.val, np.ascontiguousarray(g.w[rows])
+    return g.ptr, g.dst, g.val, np.ascontiguousarray(g.w[:, rows]), g.rev
 
 
 def hsic(ga: UnionGraph, gb: UnionGraph, ks, perms: np.ndarray | None = None):

@@ -227,7 +227,7 @@ class Graph:
 
 def graph_at(g: graph_kernels.UnionGraph, k: int) -> Graph:
     """One k's graph out of a union of graphs."""
-    w = g.w[g.at(k)]
+    w = g.w[:, g.at(k)]
     keep = w > 0
     src = np.repeat(np.arange(g.n), np.diff(g.ptr))[keep]
     return Graph(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (src, g.dst[keep], g.val[keep], w[keep])),
