@@ -14,14 +14,15 @@ the same bits, so duplicate rows tie exactly wherever they sit.
 """
 from __future__ import annotations
 
+import types
 from collections import namedtuple
 from dataclasses import dataclass
 
 import numpy as np
+import numba
 from numba import njit, prange
 
 ROWS_PER_CHUNK = 256  # rows per parallel work item of `build`
-SUM_CHUNK = 1024  # rows per partial sum of `hsic`: fixed, so the order never follows threads
 
 
 @dataclass(frozen=True)
@@ -254,16 +255,15 @@ def _find(ptr, dst, row, col):
     return lo if lo < ptr[row + 1] and dst[lo] == col else -1
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True)
 def _reverse(ptr, dst):
     rev = np.empty(len(dst), np.int64)
-    for i in prange(len(ptr) - 1):
+    for i in range(len(ptr) - 1):
         for e in range(ptr[i], ptr[i + 1]):
             rev[e] = _find(ptr, dst, dst[e], i)
     return rev
 
 
-@njit(cache=True, parallel=True)
 def _build(x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma, full_lists,
            max_edges):
     m, nk, length = len(members), len(ks), idx.shape[1]
@@ -293,13 +293,29 @@ def _build(x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma, f
     return True, ptr, dst, val, w, crossing.sum(axis=0), short.sum(axis=0)
 
 
+def _compiled(f, name, **options):
+    """`f` compiled under its own name (its own cache entry) with `options`."""
+    g = types.FunctionType(f.__code__, f.__globals__, name, f.__defaults__, f.__closure__)
+    g.__qualname__ = name
+    return njit(cache=True, **options)(g)
+
+
+# Parallel over rows (one graph over all samples), or one thread (`nogil`: a subset's
+# graph, many subsets side by side in Python threads).
+_build_rows = _compiled(_build, "_build_rows", parallel=True)
+_build_one = _compiled(_build, "_build_one", nogil=True)
+
+
 def build(x: np.ndarray, norms: np.ndarray, idx: np.ndarray, vals: np.ndarray, memo: np.ndarray,
           ks, *, members: np.ndarray | None = None, groups: np.ndarray | None = None,
-          rtol: float, gamma: float, max_edges: int) -> UnionGraph:
+          rtol: float, gamma: float, max_edges: int, parallel: bool = True) -> UnionGraph:
     """Tie graphs at every k in `ks` over `members` (sorted sample indices; all by default),
     nodes numbered by position in `members`, from lists `idx`/`vals` (every sample's,
     best first, -inf padding last) and the float64 products known so far (`memo`, NaN where
-    not yet computed; filled in here). `groups`: same-group pairs are never candidates."""
+    not yet computed; filled in here). `groups`: same-group pairs are never candidates.
+    `parallel=False` runs on the calling thread only, without holding the GIL; threads
+    building graphs of one space at once may both compute a product and store it (the
+    same bits, one aligned 8-byte store each)."""
     n = x.shape[0]
     members = np.arange(n) if members is None else np.ascontiguousarray(members, np.int64)
     local = np.full(n, -1, np.int64)
@@ -307,7 +323,7 @@ def build(x: np.ndarray, norms: np.ndarray, idx: np.ndarray, vals: np.ndarray, m
     ks = tuple(sorted(set(int(k) for k in ks)))
     groups = np.empty(0, np.int64) if groups is None else np.ascontiguousarray(groups, np.int64)
     full_lists = idx.shape[1] >= n - 1
-    ok, ptr, dst, val, w, crossing, short = _build(
+    ok, ptr, dst, val, w, crossing, short = (_build_rows if parallel else _build_one)(
         x, norms, idx, vals, memo, members, local, groups, np.array(ks, np.int64), rtol, gamma,
         full_lists, max_edges)
     if not ok:
@@ -317,13 +333,13 @@ def build(x: np.ndarray, norms: np.ndarray, idx: np.ndarray, vals: np.ndarray, m
     return UnionGraph(ptr, dst, val, w, _reverse(ptr, dst), len(members), ks, crossing, short)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True)
 def _from_lists(lists, values, ks):
     m, kmax = lists.shape
     nk = len(ks)
     ptr = np.arange(m + 1) * kmax
     dst, val, w = np.empty(m * kmax, np.int64), np.empty(m * kmax), np.zeros((m * kmax, nk))
-    for r in prange(m):
+    for r in range(m):
         for t in range(kmax):
             e = r * kmax + t
             dst[e], val[e] = lists[r, t], values[r, t]
@@ -344,11 +360,11 @@ def from_lists(lists: np.ndarray, values: np.ndarray, ks) -> UnionGraph:
     return UnionGraph(ptr, dst, val, w, _reverse(ptr, dst), len(lists), ks, zeros, zeros)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True)
 def products(x, rows, cols):
     """Float64 x_rows[e] . x_cols[e] for every pair e."""
     out = np.empty(len(rows))
-    for e in prange(len(rows)):
+    for e in range(len(rows)):
         out[e] = _dot(x, rows[e], cols[e])
     return out
 
@@ -397,61 +413,31 @@ def _rows(lo, hi, perm, a_ptr, a_dst, a_val, a_w, a_rev, b_ptr, b_dst, b_val, b_
             mark[a_dst[ea]] = 0
 
 
-@njit(cache=True)
-def _finish(parts, n):
-    """Per k: unbiased HSIC (Song et al. 2012, eq. 5) and sum M from chunk partials, added
-    in chunk order."""
-    nk = parts.shape[1]
-    out = np.empty((2, nk))
-    for q in range(nk):
-        tot = np.zeros(5)
-        for c in range(parts.shape[0]):
-            tot += parts[c, q]
-        hsic = tot[2] + tot[0] * tot[1] / ((n - 1) * (n - 2)) - 2 * tot[4] / (n - 2)
-        out[0, q], out[1, q] = hsic / (n * (n - 3)), tot[3]
-    return out
-
-
-@njit(cache=True)
-def _one(perm, a_ptr, a_dst, a_val, a_w, a_rev, b_ptr, b_dst, b_val, b_w, b_rev, chunks):
+@njit(cache=True, nogil=True)
+def _one(perm, a_ptr, a_dst, a_val, a_w, a_rev, b_ptr, b_dst, b_val, b_w, b_rev):
+    """Per k: unbiased HSIC (Song et al. 2012, eq. 5) of A[perm] and B, and sum M."""
     n, nk = len(perm), a_w.shape[1]
     mark = np.zeros(n, np.int64)
     l_out = np.zeros((nk, n))
-    parts = np.zeros((chunks, nk, 5))
-    for second in (False, True):
-        for c in range(chunks):
-            _rows(c * SUM_CHUNK, min(n, (c + 1) * SUM_CHUNK), perm, a_ptr, a_dst, a_val, a_w,
-                  a_rev, b_ptr, b_dst, b_val, b_w, b_rev, mark, l_out, parts[c], second)
-    return _finish(parts, n)
+    acc = np.zeros((nk, 5))
+    _rows(0, n, perm, a_ptr, a_dst, a_val, a_w, a_rev, b_ptr, b_dst, b_val, b_w, b_rev, mark,
+          l_out, acc, False)
+    _rows(0, n, perm, a_ptr, a_dst, a_val, a_w, a_rev, b_ptr, b_dst, b_val, b_w, b_rev, mark,
+          l_out, acc, True)
+    out = np.empty((2, nk))
+    for q in range(nk):
+        hsic = acc[q, 2] + acc[q, 0] * acc[q, 1] / ((n - 1) * (n - 2)) - 2 * acc[q, 4] / (n - 2)
+        out[0, q], out[1, q] = hsic / (n * (n - 3)), acc[q, 3]
+    return out
 
 
 @njit(cache=True, parallel=True)
 def _many(perms, a_ptr, a_dst, a_val, a_w, a_rev, b_ptr, b_dst, b_val, b_w, b_rev):
-    """Parallel over relabellings; each summed exactly as `_identity` would sum it."""
-    p, n = perms.shape
-    nk = a_w.shape[1]
-    chunks = (n + SUM_CHUNK - 1) // SUM_CHUNK
-    out = np.empty((p, 2, nk))
-    for d in prange(p):
-        out[d] = _one(perms[d], a_ptr, a_dst, a_val, a_w, a_rev, b_ptr, b_dst, b_val, b_w, b_rev, chunks)
+    """`_one` for every row of perms, in parallel."""
+    out = np.empty((perms.shape[0], 2, a_w.shape[1]))
+    for d in prange(perms.shape[0]):
+        out[d] = _one(perms[d], a_ptr, a_dst, a_val, a_w, a_rev, b_ptr, b_dst, b_val, b_w, b_rev)
     return out
-
-
-@njit(cache=True, parallel=True)
-def _identity(a_ptr, a_dst, a_val, a_w, a_rev, b_ptr, b_dst, b_val, b_w, b_rev):
-    """One graph pair, parallel over row chunks (same chunk partials as `_many`)."""
-    n = len(a_ptr) - 1
-    nk = a_w.shape[1]
-    chunks = (n + SUM_CHUNK - 1) // SUM_CHUNK
-    perm = np.arange(n)
-    l_out = np.zeros((nk, n))
-    parts = np.zeros((chunks, nk, 5))
-    for second in (False, True):
-        for c in prange(chunks):
-            mark = np.zeros(n, np.int64)
-            _rows(c * SUM_CHUNK, min(n, (c + 1) * SUM_CHUNK), perm, a_ptr, a_dst, a_val, a_w,
-                  a_rev, b_ptr, b_dst, b_val, b_w, b_rev, mark, l_out, parts[c], second)
-    return _finish(parts, n)
 
 
 def _arrays(g: UnionGraph, ks):
@@ -462,16 +448,22 @@ def _arrays(g: UnionGraph, ks):
 def hsic(ga: UnionGraph, gb: UnionGraph, ks, perms: np.ndarray | None = None):
     """Unbiased HSIC of M*K_A and M*L_B, M = min(W_A, W_B), at each k in `ks`, and sum M:
     arrays (len(ks),) for the graphs as they are, or (P, len(ks)) for A relabelled by each
-    row p of `perms` (A[p]: edge (i, j) weighs what (p[i], p[j]) weighs in A). An identity
-    row gives the same bits as `perms=None`."""
+    row p of `perms` (A[p]: edge (i, j) weighs what (p[i], p[j]) weighs in A), in
+    parallel. Both are one `_one` per relabelling: an identity row gives the bits of
+    `perms=None`."""
     if ga.n != gb.n:
         raise ValueError(f"graphs on {ga.n} and {gb.n} nodes")
     if ga.n < 4:
         raise ValueError(f"unbiased HSIC needs N >= 4 samples, got {ga.n}")
     a, b = _arrays(ga, ks), _arrays(gb, ks)
-    if perms is None:
-        out = _identity(*a, *b)
+    if perms is None:  # on the calling thread (callers run many pairs side by side)
+        out = _one(np.arange(ga.n), *a, *b)
         return out[0], out[1]
     out = _many(np.ascontiguousarray(perms, np.int64), *a, *b)
     return out[:, 0], out[:, 1]
 
+
+
+def threads() -> int:
+    """Threads the kernels use (numba's setting: NUMBA_NUM_THREADS, default every core)."""
+    return numba.get_num_threads()

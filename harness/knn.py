@@ -250,12 +250,13 @@ class HostLists:
 
     def tie_graphs(self, ks, members: torch.Tensor | None = None,
                    groups: torch.Tensor | None = None) -> graph_kernels.UnionGraph:
-        """`tie_graph` at every k in ks, over all samples or the sorted `members` only."""
+        """`tie_graph` at every k in ks, over all samples (in parallel) or the sorted
+        `members` only (on the calling thread: subsets run side by side)."""
         return graph_kernels.build(
             self.x, self.norms, self.indices, self.values, self.memo, ks,
             members=None if members is None else members.cpu().numpy(),
             groups=None if groups is None else groups.cpu().numpy(),
-            rtol=TIE_RTOL, gamma=self.gamma, max_edges=MAX_GRAPH_EDGES)
+            rtol=TIE_RTOL, gamma=self.gamma, max_edges=MAX_GRAPH_EDGES, parallel=members is None)
 
     def list_graphs(self, ks, lists: Neighbours | None = None,
                     members: torch.Tensor | None = None) -> graph_kernels.UnionGraph:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -170,26 +171,33 @@ def subsample_table(spaces_a: list[Space], sb: Space, ks: list[int],
     Subset by subset, B's graphs (every k in one edge list) and self terms are built once
     for all models, and each model's graphs once for all k."""
     ks = tuple(sorted(set(int(k) for k in ks)))
-    values = [{k: [] for k in ks} for _ in spaces_a]
-    redone = [{k: 0 for k in ks} for _ in spaces_a]
     nan = float("nan")
+
+    def one_subset(subset):  # compiled kernels without the GIL: subsets run side by side
+        gb = rb = self_b = None
+        if not sb.degenerate:
+            gb, rb = sb.subset_graphs(subset, ks)
+            self_b = self_terms(gb, ks)
+        out = []
+        for sa in spaces_a:
+            if sa.degenerate or sb.degenerate:
+                out.append(({k: Scores(k, nan, nan, nan, nan, nan) for k in ks}, {k: 0 for k in ks}))
+                continue
+            ga, ra = sa.subset_graphs(subset, ks)
+            out.append((graph_scores(ga, gb, ks, self_b=self_b),
+                        {k: ra[k] + (rb[k] if rb else 0) for k in ks}))
+        return out
+
+    for space in (sb, *spaces_a):  # made once here, not by racing threads
+        if not space.degenerate:
+            space.host
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        for subset in draws:
-            gb = rb = self_b = None
-            if not sb.degenerate:
-                gb, rb = sb.subset_graphs(subset, ks)
-                self_b = self_terms(gb, ks)
-            for i, sa in enumerate(spaces_a):
-                if sa.degenerate or sb.degenerate:
-                    scores = {k: Scores(k, nan, nan, nan, nan, nan) for k in ks}
-                    ra = {k: 0 for k in ks}
-                else:
-                    ga, ra = sa.subset_graphs(subset, ks)
-                    scores = graph_scores(ga, gb, ks, self_b=self_b)
-                for k in ks:
-                    values[i][k].append(scores[k] if keep_scores else scores[k].cknna)
-                    redone[i][k] += ra[k] + (rb[k] if rb else 0)
+        with ThreadPoolExecutor(graph_kernels.threads()) as pool:
+            per_subset = list(pool.map(one_subset, draws))
+    values = [{k: [s[i][0][k] if keep_scores else s[i][0][k].cknna for s in per_subset] for k in ks}
+              for i in range(len(spaces_a))]
+    redone = [{k: sum(s[i][1][k] for s in per_subset) for k in ks} for i in range(len(spaces_a))]
     if keep_scores:
         return [{k: (values[i][k], redone[i][k]) for k in ks} for i in range(len(spaces_a))]
     return [{k: (torch.tensor(values[i][k], dtype=torch.float64), redone[i][k]) for k in ks}
