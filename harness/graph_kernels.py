@@ -121,11 +121,15 @@ def _weight(v, s, tol, share):
 @njit(cache=True, inline="always")
 def _emit(wrow, dst, val, out_dst, out_val, out_w, at, write):
     """An edge (1) if some k weighs it, written at `at` when `write`; else nothing (0)."""
-    if wrow.max() <= 0:
+    keep = False
+    for q in range(len(wrow)):  # plain loops: array methods and slice copies cost more here
+        keep = keep or wrow[q] > 0
+    if not keep:
         return 0
     if write:
         out_dst[at], out_val[at] = dst, val
-        out_w[at] = wrow
+        for q in range(len(wrow)):
+            out_w[at, q] = wrow[q]
     return 1
 
 
