@@ -390,16 +390,20 @@ def products(x, rows, cols):
 # ---------------------------------------------------------------- HSIC sums
 
 
-@njit(cache=True)
-def _rows(lo, hi, perm, a_ptr, a_dst, a_val, a_w, a_rev, b_ptr, b_dst, b_val, b_w, b_rev, mark,
-          l_out, acc, second):
-    """Rows lo:hi of B against A relabelled by `perm` (edge (i, j) of A[perm] is edge
-    (perm[i], perm[j]) of A), shared edges found through a mark of A's row.
-    First pass: acc[q] += (sum M K, sum M L, trace, sum M) and l_out[q, i] = sum_j M_ij L_ij.
-    Second pass (l_out complete): acc[q, 4] += sum over shared (i, j) of M_ij K_ij l_out[j],
-    i.e. 1'K~L~1 = sum_l (K~ into l)(L~ out of l)."""
-    nk = a_w.shape[1]
-    for i in range(lo, hi):
+@njit(cache=True, nogil=True)
+def _one(perm, a_ptr, a_dst, a_val, a_w, a_rev, b_ptr, b_dst, b_val, b_w, b_rev):
+    """Per k: unbiased HSIC (Song et al. 2012, eq. 5) of M*K_A[perm] and M*L_B, and sum M,
+    in one pass over B's rows. Edge (i, j) of A[perm] is edge (perm[i], perm[j]) of A:
+    A's row perm[i] is marked, B's row i looked up in the mark. With K~ = M*K, L~ = M*L:
+    tr(K~L~) = sum over shared (i, j) whose reverse is shared of M_ij K_ij M_ji L_ji (the
+    reverse edges are precomputed: (j, i) of B and (perm[j], perm[i]) of A);
+    1'K~1 = sum M K; 1'L~1 = sum M L; 1'K~L~1 = sum_l (K~ into l)(L~ out of l)."""
+    n, nk = len(perm), a_w.shape[1]
+    mark = np.zeros(n, np.int64)
+    k_into = np.zeros((nk, n))
+    l_out = np.zeros((nk, n))
+    acc = np.zeros((nk, 4))
+    for i in range(n):
         u = perm[i]
         for ea in range(a_ptr[u], a_ptr[u + 1]):
             mark[a_dst[ea]] = ea + 1
@@ -408,20 +412,16 @@ def _rows(lo, hi, perm, a_ptr, a_dst, a_val, a_w, a_rev, b_ptr, b_dst, b_val, b_
             ea = mark[perm[j]] - 1
             if ea < 0:
                 continue
-            # The reverse edge (j, i): in B, and in A[perm] as (perm[j], perm[i]).
             eb2, ea2 = b_rev[eb], a_rev[ea]
             for q in range(nk):
                 m = min(a_w[ea, q], b_w[eb, q])
                 if m <= 0:
                     continue
-                mk = m * a_val[ea]
-                if second:
-                    acc[q, 4] += mk * l_out[q, j]
-                    continue
-                ml = m * b_val[eb]
+                mk, ml = m * a_val[ea], m * b_val[eb]
                 acc[q, 0] += mk
                 acc[q, 1] += ml
                 acc[q, 3] += m
+                k_into[q, j] += mk
                 l_out[q, i] += ml
                 if ea2 >= 0 and eb2 >= 0:
                     m2 = min(a_w[ea2, q], b_w[eb2, q])
@@ -429,22 +429,12 @@ def _rows(lo, hi, perm, a_ptr, a_dst, a_val, a_w, a_rev, b_ptr, b_dst, b_val, b_
                         acc[q, 2] += mk * m2 * b_val[eb2]
         for ea in range(a_ptr[u], a_ptr[u + 1]):
             mark[a_dst[ea]] = 0
-
-
-@njit(cache=True, nogil=True)
-def _one(perm, a_ptr, a_dst, a_val, a_w, a_rev, b_ptr, b_dst, b_val, b_w, b_rev):
-    """Per k: unbiased HSIC (Song et al. 2012, eq. 5) of A[perm] and B, and sum M."""
-    n, nk = len(perm), a_w.shape[1]
-    mark = np.zeros(n, np.int64)
-    l_out = np.zeros((nk, n))
-    acc = np.zeros((nk, 5))
-    _rows(0, n, perm, a_ptr, a_dst, a_val, a_w, a_rev, b_ptr, b_dst, b_val, b_w, b_rev, mark,
-          l_out, acc, False)
-    _rows(0, n, perm, a_ptr, a_dst, a_val, a_w, a_rev, b_ptr, b_dst, b_val, b_w, b_rev, mark,
-          l_out, acc, True)
     out = np.empty((2, nk))
     for q in range(nk):
-        hsic = acc[q, 2] + acc[q, 0] * acc[q, 1] / ((n - 1) * (n - 2)) - 2 * acc[q, 4] / (n - 2)
+        cross = 0.0
+        for l in range(n):
+            cross += k_into[q, l] * l_out[q, l]
+        hsic = acc[q, 2] + acc[q, 0] * acc[q, 1] / ((n - 1) * (n - 2)) - 2 * cross / (n - 2)
         out[0, q], out[1, q] = hsic / (n * (n - 3)), acc[q, 3]
     return out
 
@@ -460,7 +450,8 @@ def _many(perms, a_ptr, a_dst, a_val, a_w, a_rev, b_ptr, b_dst, b_val, b_w, b_re
 
 def _arrays(g: UnionGraph, ks):
     rows = [g.at(k) for k in ks]
-    return g.ptr, g.dst, g.val, np.ascontiguousarray(g.w[:, rows]), g.rev
+    w = g.w if rows == list(range(len(g.ks))) else np.ascontiguousarray(g.w[:, rows])
+    return g.ptr, g.dst, g.val, w, g.rev
 
 
 def hsic(ga: UnionGraph, gb: UnionGraph, ks, perms: np.ndarray | None = None):
