@@ -23,6 +23,7 @@ import numba
 from numba import njit, prange
 
 ROWS_PER_CHUNK = 256  # rows per parallel work item of `build`
+SLAB_SPARE = 8  # edges a row may hold beyond max(k) before `build` computes it twice
 
 
 @dataclass(frozen=True)
@@ -133,14 +134,14 @@ def _weight(v, s, tol, share):
 
 
 @njit(cache=True, inline="always")
-def _emit(wrow, dst, val, out_dst, out_val, out_w, at, write):
-    """An edge (1) if some k weighs it, written at `at` when `write`; else nothing (0)."""
+def _emit(wrow, dst, val, out_dst, out_val, out_w, at, limit):
+    """An edge (1) if some k weighs it, written at `at` when below `limit`; else nothing (0)."""
     keep = False
     for q in range(len(wrow)):  # plain loops: array methods and slice copies cost more here
         keep = keep or wrow[q] > 0
     if not keep:
         return 0
-    if write:
+    if at < limit:
         out_dst[at], out_val[at] = dst, val
         for q in range(len(wrow)):
             out_w[at, q] = wrow[q]
@@ -149,7 +150,7 @@ def _emit(wrow, dst, val, out_dst, out_val, out_w, at, write):
 
 @njit(cache=True)
 def _rescan_row(r, x, members, groups, ks, tol, sc, crossing_row, out_dst, out_val, out_w, start,
-                write):
+                limit):
     """Row r against every member in float64 (its list may miss part of a tie)."""
     sims, ranked, s_k, share_k, wrow = sc.sims, sc.ranked, sc.s_k, sc.share_k, sc.wrow
     i = members[r]
@@ -174,7 +175,7 @@ def _rescan_row(r, x, members, groups, ks, tol, sc, crossing_row, out_dst, out_v
             continue
         for q in range(nk):
             wrow[q] = _weight(sims[c], s_k[q], tol, share_k[q])
-        count += _emit(wrow, c, sims[c], out_dst, out_val, out_w, start + count, write)
+        count += _emit(wrow, c, sims[c], out_dst, out_val, out_w, start + count, limit)
     return count
 
 
@@ -191,9 +192,10 @@ def _scratch(length, m, nk):
 
 @njit(cache=True)
 def _row(r, x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma, full_lists,
-         maxnorm, sc, crossing_row, short_row, out_dst, out_val, out_w, start, write):
-    """Row r's edges (written at `start` when `write`); returns their count, -1 when the row
-    has fewer than max(ks) candidates at all.
+         maxnorm, sc, crossing_row, short_row, out_dst, out_val, out_w, start, limit):
+    """Row r's edges (written from `start` on, those that fall below `limit`; rows are
+    written sorted when all fit); returns their count, -1 when the row has fewer than
+    max(ks) candidates at all.
 
     Search values are within gamma |x_i| max|x_j| of the truth, so only candidates within
     `reach` of the listed k-th value can be tied or cross it: those are scored in float64
@@ -227,7 +229,7 @@ def _row(r, x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma, 
             rescan = True
     if rescan:
         return _rescan_row(r, x, members, groups, ks, tol, sc, crossing_row, out_dst, out_val,
-                           out_w, start, write)
+                           out_w, start, limit)
     end = 0
     for q in range(nk):
         kth = kept_val[ks[q] - 1]
@@ -255,8 +257,8 @@ def _row(r, x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma, 
             else:
                 wrow[q] = 0.0
         count += _emit(wrow, local[idx[i, kept_pos[t]]], ex[t], out_dst, out_val, out_w,
-                       start + count, write)
-    if write:
+                       start + count, limit)
+    if start + count <= limit:
         _sort_row(out_dst, out_val, out_w, start, start + count)
     return count
 
@@ -292,22 +294,34 @@ def _build(x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma, f
     crossing = np.zeros((m, nk), np.bool_)
     short = np.zeros((m, nk), np.bool_)
     chunks = (m + ROWS_PER_CHUNK - 1) // ROWS_PER_CHUNK
-    dst, val, w = np.empty(0, np.int64), np.empty(0), np.empty((0, nk))
-    for c in prange(chunks):  # pass 1: count each row's edges
+    # Pass 1 writes each row into a slab of `cap` edges (enough without ties); pass 2
+    # copies the slabs into place and computes again only rows that overflowed theirs.
+    cap = ks[nk - 1] + SLAB_SPARE
+    tmp_dst, tmp_val = np.empty(m * cap, np.int64), np.empty(m * cap)
+    tmp_w = np.empty((m * cap, nk))
+    for c in prange(chunks):
         sc = _scratch(length, m, nk)
         for r in range(c * ROWS_PER_CHUNK, min(m, (c + 1) * ROWS_PER_CHUNK)):
             counts[r + 1] = _row(r, x, norms, idx, vals, memo, members, local, groups, ks, rtol,
-                                 gamma, full_lists, maxnorm, sc, crossing[r], short[r], dst,
-                                 val, w, 0, False)
+                                 gamma, full_lists, maxnorm, sc, crossing[r], short[r], tmp_dst,
+                                 tmp_val, tmp_w, r * cap, (r + 1) * cap)
     ptr = np.cumsum(counts)
     if counts.min() < 0 or ptr[m] > max_edges:
-        return False, ptr, dst, val, w, crossing.sum(axis=0), short.sum(axis=0)
+        return (False, ptr, tmp_dst[:0], tmp_val[:0], tmp_w[:0], crossing.sum(axis=0),
+                short.sum(axis=0))
     dst, val, w = np.empty(ptr[m], np.int64), np.empty(ptr[m]), np.empty((ptr[m], nk))
-    for c in prange(chunks):  # pass 2: write them (the products are memoised by now)
+    for c in prange(chunks):
         sc = _scratch(length, m, nk)
         for r in range(c * ROWS_PER_CHUNK, min(m, (c + 1) * ROWS_PER_CHUNK)):
-            _row(r, x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma,
-                 full_lists, maxnorm, sc, crossing[r], short[r], dst, val, w, ptr[r], True)
+            n_r = ptr[r + 1] - ptr[r]
+            if n_r <= cap:
+                dst[ptr[r]:ptr[r + 1]] = tmp_dst[r * cap:r * cap + n_r]
+                val[ptr[r]:ptr[r + 1]] = tmp_val[r * cap:r * cap + n_r]
+                w[ptr[r]:ptr[r + 1]] = tmp_w[r * cap:r * cap + n_r]
+            else:
+                _row(r, x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma,
+                     full_lists, maxnorm, sc, crossing[r], short[r], dst, val, w, ptr[r],
+                     ptr[r + 1])
     return True, ptr, dst, val, w, crossing.sum(axis=0), short.sum(axis=0)
 
 

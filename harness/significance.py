@@ -167,17 +167,9 @@ def long_list_length(k: int, fraction: float, n: int) -> int:
     return min(n - 1, int(math.ceil(3 * k / fraction)) + 8)
 
 
-def subset_scores(sa: Space, sb: Space, subset: torch.Tensor, k: int) -> tuple[Scores, int]:
-    """Scores of the two spaces restricted to `subset`, and rows searched again."""
-    table = subsample_table([sa], sb, [k], [subset], keep_scores=True)[0][k]
-    return table[0][0], table[1]
-
-
 def subsample_table(spaces_a: list[Space], sb: Space, ks: list[int],
-                    draws: list[torch.Tensor], keep_scores: bool = False
-                    ) -> list[dict[int, tuple[torch.Tensor, int]]]:
-    """For every model and k: CKNNA on each subset in `draws` and the rows searched again
-    (`keep_scores`: the whole `Scores` per subset instead of CKNNA).
+                    draws: list[torch.Tensor]) -> list[dict[int, tuple[torch.Tensor, int]]]:
+    """For every model and k: CKNNA on each subset in `draws` and the rows searched again.
 
     Subset by subset, B's graphs (every k in one edge list) and self terms are built once
     for all models, and each model's graphs once for all k."""
@@ -206,11 +198,8 @@ def subsample_table(spaces_a: list[Space], sb: Space, ks: list[int],
         warnings.simplefilter("ignore", RuntimeWarning)
         with ThreadPoolExecutor(graph_kernels.threads()) as pool:
             per_subset = list(pool.map(one_subset, draws))
-    values = [{k: [s[i][0][k] if keep_scores else s[i][0][k].cknna for s in per_subset] for k in ks}
-              for i in range(len(spaces_a))]
+    values = [{k: [s[i][0][k].cknna for s in per_subset] for k in ks} for i in range(len(spaces_a))]
     redone = [{k: sum(s[i][1][k] for s in per_subset) for k in ks} for i in range(len(spaces_a))]
-    if keep_scores:
-        return [{k: (values[i][k], redone[i][k]) for k in ks} for i in range(len(spaces_a))]
     return [{k: (torch.tensor(values[i][k], dtype=torch.float64), redone[i][k]) for k in ks}
             for i in range(len(spaces_a))]
 
