@@ -263,24 +263,35 @@ def _row(r, x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma, 
     return count
 
 
-@njit(cache=True, inline="always")
-def _find(ptr, dst, row, col):
-    lo, hi = ptr[row], ptr[row + 1]
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if dst[mid] < col:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo if lo < ptr[row + 1] and dst[lo] == col else -1
-
-
 @njit(cache=True, nogil=True)
 def _reverse(ptr, dst):
-    rev = np.empty(len(dst), np.int64)
-    for i in range(len(ptr) - 1):
+    """rev[e]: the edge (j, i) of each edge e = (i, j), -1 where there is none. In-edges are
+    bucketed by target (sources ascending, like each row's targets), then each row's out-
+    and in-edges are merged."""
+    n, e_count = len(ptr) - 1, len(dst)
+    in_ptr = np.zeros(n + 1, np.int64)
+    for e in range(e_count):
+        in_ptr[dst[e] + 1] += 1
+    in_ptr = np.cumsum(in_ptr)
+    fill = in_ptr[:n].copy()
+    in_src, in_edge = np.empty(e_count, np.int64), np.empty(e_count, np.int64)
+    for i in range(n):
         for e in range(ptr[i], ptr[i + 1]):
-            rev[e] = _find(ptr, dst, dst[e], i)
+            at = fill[dst[e]]
+            in_src[at], in_edge[at] = i, e
+            fill[dst[e]] += 1
+    rev = np.full(e_count, -1, np.int64)
+    for j in range(n):
+        a, b = ptr[j], in_ptr[j]
+        while a < ptr[j + 1] and b < in_ptr[j + 1]:
+            if dst[a] == in_src[b]:  # edge a = (j, i) reverses edge in_edge[b] = (i, j)
+                rev[in_edge[b]] = a
+                a += 1
+                b += 1
+            elif dst[a] < in_src[b]:
+                a += 1
+            else:
+                b += 1
     return rev
 
 
