@@ -2,7 +2,8 @@
 
 The reference (platonic-rep `metrics.py`, copied as the seed's `compute_cknna.py`) builds
 N x N kernels and masks and does three N^3 products per k. Every term it needs lives on
-the edges of the kNN mask, so here each term is a sum over edges (see `_hsic_on_edges`).
+the edges of the kNN mask, so here each term is a sum over edges, computed by the
+compiled kernels of `harness.graph_kernels` (`hsic`).
 Argument order matters: CKNNA(A, B) != CKNNA(B, A). Inputs are used as given; the
 reference callers L2-normalise rows first (the CLI does too).
 
@@ -24,111 +25,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from harness.knn import TIE_MARGIN, Graph, Neighbours, ZoneMemo, knn, tie_graph
+from harness import graph_kernels
+from harness.knn import TIE_MARGIN, Graph, HostLists, Neighbours, graph_at, knn, knn_among
 
 EPS = 1e-6  # the reference's denominator term; part of its value
-
-
-@dataclass(frozen=True)
-class Edges:
-    """A kNN mask as an edge list: sample src[e] has neighbour dst[e]; kernel values on it."""
-
-    src: torch.Tensor
-    dst: torch.Tensor
-    k_val: torch.Tensor
-    l_val: torch.Tensor
-    n: int
-
-
-# Pair maps: one int32 entry per pair row * n + col, shared and wiped after each use,
-# while n^2 fits (N <= 5792 here: 128 MB); sorted keys and binary search beyond.
-MAP_ELEMENTS = 1 << 25
-_PAIR_MAPS: dict = {}
-
-
-def _pair_map(size: int, device: torch.device) -> torch.Tensor:
-    """A zeroed int32 array of at least `size` entries, kept for reuse (callers wipe what
-    they write)."""
-    table = _PAIR_MAPS.get(device)
-    if table is None or len(table) < size:
-        table = _PAIR_MAPS[device] = torch.zeros(size, dtype=torch.int32, device=device)
-    return table
-
-
-class EdgeKeys:
-    """Where each edge (src[e], dst[e]) sits, found by pair key src * n + dst: written into
-    the shared pair map for one lookup and wiped after it (no sort), or binary search in
-    sorted keys (computed once: `sort`, or n^2 too large for the map), better when the
-    same edges are searched many times for few keys."""
-
-    def __init__(self, src: torch.Tensor, dst: torch.Tensor, n: int, sort: bool | None = None):
-        self.keys, self.n = src * n + dst, n
-        self.sorted = None
-        if sort or (sort is None and n * n > MAP_ELEMENTS):
-            order = self.keys.argsort()
-            self.sorted = order, self.keys[order]
-
-    def find(self, queries: torch.Tensor) -> torch.Tensor:
-        """The edge index of each query key, -1 where it is not an edge."""
-        if self.sorted is not None:
-            order, ordered = self.sorted
-            if len(ordered) == 0:
-                return torch.full_like(queries, -1)
-            pos = torch.searchsorted(ordered, queries).clamp_max_(len(ordered) - 1)
-            return torch.where(ordered[pos] == queries, order[pos], -1)
-        table = _pair_map(self.n * self.n, self.keys.device)
-        # index_copy_/index_select: the plain kernels, much faster than [] indexing.
-        table.index_copy_(0, self.keys, torch.arange(1, len(self.keys) + 1, dtype=torch.int32,
-                                                     device=self.keys.device))
-        try:
-            return table.index_select(0, queries.flatten()).view(queries.shape).long() - 1
-        finally:
-            table.index_fill_(0, self.keys, 0)
-
-
-def _hsic_on_edges(e: Edges) -> float:
-    """Unbiased HSIC (Song et al. 2012, eq. 5) of M*K and M*L, M the edge mask.
-
-    tr(K~L~) = sum over edges whose reverse is also an edge of K_ij L_ij;
-    1'K~1 = sum_E K; 1'L~1 = sum_E L; 1'K~L~1 = sum_l (K into l)(L out of l)."""
-    m = e.n
-    kv, lv = e.k_val.double(), e.l_val.double()
-    has_reverse = EdgeKeys(e.src, e.dst, m).find(e.dst * m + e.src) >= 0
-    trace = (kv * lv)[has_reverse].sum()
-    k_into = torch.zeros(m, dtype=torch.float64, device=kv.device).index_add_(0, e.dst, kv)
-    l_out = torch.zeros(m, dtype=torch.float64, device=kv.device).index_add_(0, e.src, lv)
-    cross = (k_into * l_out).sum()
-    hsic = trace + kv.sum() * lv.sum() / ((m - 1) * (m - 2)) - 2 * cross / (m - 2)
-    return (hsic / (m * (m - 3))).item()
-
-
-def _self_edges(nb: Neighbours) -> Edges:
-    """The mask kNN_X with itself: every listed neighbour is an edge."""
-    n, k = nb.indices.shape
-    src = torch.arange(n, device=nb.indices.device).repeat_interleave(k)
-    vals = nb.values.flatten()
-    return Edges(src, nb.indices.flatten(), vals, vals, n)
-
-
-class _EdgeIndex:
-    """B's kNN edges (every listed neighbour), so A's edges can be looked up in them, many
-    times over for a null (sorted keys, searched once per lookup)."""
-
-    def __init__(self, nb: Neighbours):
-        n, k = nb.indices.shape
-        self.n, self.k = n, k
-        self.rows = torch.arange(n, device=nb.indices.device).repeat_interleave(k)
-        self.keys = EdgeKeys(self.rows, nb.indices.flatten(), n, sort=True)
-        self.values = nb.values.flatten()
-
-    def shared(self, na: Neighbours) -> tuple[Edges, torch.Tensor]:
-        """Edges of A also in B, row by row (kNN_A(i) ∩ kNN_B(i)), and per-row overlaps."""
-        dst = na.indices.flatten()
-        found = self.keys.find(self.rows * self.n + dst)
-        hit = found >= 0
-        l_val = self.values[found[hit]]
-        edges = Edges(self.rows[hit], dst[hit], na.values.flatten()[hit], l_val, self.n)
-        return edges, hit.view(self.n, self.k).sum(dim=1)
 
 
 def _ratio(kl: float, kk: float, ll: float) -> float:
@@ -164,14 +64,11 @@ class Scores:
 
 
 def scores_from_neighbours(na: Neighbours, nb: Neighbours, k: int) -> Scores:
-    """CKNNA and mutual kNN at k from neighbour lists searched at any k' >= k."""
-    na, nb = na.prefix(k), nb.prefix(k)
-    shared, overlap = _EdgeIndex(nb).shared(na)
-    kl = _hsic_on_edges(shared)
-    kk = _hsic_on_edges(_self_edges(na))
-    ll = _hsic_on_edges(_self_edges(nb))
-    mutual = (overlap.double() / k).mean().item()
-    return Scores(k, _ratio(kl, kk, ll), mutual, kl, kk, ll)
+    """CKNNA and mutual kNN at k from neighbour lists (searched at any k' >= k) and their
+    own values: the index rule without re-scoring (float64 lists give float64 results)."""
+    ga, gb = (graph_kernels.from_lists(x.indices.cpu().numpy(), x.values.cpu().double().numpy(), (k,))
+              for x in (na, nb))
+    return graph_scores(ga, gb, (k,))[k]
 
 
 TIES = ("shared", "index")
@@ -191,30 +88,6 @@ def all_rows_equal(x: torch.Tensor) -> bool:
         return bool((x == x[:1]).all())
     spread = (x - x[:1]).abs().max()
     return bool(spread <= 8 * torch.finfo(x.dtype).eps * x.abs().max())
-
-
-class PairSet:
-    """Membership of pair keys row * N + col: a map of one byte per pair when N^2 is at
-    most BITMAP_BYTES (25 MB at N = 5000; a byte per pair is faster to index than packed
-    bits), sorted unique keys beyond."""
-
-    BITMAP_BYTES = 1 << 26
-
-    def __init__(self, keys: torch.Tensor, n: int):
-        self.bitmap = self.sorted = None
-        if n * n <= self.BITMAP_BYTES:
-            self.bitmap = torch.zeros(n * n, dtype=torch.bool, device=keys.device)
-            self.bitmap[keys] = True
-        else:
-            self.sorted = keys.unique()
-
-    def contains(self, queries: torch.Tensor) -> torch.Tensor:
-        if self.bitmap is not None:  # index_select: several times faster than [] here
-            return self.bitmap.index_select(0, queries.flatten()).view(queries.shape)
-        if len(self.sorted) == 0:
-            return torch.zeros_like(queries, dtype=torch.bool)
-        pos = torch.searchsorted(self.sorted, queries).clamp_max_(len(self.sorted) - 1)
-        return self.sorted[pos] == queries
 
 
 @dataclass
@@ -249,88 +122,94 @@ class Space:
             given = knn(self.search_x, length, groups=self.groups, **self.knn_options)
         self.neighbours = given
 
-    def graph(self, k: int) -> Graph:
-        """The tie graph at k over all samples (cached); the whole list is used, since
-        its tail tells where a tie at the k-th place ends."""
-        if k not in self._graphs:
-            self._graphs[k] = tie_graph(self.x, self.neighbours, k, groups=self.groups,
-                                        memo=self.memo)
-        return self._graphs[k]
-
-    def self_terms(self, k: int) -> tuple[float, float]:
-        """sim(X, X) at k and its scale (cached: every pair and model reuses them)."""
-        return self._cached(("self", k), lambda: self_terms(self.graph(k)))
-
-    def edge_keys(self, k: int, sort: bool | None = None) -> EdgeKeys:
-        """The graph's edge index (cached), for lookups of other graphs' edges."""
-        return self._cached(("keys", k, sort), lambda: edge_keys(self.graph(k), sort))
-
-    def _cached(self, key, make):
-        if key not in self._graphs:
-            self._graphs[key] = make()
-        return self._graphs[key]
-
     @property
-    def memo(self) -> ZoneMemo:
-        """Float64 products of listed pairs, shared by every graph of this space."""
-        if "memo" not in self._graphs:
-            self._graphs["memo"] = ZoneMemo(self.x, self.neighbours)
-        return self._graphs["memo"]
+    def host(self) -> HostLists:
+        """The lists and features on the host, with the float64 products computed so far."""
+        if "host" not in self._graphs:
+            self._graphs["host"] = HostLists(self.x, self.neighbours)
+        return self._graphs["host"]
+
+    def graphs(self, ks) -> graph_kernels.UnionGraph:
+        """The graphs at every k in ks over all samples (cached; asking for another k
+        rebuilds once for all k asked so far, so every k and pair shares one edge list)."""
+        have = self._graphs.get("union")
+        if have is None or not set(ks) <= set(have.ks):
+            known = set(have.ks) if have is not None else set()
+            ks = tuple(sorted(known | set(int(k) for k in ks)))
+            have = self._graphs["union"] = (self.host.tie_graphs(ks, groups=self.groups)
+                                            if self.ties == "shared" else self.host.list_graphs(ks))
+            self._graphs.pop("self", None)
+        return have
+
+    def graph(self, k: int) -> Graph:
+        """The graph at k over all samples, as tensors."""
+        return graph_at(self.graphs((k,)), k)
+
+    def tied_rows(self, k: int) -> int:
+        g = self.graphs((k,))
+        return int(g.crossing[g.at(k)])
+
+    def self_terms(self, ks) -> dict[int, tuple[float, float]]:
+        """sim(X, X) at each k and its scale (cached: every pair and model reuses them)."""
+        g = self.graphs(ks)
+        cache = self._graphs.setdefault("self", {})
+        missing = [k for k in ks if k not in cache]
+        if missing:
+            cache.update(self_terms(g, missing))
+        return {k: cache[k] for k in ks}
+
+    def subset_graphs(self, subset: torch.Tensor, ks) -> tuple[graph_kernels.UnionGraph, dict]:
+        """The graphs at every k within `subset` (sorted sample indices; node numbers are
+        positions in it), and per k the rows whose list held too few subset members (scored
+        again against every member)."""
+        if self.ties == "shared":
+            g = self.host.tie_graphs(ks, members=subset, groups=self.groups)
+            return g, {k: int(g.short[g.at(k)]) for k in g.ks}
+        lists, redone = subsample_neighbours(self.search_x, self.neighbours, subset, max(ks),
+                                             self.groups)
+        return self.host.list_graphs(ks, lists, subset), {k: redone for k in ks}
 
 
-def _weighted_hsic(src, dst, k_val, l_val, weight, n) -> float:
-    """Unbiased HSIC of M*K and M*L for a weighted mask M (M_ij = weight on edge (i, j)).
-
-    With K~ = M*K, L~ = M*L (zero diagonal): tr(K~L~) = sum over edges whose reverse is an
-    edge of M_ij M_ji K_ij L_ij; 1'K~1 = sum M K; 1'L~1 = sum M L;
-    1'K~L~1 = sum_l (K~ into l)(L~ out of l)."""
-    kw, lw = weight * k_val.double(), weight * l_val.double()
-    reverse = EdgeKeys(src, dst, n).find(dst * n + src)
-    mutual = (reverse >= 0).nonzero().flatten()  # then index_select: faster than masks
-    trace = (kw.index_select(0, mutual) * l_val.index_select(0, mutual).double()
-             * weight.index_select(0, reverse.index_select(0, mutual))).sum()
-    k_into = torch.zeros(n, dtype=torch.float64, device=kw.device).index_add_(0, dst, kw)
-    l_out = torch.zeros(n, dtype=torch.float64, device=kw.device).index_add_(0, src, lw)
-    cross = (k_into * l_out).sum()
-    hsic = trace + kw.sum() * lw.sum() / ((n - 1) * (n - 2)) - 2 * cross / (n - 2)
-    return (hsic / (n * (n - 3))).item()
-
-
-def _self_scale(g: Graph) -> float:
-    """Size of the trace term of a self-HSIC, against which a near-zero value is zero."""
-    return ((g.weight * g.val) ** 2).sum().item() / (g.n * (g.n - 3))
-
-
-def edge_keys(g: Graph, sort: bool | None = None) -> EdgeKeys:
-    return EdgeKeys(g.src, g.dst, g.n, sort)
+def subsample_neighbours(x: torch.Tensor, long: Neighbours, subset: torch.Tensor,
+                         k: int, groups: torch.Tensor | None = None) -> tuple[Neighbours, int]:
+    """Index rule: top-k within `subset` (local indices) from the long lists; rows whose
+    long list keeps fewer than k members of the subset are searched again exactly."""
+    n = long.indices.shape[0]
+    local = torch.full((n,), -1, dtype=torch.long, device=long.indices.device)
+    local[subset] = torch.arange(len(subset), device=local.device)
+    idx, val = long.indices[subset], long.values[subset]
+    member = (local[idx] >= 0) & (val > float("-inf"))
+    rank = member.cumsum(dim=1)
+    take = member & (rank <= k)
+    enough = take.sum(dim=1) == k
+    out_i = torch.empty(len(subset), k, dtype=torch.long, device=idx.device)
+    out_v = torch.empty(len(subset), k, dtype=val.dtype, device=val.device)
+    out_i[enough] = local[idx[enough][take[enough]]].view(-1, k)
+    out_v[enough] = val[enough][take[enough]].view(-1, k)
+    short = (~enough).nonzero().flatten()
+    if len(short):
+        redo = knn_among(x, subset[short], subset, k, groups)
+        out_i[short], out_v[short] = redo.indices, redo.values
+    return Neighbours(out_i, out_v, long.exact), len(short)
 
 
-def shared_edges(ga: Graph, gb: Graph, b_keys: EdgeKeys | None = None):
-    """Edges in both graphs with M = min(w_A, w_B): (src, dst, K, L, M). `b_keys`:
-    `edge_keys(gb)` when already known."""
-    n = ga.n
-    found = (b_keys or edge_keys(gb)).find(ga.src * n + ga.dst)
-    hit = (found >= 0).nonzero().flatten()
-    at = found.index_select(0, hit)
-    return (ga.src.index_select(0, hit), ga.dst.index_select(0, hit),
-            ga.val.index_select(0, hit), gb.val.index_select(0, at),
-            torch.minimum(ga.weight.index_select(0, hit), gb.weight.index_select(0, at)))
+def self_terms(g: graph_kernels.UnionGraph, ks) -> dict[int, tuple[float, float]]:
+    """sim(X, X) on a graph at each k, and its scale (for the degeneracy test)."""
+    values, _ = graph_kernels.hsic(g, g, ks)
+    return {k: (float(v), g.self_scale(k)) for k, v in zip(ks, values)}
 
 
-def self_terms(g: Graph) -> tuple[float, float]:
-    """sim(X, X) on a graph, and its scale (for the degeneracy test)."""
-    return _weighted_hsic(g.src, g.dst, g.val, g.val, g.weight, g.n), _self_scale(g)
+def graph_scores(ga: graph_kernels.UnionGraph, gb: graph_kernels.UnionGraph, ks,
+                 self_a: dict | None = None, self_b: dict | None = None) -> dict[int, Scores]:
+    """CKNNA and mutual kNN at each k from two graphs (self terms may be passed in)."""
+    kl, m = graph_kernels.hsic(ga, gb, ks)
+    self_a = self_a or self_terms(ga, ks)
+    self_b = self_b or self_terms(gb, ks)
+    return {k: _scores(k, float(kl[q]), float(m[q]) / (k * ga.n), *self_a[k], *self_b[k])
+            for q, k in enumerate(ks)}
 
 
-def scores_from_graphs(ga: Graph, gb: Graph, self_a=None, self_b=None, b_keys=None) -> Scores:
-    """CKNNA and mutual kNN at k from two tie graphs (self terms and B's edge keys may
-    be passed in when already computed)."""
-    k, n = ga.k, ga.n
-    src, dst, kv, lv, m = shared_edges(ga, gb, b_keys)
-    kl = _weighted_hsic(src, dst, kv, lv, m, n)
-    kk, kk_scale = self_a or self_terms(ga)
-    ll, ll_scale = self_b or self_terms(gb)
-    mutual = (m.sum() / (k * n)).item()
+def _scores(k, kl, mutual, kk, kk_scale, ll, ll_scale) -> Scores:
     if kk <= DEGENERATE_RTOL * kk_scale or ll <= DEGENERATE_RTOL * ll_scale:
         return Scores(k, _ratio(kl, min(kk, 0.0), min(ll, 0.0)), mutual, kl, kk, ll)
     return Scores(k, _ratio(kl, kk, ll), mutual, kl, kk, ll)
@@ -347,12 +226,15 @@ def degenerate_scores(k: int, which: str) -> Scores:
 
 def space_scores(sa: Space, sb: Space, k: int) -> Scores:
     """Scores at k for two spaces under their tie rule."""
+    return pair_scores(sa, sb, (k,))[k]
+
+
+def pair_scores(sa: Space, sb: Space, ks) -> dict[int, Scores]:
+    """Scores at every k in ks for two spaces, from their cached graphs and self terms."""
+    ks = tuple(sorted(set(int(k) for k in ks)))
     if sa.degenerate or sb.degenerate:
-        return degenerate_scores(k, "A" if sa.degenerate else "B")
-    if sa.ties == "index":
-        return scores_from_neighbours(sa.neighbours, sb.neighbours, k)
-    return scores_from_graphs(sa.graph(k), sb.graph(k), sa.self_terms(k), sb.self_terms(k),
-                              sb.edge_keys(k))
+        return {k: degenerate_scores(k, "A" if sa.degenerate else "B") for k in ks}
+    return graph_scores(sa.graphs(ks), sb.graphs(ks), ks, sa.self_terms(ks), sb.self_terms(ks))
 
 
 def _spaces(feats_a, feats_b, topk, ties, groups, knn_options):

@@ -18,8 +18,10 @@ import contextlib
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from harness import graph_kernels
 from harness.device_memory import block_elements
 from harness.knn_lowdim import MAX_DIM as TREE_MAX_DIM
 from harness.knn_lowdim import search_tree
@@ -206,16 +208,15 @@ def recall(found: Neighbours, exact: Neighbours) -> float:
 TIE_RTOL = 4 * 2.0 ** -23
 # Extra list length searched beyond the largest k, so a tie zone rarely runs off the list.
 TIE_MARGIN = 8
-RESCAN_ELEMENTS = 1 << 22  # float64 similarities per re-scan chunk (32 MB)
 # A weighted graph larger than this is refused rather than filling memory.
 MAX_GRAPH_EDGES = 50_000_000
 
 
 @dataclass(frozen=True)
 class Graph:
-    """A weighted kNN graph: row src[e] has neighbour dst[e] with weight[e] in (0, 1] and
-    similarity val[e] (float64); each row's weights sum to k. `tied_rows` counts rows
-    whose tie at the k-th place crosses it (some tied neighbours in, some out)."""
+    """A weighted kNN graph (host tensors): row src[e] has neighbour dst[e] with weight[e]
+    in (0, 1] and similarity val[e] (float64); each row's weights sum to k. `tied_rows`
+    counts rows whose tie at the k-th place crosses it (some tied neighbours in, some out)."""
 
     src: torch.Tensor
     dst: torch.Tensor
@@ -224,51 +225,6 @@ class Graph:
     n: int
     k: int
     tied_rows: int
-
-
-def _weights(exact: torch.Tensor, zone: torch.Tensor, n_above: torch.Tensor, k: int,
-             tol: torch.Tensor):
-    """Tie weights of each row from float64 similarities `exact` (valid inside `zone`)
-    and the number of candidates known to be above the zone: the k-th largest value s
-    lies in the zone; within tol of s is tied; above the tie weighs 1, the tied share
-    the remaining slots. Returns weights (0 outside the zone's relevant part) and the
-    rows whose tie crosses the k-th place."""
-    ranked = exact.masked_fill(~zone, float("-inf")).sort(dim=1, descending=True).values
-    need = (k - n_above - 1).clamp(0, exact.shape[1] - 1)
-    s = ranked.gather(1, need.unsqueeze(1))
-    above = zone & (exact > s + tol.unsqueeze(1))
-    tied = zone & ((exact - s).abs() <= tol.unsqueeze(1))
-    n_up, n_tied = n_above + above.sum(1), tied.sum(1)
-    share = (k - n_up).double() / n_tied.clamp_min(1).double()
-    weights = above.double() + tied.double() * share.unsqueeze(1)
-    return weights, n_up + n_tied > k
-
-
-PRODUCT_ELEMENTS = 1 << 17  # float64 pair products per chunk: 1 MB, stays in cache
-
-
-def _dot64(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Float64 x_rows[e] . x_cols[e], pair by pair, in cache-sized chunks (rows converted
-    to float64 as they are gathered, so no float64 copy of x is kept). Each pair is one
-    row sum of the same length, so chunking never changes a bit of the result."""
-    out = torch.empty(len(rows), dtype=torch.float64, device=x.device)
-    chunk = max(1, PRODUCT_ELEMENTS // x.shape[1])
-    for s in range(0, len(rows), chunk):
-        pairs = x[rows[s:s + chunk]].double()
-        pairs.mul_(x[cols[s:s + chunk]].double())
-        torch.sum(pairs, 1, out=out[s:s + chunk])
-    return out
-
-
-def _count_at_least(values: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
-    """Per row, how many float32 `values` are >= the float64 `bound`: compared against the
-    smallest float32 >= bound, so the values need no float64 copy."""
-    if values.dtype != torch.float32:
-        return (values.double() >= bound.unsqueeze(1)).sum(1)
-    rounded = bound.float()
-    up = torch.nextafter(rounded, torch.full_like(rounded, float("inf")))
-    at_least = torch.where(rounded.double() < bound, up, rounded)
-    return (values >= at_least.unsqueeze(1)).sum(1)
 
 
 def search_error(x: torch.Tensor, search_dtype: torch.dtype | None = None) -> float:
@@ -282,133 +238,60 @@ def search_error(x: torch.Tensor, search_dtype: torch.dtype | None = None) -> fl
     return error
 
 
-def zone_reach(x: torch.Tensor, members: torch.Tensor, memo: "ZoneMemo | None" = None,
-               search_dtype: torch.dtype | None = None):
-    """Per member row: the tie tolerance, and how far a listed (searched) similarity may
-    lie from the true one plus that tolerance (see `tie_graph`)."""
-    norms = memo.norms if memo is not None else x.double().norm(dim=1)
-    scale = norms[members] * norms[members].max()
-    tol = TIE_RTOL * scale
-    return tol, 2 * search_error(x, search_dtype) * scale + tol
+def graph_at(g: graph_kernels.UnionGraph, k: int) -> Graph:
+    """One k's graph out of a union of graphs."""
+    w = g.w[:, g.at(k)]
+    keep = w > 0
+    src = np.repeat(np.arange(g.n), np.diff(g.ptr))[keep]
+    return Graph(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (src, g.dst[keep], g.val[keep], w[keep])),
+                 g.n, k, int(g.crossing[g.at(k)]))
 
 
-def zone_ends_inside(nb: Neighbours, k: int, reach: torch.Tensor) -> bool:
-    """Whether every row's zone at k ends before its last listed entry: then `tie_graph`
-    never looks past it, and longer lists (same leading entries) give the same graph."""
-    lo = nb.values[:, k - 1].double() - reach
-    return bool((_count_at_least(nb.values, lo) < nb.k).all())
+class HostLists:
+    """A search's lists and its features on the host, as the kernels take them, with the
+    float64 products of listed pairs computed so far: every graph of a space (all
+    samples, each subset, every k) asks for the same few pairs again."""
+
+    def __init__(self, x: torch.Tensor, nb: Neighbours):
+        host = x.detach().cpu()
+        self.x = host.contiguous().numpy()
+        self.norms = torch.linalg.vector_norm(host, dim=1, dtype=torch.float64).numpy()
+        self.indices = nb.indices.cpu().contiguous().numpy()
+        self.values = nb.values.detach().cpu().double().contiguous().numpy()
+        self.memo = np.full(self.indices.shape, np.nan)
+        self.gamma = search_error(x, nb.values.dtype)
+
+    def tie_graphs(self, ks, members: torch.Tensor | None = None,
+                   groups: torch.Tensor | None = None) -> graph_kernels.UnionGraph:
+        """`tie_graph` at every k in ks, over all samples (in parallel) or the sorted
+        `members` only (on the calling thread: subsets run side by side)."""
+        return graph_kernels.build(
+            self.x, self.norms, self.indices, self.values, self.memo, ks,
+            members=None if members is None else members.cpu().numpy(),
+            groups=None if groups is None else groups.cpu().numpy(),
+            rtol=TIE_RTOL, gamma=self.gamma, max_edges=MAX_GRAPH_EDGES, parallel=members is None)
+
+    def list_graphs(self, ks, lists: Neighbours | None = None,
+                    members: torch.Tensor | None = None) -> graph_kernels.UnionGraph:
+        """The index rule's graphs from `lists` (default: the search's own; node numbers
+        are positions in `members`), with float64 similarities."""
+        members = np.arange(self.x.shape[0]) if members is None else members.cpu().numpy()
+        local = self.indices[:, :max(ks)] if lists is None else lists.indices.cpu().numpy()
+        rows = np.repeat(members, local.shape[1])
+        values = graph_kernels.products(self.x, rows, members[local.ravel()]).reshape(local.shape)
+        listed = self.values[:, :local.shape[1]] if lists is None else lists.values.cpu().double().numpy()
+        values[listed == -np.inf] = -np.inf
+        return graph_kernels.from_lists(local, values, ks)
 
 
-def tie_graph(x: torch.Tensor, nb: Neighbours, k: int, *, universe: torch.Tensor | None = None,
-              groups: torch.Tensor | None = None, last: torch.Tensor | None = None,
-              memo: "ZoneMemo | None" = None, positions: torch.Tensor | None = None) -> Graph:
+def tie_graph(x: torch.Tensor, nb: Neighbours, k: int, *,
+              groups: torch.Tensor | None = None) -> Graph:
     """The order-invariant kNN graph at k from a search's lists (`knn`, any tie order).
 
     Definition: row i's k-th largest similarity s; every candidate within
     tol = TIE_RTOL |x_i| max|x_j| of s is tied; candidates above the tie weigh 1, the
     tied ones share the remaining slots, (k - #above) / #tied each; the rest 0. Only
     similarities enter, so a joint reordering of the samples cannot change the graph.
-
-    The search's (float32) values are within beta = gamma_D |x_i| max|x_j| of the truth
-    (plus the rounding of x into the search's dtype when x is float64: `search_error`),
-    so only candidates whose value is within 2 beta + tol of the listed k-th value can be
-    tied or cross it: those are scored again in float64 (two copies of one row then get
-    the same value wherever they sat in a block), the rest keep the search's values.
-    A row whose zone may run past its list (`last`, default its last listed value, is in
-    the zone) is scored again in float64 against every candidate. `universe` (sorted
-    sample indices) restricts the candidates to a subset: `nb`'s rows are then the
-    subset's and its indices local, with -inf for entries outside it. `groups` drops
-    same-group candidates in those re-scans. `memo` (the full search's float64 products,
-    by row and list position; `positions` maps `nb`'s entries to those positions) saves
-    computing a product twice; the values are the same either way."""
-    n, length = nb.indices.shape
-    device = nb.indices.device
-    members = universe if universe is not None else torch.arange(x.shape[0], device=device)
-    tol, reach = zone_reach(x, members, memo, nb.values.dtype)
-    kth = nb.values[:, k - 1].double()
-    hi, lo = kth + reach, kth - reach
-    last = nb.values[:, -1].double() if last is None else last.double()
-    # Entries below every row's zone weigh 0: drop those columns (lists are sorted).
-    width = max(k, int(_count_at_least(nb.values, lo).max()))
-    if width < length:
-        nb = Neighbours(nb.indices[:, :width], nb.values[:, :width], nb.exact)
-        positions = positions[:, :width] if positions is not None else None
-    values = nb.values.double()
-    above = values > hi.unsqueeze(1)
-    zone = (values >= lo.unsqueeze(1)) & ~above
-    unsafe = (last >= lo) | (kth == float("-inf"))
-    if length == len(members) - 1 and universe is None:
-        unsafe &= kth == float("-inf")
-    zone &= ~unsafe.unsqueeze(1)
-    # Float64 rows searched as a float32 copy: every kept entry's value in float64 too.
-    scored = zone
-    if x.dtype == torch.float64 and nb.values.dtype != torch.float64:
-        scored = (~unsafe).unsqueeze(1).expand_as(zone)
-    r, c = scored.nonzero(as_tuple=True)
-    exact = torch.zeros_like(values)
-    if memo is not None:
-        exact[r, c] = memo.products(members[r], c if positions is None else positions[r, c])
-    else:
-        exact[r, c] = _dot64(x, members[r], members[nb.indices[r, c]])
-    weights, crossing = _weights(exact, zone, above.sum(1), k, tol)
-    weights = weights + above.double()
-    keep = ((weights > 0) & ~unsafe.unsqueeze(1)).view(-1).nonzero().flatten()
-    vals = torch.where(scored, exact, values)
-    parts = [(keep // values.shape[1], nb.indices.reshape(-1).index_select(0, keep),
-              vals.view(-1).index_select(0, keep), weights.view(-1).index_select(0, keep))]
-    crossing = crossing & ~unsafe
-    redo = unsafe.nonzero().flatten()
-    if len(redo):
-        rescanned, crossed = _rescan(x.double(), members, redo, k, tol, groups)
-        parts += rescanned
-        crossing[redo] = crossed
-    src, dst, val, weight = (torch.cat(p) for p in zip(*parts))
-    return Graph(src, dst, val, weight, n, k, int(crossing.sum()))
-
-
-class ZoneMemo:
-    """Float64 products x_i . x_j of a search's listed pairs, computed on first use and
-    kept by (row, list position): subsets and every k ask for the same few pairs again."""
-
-    def __init__(self, x: torch.Tensor, nb: Neighbours):
-        self.x = x
-        self.norms = x.double().norm(dim=1)
-        self.indices = nb.indices
-        self.known = torch.zeros(nb.indices.shape, dtype=torch.bool, device=nb.indices.device)
-        self.values = torch.zeros(nb.indices.shape, dtype=torch.float64, device=nb.indices.device)
-
-    def products(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        flat = rows * self.indices.shape[1] + positions  # flat views: plain index kernels
-        known, values = self.known.view(-1), self.values.view(-1)
-        missing = flat[~known.index_select(0, flat)]
-        if len(missing):
-            r, p = missing // self.indices.shape[1], missing % self.indices.shape[1]
-            values.index_copy_(0, missing, _dot64(self.x, r, self.indices[r, p]))
-            known.index_fill_(0, missing, True)
-        return values.index_select(0, flat)
-
-
-def _rescan(x64, members, redo, k, tol, groups):
-    """Float64 similarities of rows `redo` (local) to every member, as weighted edges."""
-    cand = x64[members]
-    chunk = max(1, RESCAN_ELEMENTS // max(1, len(members)))
-    out, crossed, total = [], [], 0
-    for s in range(0, len(redo), chunk):
-        local_rows = redo[s:s + chunk]
-        sims = x64[members[local_rows]] @ cand.T
-        sims[torch.arange(len(local_rows), device=sims.device), local_rows] = float("-inf")
-        if groups is not None:
-            sims.masked_fill_(groups[members[local_rows]].unsqueeze(1) == groups[members].unsqueeze(0),
-                              float("-inf"))
-        if k > sims.shape[1] or (sims.topk(k, dim=1).values[:, -1] == float("-inf")).any():
-            raise ValueError(f"k={k}: some rows have fewer than k candidate neighbours")
-        none_above = torch.zeros(len(local_rows), dtype=torch.long, device=sims.device)
-        weights, cross = _weights(sims, sims > float("-inf"), none_above, k, tol[local_rows])
-        r, c = (weights > 0).nonzero(as_tuple=True)
-        total += len(r)
-        if total > MAX_GRAPH_EDGES:
-            raise ValueError(f"k={k}: ties make the neighbour graph larger than {MAX_GRAPH_EDGES} "
-                             "edges (most rows tie with most others); the data are degenerate")
-        out.append((local_rows[r], c, sims[r, c], weights[r, c]))
-        crossed.append(cross)
-    return out, torch.cat(crossed)
+    How the lists are used (which candidates are scored again in float64, which rows
+    against every candidate) is `graph_kernels.build`'s docstring."""
+    return graph_at(HostLists(x, nb).tie_graphs((k,), groups=groups), k)

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import math
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from harness.cknna import (EPS, PairSet, Scores, Space, _check, _EdgeIndex, _hsic_on_edges,
-                           edge_keys, scores_from_graphs, scores_from_neighbours, self_terms,
-                           space_scores)
-from harness.device_memory import block_elements
-from harness.knn import Graph, Neighbours, knn_among, tie_graph, zone_ends_inside, zone_reach
+from harness import graph_kernels
+from harness.cknna import EPS, Scores, Space, _check, graph_scores, pair_scores, self_terms
 
 # ---------------------------------------------------------------- draws
 
@@ -73,11 +71,6 @@ def subsets(n: int, draws: int, fraction: float, seed: int,
 # ---------------------------------------------------------------- permutation null
 
 
-def _permuted(nb: Neighbours, perm: torch.Tensor, inverse: torch.Tensor) -> Neighbours:
-    """Neighbour lists of X[perm] from those of X: relabel, no new search."""
-    return Neighbours(inverse[nb.indices[perm]], nb.values[perm], nb.exact)
-
-
 def _denominator(observed: Scores) -> float:
     if observed.sim_kk > 0 and observed.sim_ll > 0:
         return math.sqrt(observed.sim_kk * observed.sim_ll) + EPS
@@ -88,95 +81,33 @@ def null_draws(sa: Space, sb: Space, observed: Scores, n_permutations: int, seed
                groups: torch.Tensor | None = None) -> torch.Tensor:
     """CKNNA(A[p], B) for the permutations p of `permutations(N, draws, seed, groups)`.
 
-    Relabelling replaces a new search (A's lists here, B's edges in `shared_null`);
-    sim(K,K) and sim(L,L) do not change under a shuffle, only sim(K, L) is redone."""
-    k, n = observed.k, sa.x.shape[0]
-    null = torch.empty(n_permutations, dtype=torch.float64)
+    A[p]'s graph is A's relabelled, no new search; sim(K,K) and sim(L,L) do not change
+    under a shuffle, only sim(K, L) is redone (`shared_null`)."""
     if sa.degenerate or sb.degenerate:
-        return null.fill_(float("nan"))
-    if sa.ties == "shared":
-        return shared_null(sa, sb, {k: observed}, n_permutations, seed, groups)[k]
-    device = sa.x.device
-    denom = _denominator(observed)
-    na, b_index = sa.neighbours.prefix(k), _EdgeIndex(sb.neighbours.prefix(k))
-    for d, perm in enumerate(permutations(n, n_permutations, seed, groups)):
-        perm = perm.to(device)
-        inverse = torch.empty_like(perm)
-        inverse[perm] = torch.arange(n, device=device)
-        shared, _ = b_index.shared(_permuted(na, perm, inverse))
-        null[d] = _hsic_on_edges(shared) / denom
-    return null
+        return torch.full((n_permutations,), float("nan"), dtype=torch.float64)
+    return shared_null(sa, sb, {observed.k: observed}, n_permutations, seed, groups)[observed.k]
 
 
-NULL_BATCH_ELEMENTS = 1 << 22  # relabelled edges looked up at once (a few 16 MB arrays)
-NULL_BYTES_PER_ELEMENT = 24  # two int32 labels, an int64 key, the hit flag, the hits
+NULL_BATCH_BYTES = 1 << 26  # permutations handed to the kernel at once (int64 each)
 
 
 def shared_null(sa: Space, sb: Space, observed: dict[int, Scores], n_permutations: int,
                 seed: int = 0, groups: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
-    """`null_draws` under shared ties for every k in `observed` at once, to the same bits.
-
-    Edge (i, j) of B is an edge of A[p] when (p[i], p[j]) is an edge of A. So, for a batch
-    of permutations, B's edges (all k together) are relabelled and looked up in one byte
-    map of A's edges (all k); only the few hits are then placed in each k's graphs and
-    summed as one `shared_edges` + `_weighted_hsic` per permutation would."""
-    ks = sorted(observed)
-    n, device = sb.x.shape[0], sb.x.device
-    graphs_a, graphs_b = {k: sa.graph(k) for k in ks}, {k: sb.graph(k) for k in ks}
-    union_a = PairSet(torch.cat([g.src * n + g.dst for g in graphs_a.values()]), n)
-    b_keys = torch.cat([g.src * n + g.dst for g in graphs_b.values()]).unique()
-    b_src, b_dst = b_keys // n, b_keys % n
-    find_a = {k: sa.edge_keys(k, sort=True) for k in ks}
-    find_b = {k: sb.edge_keys(k, sort=True) for k in ks}
+    """`null_draws` for every k in `observed` at once: per batch of permutations one
+    kernel pass (`graph_kernels.hsic`) over B's edges against A's relabelled, summed
+    exactly as the observed value is (an identity permutation gives its bits)."""
+    ks = tuple(sorted(observed))
+    n = sb.x.shape[0]
+    ga, gb = sa.graphs(ks), sb.graphs(ks)
     nulls = {k: torch.empty(n_permutations, dtype=torch.float64) for k in ks}
-    small = torch.int32 if n * n < 2 ** 31 else torch.long  # halves the relabelling's traffic
     draws = permutations(n, n_permutations, seed, groups)
-    budget = block_elements(device, NULL_BATCH_ELEMENTS, NULL_BYTES_PER_ELEMENT)
-    batch = max(1, budget // max(1, len(b_keys)))
-    done = 0
-    while done < n_permutations:
-        perm = torch.stack([next(draws) for _ in range(min(batch, n_permutations - done))])
-        perm = perm.to(device=device, dtype=small)
-        p = len(perm)
-        u = torch.gather(perm, 1, b_src.expand(p, -1))
-        v = torch.gather(perm, 1, b_dst.expand(p, -1))
-        which, edge = union_a.contains(u * n + v).nonzero(as_tuple=True)
-        a_keys = u[which, edge].long() * n + v[which, edge]
-        for k in ks:
-            ga, gb = graphs_a[k], graphs_b[k]
-            at_a, at_b = find_a[k].find(a_keys), find_b[k].find(b_keys[edge])
-            both = ((at_a >= 0) & (at_b >= 0)).nonzero().flatten()
-            # The order one permutation at a time gives: by permutation, then A's edge.
-            both = both[(which[both] * len(ga.src) + at_a[both]).argsort()]
-            ia, ib, e = at_a[both], at_b[both], edge[both]
-            values = _sim_kl_batch(which[both], b_src[e], b_dst[e], ga.val[ia], gb.val[ib],
-                                   torch.minimum(ga.weight[ia], gb.weight[ib]), n, p)
-            nulls[k][done:done + p] = values.cpu() / _denominator(observed[k])
-        done += p
+    batch = max(1, NULL_BATCH_BYTES // (8 * n))
+    for done in range(0, n_permutations, batch):
+        perms = torch.stack([next(draws) for _ in range(min(batch, n_permutations - done))])
+        values, _ = graph_kernels.hsic(ga, gb, ks, perms.numpy())
+        for q, k in enumerate(ks):
+            nulls[k][done:done + len(perms)] = torch.from_numpy(values[:, q]) / _denominator(observed[k])
     return nulls
-
-
-def _sim_kl_batch(which, src, dst, k_val, l_val, weight, n: int, p: int) -> torch.Tensor:
-    """`cknna._weighted_hsic` for p permutations' shared edges (concatenated, permutation
-    `which`), elementwise steps batched, sums over each permutation's edges one by one."""
-    kw, lw = weight * k_val.double(), weight * l_val.double()
-    keys = which * (n * n) + src * n + dst
-    order = keys.argsort()
-    ordered = keys[order]
-    reverse = which * (n * n) + dst * n + src
-    pos = torch.searchsorted(ordered, reverse).clamp_max_(max(len(keys) - 1, 0))
-    has_reverse = ordered[pos] == reverse if len(keys) else reverse == -1
-    product = kw * l_val.double() * weight[order[pos]]
-    counts = torch.bincount(which, minlength=p).tolist()
-    trace_parts = product[has_reverse].split(torch.bincount(which[has_reverse], minlength=p).tolist())
-    k_into = torch.zeros(p * n, dtype=torch.float64, device=kw.device).index_add_(0, which * n + dst, kw)
-    l_out = torch.zeros(p * n, dtype=torch.float64, device=kw.device).index_add_(0, which * n + src, lw)
-    cross = (k_into.view(p, n) * l_out.view(p, n)).sum(1)
-    trace = torch.stack([part.sum() for part in trace_parts])
-    k_sum = torch.stack([part.sum() for part in kw.split(counts)])
-    l_sum = torch.stack([part.sum() for part in lw.split(counts)])
-    hsic = trace + k_sum * l_sum / ((n - 1) * (n - 2)) - 2 * cross / (n - 2)
-    return hsic / (n * (n - 3))
 
 
 def summarise_null(observed: float, null: torch.Tensor, seed: int) -> dict:
@@ -214,7 +145,7 @@ def permutation_test(feats_a: torch.Tensor, feats_b: torch.Tensor, topk: int,
     """Observed CKNNA and its permutation null (see `permutation_null`)."""
     _check(feats_a, feats_b, topk)
     sa, sb = Space(feats_a, topk, ties), Space(feats_b, topk, ties)
-    observed = space_scores(sa, sb, topk)
+    observed = pair_scores(sa, sb, (topk,))[topk]
     return {"observed": observed.cknna,
             **permutation_null(sa, sb, observed, n_permutations, seed, groups)}
 
@@ -227,140 +158,39 @@ def long_list_length(k: int, fraction: float, n: int) -> int:
     return min(n - 1, int(math.ceil(3 * k / fraction)) + 8)
 
 
-def _subsample_neighbours(x: torch.Tensor, long: Neighbours, subset: torch.Tensor,
-                          k: int, groups: torch.Tensor | None = None) -> tuple[Neighbours, int]:
-    """Index rule: top-k within `subset` (local indices) from the long lists; rows whose
-    long list keeps fewer than k members of the subset are searched again exactly."""
-    n = long.indices.shape[0]
-    local = torch.full((n,), -1, dtype=torch.long, device=long.indices.device)
-    local[subset] = torch.arange(len(subset), device=local.device)
-    idx, val = long.indices[subset], long.values[subset]
-    member = (local[idx] >= 0) & (val > float("-inf"))
-    rank = member.cumsum(dim=1)
-    take = member & (rank <= k)
-    enough = take.sum(dim=1) == k
-    out_i = torch.empty(len(subset), k, dtype=torch.long, device=idx.device)
-    out_v = torch.empty(len(subset), k, dtype=val.dtype, device=val.device)
-    out_i[enough] = local[idx[enough][take[enough]]].view(-1, k)
-    out_v[enough] = val[enough][take[enough]].view(-1, k)
-    short = (~enough).nonzero().flatten()
-    if len(short):
-        redo = knn_among(x, subset[short], subset, k, groups)
-        out_i[short], out_v[short] = redo.indices, redo.values
-    return Neighbours(out_i, out_v, long.exact), len(short)
-
-
-def _finite_first(values: torch.Tensor) -> torch.Tensor:
-    """The stable descending argsort of rows that are already descending except for -inf
-    entries: a stable partition, finite values first, each part in its old order."""
-    finite = values > float("-inf")
-    n_finite = finite.sum(1, keepdim=True)
-    place = torch.where(finite, finite.cumsum(1) - 1, n_finite + (~finite).cumsum(1) - 1)
-    cols = torch.arange(values.shape[1], device=values.device).expand_as(place)
-    return torch.empty_like(place).scatter_(1, place, cols)
-
-
-def restrict(nb: Neighbours, subset: torch.Tensor, columns: int | None = None):
-    """A search's lists for the subset's rows, kept to subset members (local indices; other
-    entries become -inf at the end); per row the value bounding every unlisted candidate
-    (the full list's last value; -inf when it held every sample); and each entry's
-    position in the full list.
-
-    With `columns`, only each row's first `columns` entries, read from the first
-    READ_MARGIN x columns / (subset fraction) of the list: None when that leaves some
-    row short (the caller then restricts whole lists)."""
-    n = nb.indices.shape[0]
-    local = torch.full((n,), -1, dtype=torch.long, device=subset.device)
-    local[subset] = torch.arange(len(subset), device=subset.device)
-    read = nb.k
-    if columns is not None:
-        read = min(nb.k, math.ceil(READ_MARGIN * columns * n / len(subset)))
-    lists = nb.indices[:, :read].index_select(0, subset)
-    idx = local.index_select(0, lists.view(-1)).view(lists.shape)
-    values = nb.values[:, :read].index_select(0, subset).masked_fill_(idx < 0, float("-inf"))
-    order = _finite_first(values)
-    if columns is not None:
-        if read < nb.k and bool(((values > float("-inf")).sum(1) < columns).any()):
-            return None
-        order = order[:, :columns]
-    last = nb.values[subset, -1]
-    if nb.k == n - 1:
-        last = torch.full_like(last, float("-inf"))
-    restricted = Neighbours(idx.clamp_min(0).gather(1, order), values.gather(1, order), nb.exact)
-    return restricted, last, order
-
-
-READ_MARGIN = 1.5  # list entries read per restricted entry kept, over the subset fraction
-RESTRICT_SLACK = 16  # restricted entries kept beyond the largest k (a zone rarely needs more)
-
-
-def subset_graph(space: Space, subset: torch.Tensor, k: int,
-                 columns: int | None = None) -> tuple[Graph, int]:
-    """A space's tie graph at k within a subset, and how many rows were scanned again.
-    The subset's restricted lists are kept until the next subset (every k uses them).
-    `columns`: restrict only that many leading entries per row when every zone at k ends
-    inside them (the graph is then the same), whole lists otherwise."""
-    key = (hash(subset.cpu().numpy().tobytes()), len(subset))
-    cache = space._graphs
-    if cache.get("restricted_key") != key:
-        short = restrict(space.neighbours, subset, columns) if columns else None
-        cache["restricted_key"], cache["restricted"], cache["restricted_whole"] = key, short, None
-    lists = cache["restricted"]
-    if lists is not None and not zone_ends_inside(lists[0], k, zone_reach(
-            space.x, subset, space.memo, lists[0].values.dtype)[1]):
-        lists = None
-    if lists is None:
-        if cache["restricted_whole"] is None:
-            cache["restricted_whole"] = restrict(space.neighbours, subset)
-        lists = cache["restricted_whole"]
-    nb, last, positions = lists
-    graph = tie_graph(space.x, nb, k, universe=subset, groups=space.groups, last=last,
-                      memo=space.memo, positions=positions)
-    return graph, int((nb.values[:, k - 1] == float("-inf")).sum())
-
-
-def subset_scores(sa: Space, sb: Space, subset: torch.Tensor, k: int) -> tuple[Scores, int]:
-    """Scores of the two spaces restricted to `subset`, and rows searched again."""
-    if sa.degenerate or sb.degenerate:
-        nan = float("nan")
-        return Scores(k, nan, nan, nan, nan, nan), 0
-    if sa.ties == "index":
-        na, ra = _subsample_neighbours(sa.search_x, sa.neighbours, subset, k, sa.groups)
-        nb, rb = _subsample_neighbours(sb.search_x, sb.neighbours, subset, k, sb.groups)
-        return scores_from_neighbours(na, nb, k), ra + rb
-    ga, ra = subset_graph(sa, subset, k)
-    gb, rb = subset_graph(sb, subset, k)
-    return scores_from_graphs(ga, gb), ra + rb
-
-
 def subsample_table(spaces_a: list[Space], sb: Space, ks: list[int],
                     draws: list[torch.Tensor]) -> list[dict[int, tuple[torch.Tensor, int]]]:
     """For every model and k: CKNNA on each subset in `draws` and the rows searched again.
 
-    Subset by subset, B's graph (and its self terms) at each k is built once for all
-    models, and each space's restricted lists once for all k."""
-    values = [{k: [] for k in ks} for _ in spaces_a]
-    redone = [{k: 0 for k in ks} for _ in spaces_a]
-    columns = max(ks) + RESTRICT_SLACK
+    Subset by subset, B's graphs (every k in one edge list) and self terms are built once
+    for all models, and each model's graphs once for all k."""
+    ks = tuple(sorted(set(int(k) for k in ks)))
+    nan = float("nan")
+
+    def one_subset(subset):  # compiled kernels without the GIL: subsets run side by side
+        gb = rb = self_b = None
+        if not sb.degenerate:
+            gb, rb = sb.subset_graphs(subset, ks)
+            self_b = self_terms(gb, ks)
+        out = []
+        for sa in spaces_a:
+            if sa.degenerate or sb.degenerate:
+                out.append(({k: Scores(k, nan, nan, nan, nan, nan) for k in ks}, {k: 0 for k in ks}))
+                continue
+            ga, ra = sa.subset_graphs(subset, ks)
+            out.append((graph_scores(ga, gb, ks, self_b=self_b),
+                        {k: ra[k] + (rb[k] if rb else 0) for k in ks}))
+        return out
+
+    for space in (sb, *spaces_a):  # made once here, not by racing threads
+        if not space.degenerate:
+            space.host
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        for subset in draws:
-            subset = subset.to(sb.x.device)
-            for k in ks:
-                shared_b = None
-                if sb.ties == "shared" and not sb.degenerate:
-                    gb, rb = subset_graph(sb, subset, k, columns)
-                    shared_b = gb, rb, self_terms(gb), edge_keys(gb)
-                for i, sa in enumerate(spaces_a):
-                    if shared_b is None or sa.degenerate or sa.ties != "shared":
-                        s, r = subset_scores(sa, sb, subset, k)
-                    else:
-                        gb, rb, self_b, b_keys = shared_b
-                        ga, ra = subset_graph(sa, subset, k, columns)
-                        s = scores_from_graphs(ga, gb, self_b=self_b, b_keys=b_keys)
-                        r = ra + rb
-                    values[i][k].append(s.cknna)
-                    redone[i][k] += r
+        with ThreadPoolExecutor(graph_kernels.threads()) as pool:
+            per_subset = list(pool.map(one_subset, draws))
+    values = [{k: [s[i][0][k].cknna for s in per_subset] for k in ks} for i in range(len(spaces_a))]
+    redone = [{k: sum(s[i][1][k] for s in per_subset) for k in ks} for i in range(len(spaces_a))]
     return [{k: (torch.tensor(values[i][k], dtype=torch.float64), redone[i][k]) for k in ks}
             for i in range(len(spaces_a))]
 
@@ -588,9 +418,9 @@ def align(feats_a: torch.Tensor, feats_b: torch.Tensor, ks, *, permutations: int
     draws = (two_size_subsets(n, subsample_draws, subsample_fraction, seed, groups)
              if subsample_draws else [])
     table = subsample_table([sa], sb, ks, draws)[0] if subsample_draws and not skip_subsample else {}
-    scores = {k: space_scores(sa, sb, k) for k in ks}
+    scores = pair_scores(sa, sb, ks)
     nulls = {}
-    if permutations and ties == "shared" and not (sa.degenerate or sb.degenerate):
+    if permutations and not (sa.degenerate or sb.degenerate):
         nulls = shared_null(sa, sb, scores, permutations, seed, groups)  # every k in one pass
     results = {}
     for k in ks:
@@ -598,8 +428,8 @@ def align(feats_a: torch.Tensor, feats_b: torch.Tensor, ks, *, permutations: int
         row = {"cknna": s.cknna, "mutual_knn": s.mutual_knn,
                "sim_kl": s.sim_kl, "sim_kk": s.sim_kk, "sim_ll": s.sim_ll}
         if ties == "shared" and not (sa.degenerate or sb.degenerate):
-            row["tied_rows_A"] = sa.graph(k).tied_rows
-            row["tied_rows_B"] = sb.graph(k).tied_rows
+            row["tied_rows_A"] = sa.tied_rows(k)
+            row["tied_rows_B"] = sb.tied_rows(k)
         if permutations:
             row["permutation"] = permutation_null(sa, sb, s, permutations, seed, groups,
                                                   nulls.get(k))

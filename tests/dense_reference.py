@@ -105,3 +105,65 @@ def dense_shared_scores(A, B, k, groups=None):
     ll = hsic_unbiased(WB * L, WB * L)
     cknna = (kl / (torch.sqrt(kk * ll) + 1e-6)).item()
     return cknna, (M.sum() / (k * K.shape[0])).item()
+
+
+# ------------------------------------------------------------ the study's values, densely
+# Null draws, subset values and paired differences from the same dense definition: the
+# permutations and subsets are the harness's own draws (`significance.permutations` /
+# `subsets`, which only say which samples), everything else is computed here.
+
+
+def dense_terms(K, L, WA, WB):
+    """(sim_KL, sim_KK, sim_LL, M) of the shared-tie definition for given weights."""
+    M = torch.minimum(WA, WB)
+    return (hsic_unbiased(M * K, M * L).item(), hsic_unbiased(WA * K, WA * K).item(),
+            hsic_unbiased(WB * L, WB * L).item(), M)
+
+
+DEGENERATE_RTOL = 1e-9  # the README: a self term below this fraction of its scale is 0
+
+
+def dense_ratio(kl, kk, ll, WK, WL):
+    """CKNNA from the sim terms, NaN (as the README defines) when a self term is not
+    positive or below DEGENERATE_RTOL of its scale sum((W*K)^2) / (n (n - 3))."""
+    n = WK.shape[0]
+    kk_scale = ((WK ** 2).sum() / (n * (n - 3))).item()
+    ll_scale = ((WL ** 2).sum() / (n * (n - 3))).item()
+    if kk <= DEGENERATE_RTOL * kk_scale or ll <= DEGENERATE_RTOL * ll_scale or not (kk > 0 and ll > 0):
+        return float("nan")
+    return kl / ((kk * ll) ** 0.5 + 1e-6)
+
+
+def dense_study(A, B, ks, perms=(), subsets=(), exclude=None, index_rule=False):
+    """Per k: CKNNA, mutual kNN, sim terms, the null draws CKNNA(A[p], B) for each
+    permutation p, and CKNNA on each subset (same-group pairs excluded where `exclude`
+    (N x N bool) is True). `index_rule`: plain top-k masks (tie-free inputs only)."""
+    A, B = A.double(), B.double()
+    K, L = A @ A.T, B @ B.T
+    out = {}
+    for k in ks:
+        def weights(S, ex):
+            if index_rule:
+                return knn_mask(S, k)
+            return shared_tie_weights(S, k, exclude=ex)
+        WA, WB = weights(K, exclude), weights(L, exclude)
+        kl, kk, ll, M = dense_terms(K, L, WA, WB)
+        denom = (kk * ll) ** 0.5 + 1e-6
+        null = []
+        for p in perms:
+            p = torch.as_tensor(p)
+            Mp = torch.minimum(WA[p][:, p], WB)
+            null.append(hsic_unbiased(Mp * K[p][:, p], Mp * L).item() / denom)
+        sub = []
+        for s in subsets:
+            s = torch.as_tensor(s)
+            ex = exclude[s][:, s] if exclude is not None else None
+            Ks, Ls = K[s][:, s], L[s][:, s]
+            WKs, WLs = weights(Ks, ex), weights(Ls, ex)
+            skl, skk, sll, _ = dense_terms(Ks, Ls, WKs, WLs)
+            sub.append(dense_ratio(skl, skk, sll, WKs * Ks, WLs * Ls))
+        out[k] = {"cknna": kl / denom, "mutual_knn": (M.sum() / (k * K.shape[0])).item(),
+                  "sim_kl": kl, "sim_kk": kk, "sim_ll": ll,
+                  "null": torch.tensor(null, dtype=torch.float64),
+                  "subsets": torch.tensor(sub, dtype=torch.float64)}
+    return out

@@ -206,7 +206,7 @@ def test_short_lists_fall_back_to_an_exact_search():
     a, _ = related_pair(4, 60, 6, 3)
     short = knn(a, 6)  # far too short for 5 neighbours within a 25% subset
     subset = torch.randperm(60, generator=torch.Generator().manual_seed(0))[:15].sort().values
-    got, redone = S._subsample_neighbours(a, short, subset, 5)
+    got, redone = C.subsample_neighbours(a, short, subset, 5)
     want = knn(a[subset], 5)
     assert redone > 0
     assert torch.equal(got.indices, want.indices)

@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from harness import cknna, results
+from harness import results
 from harness.knn import knn, knn_among
 from tests.simulated_device import on_device, simulated_device, to_device
 
@@ -62,11 +62,10 @@ def test_knn_search_stays_on_the_device(backend, strategy):
 
 
 @pytest.mark.parametrize("ties, exclude", [("shared", True), ("index", False)])
-def test_the_whole_metric_stage_stays_on_the_device(ties, exclude, monkeypatch):
-    """Every option of `results.compute` (what `harness cknna` runs) with --device set.
-    The shared pair maps are kept per device: a real card gets its own, so the host's
-    (made by earlier calls in this process) are set aside."""
-    monkeypatch.setattr(cknna, "_PAIR_MAPS", {})
+def test_the_whole_metric_stage_stays_on_the_device(ties, exclude):
+    """Every option of `results.compute` (what `harness cknna` runs) with --device set:
+    the searches stay on the device; lists and features go to the host explicitly
+    (`.cpu()`) for the graph kernels."""
     a, b, groups = data()
     models = {"m1": ("m1.pt", a), "m2": ("m2.pt", a.flip(1))}
     settings = results.Settings(ks=[3, 8], permutations=12, subsample_draws=6, seed=1,
@@ -77,7 +76,6 @@ def test_the_whole_metric_stage_stays_on_the_device(ties, exclude, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         expected = results.compute(models, b, "b.pt", settings, {}, layers=layers)
-        cknna._PAIR_MAPS.clear()
         with simulated_device() as found:
             got = results.compute(models, b, "b.pt", settings, {}, layers=layers)
     assert found.mismatch_sites() == []

@@ -1,0 +1,503 @@
+"""Compiled kernels (numba, CPU) for the metric's per-edge work, one pass each:
+
+- `build`: the order-invariant tie graphs of several k at once (one edge list, one weight
+  row per k), over all samples or over a subset, from neighbour lists searched once;
+- `hsic`: the unbiased HSIC sums of two such graphs with M = min(w_A, w_B), for the
+  identity or for a batch of relabellings of A (the permutation null).
+
+Graphs are host (NumPy) arrays. On CUDA the callers copy lists and features to the host
+once per space; the searches stay on the device.
+
+Float64 products x_i . x_j are summed in a free order (agreement with the dense float64
+definition to ~1e-15, not bit-for-bit with a torch reduction); the same pair always gives
+the same bits, so duplicate rows tie exactly wherever they sit.
+"""
+from __future__ import annotations
+
+import types
+from collections import namedtuple
+from dataclasses import dataclass
+
+import numpy as np
+import numba
+from numba import njit, prange
+
+ROWS_PER_CHUNK = 256  # rows per parallel work item of `build`
+SLAB_SPARE = 8  # edges a row may hold beyond max(k) before `build` computes it twice
+
+
+@dataclass(frozen=True)
+class UnionGraph:
+    """Weighted kNN graphs for the k in `ks` on n nodes, as one edge list: row i's edges are
+    ptr[i]:ptr[i+1], neighbours `dst` ascending, float64 similarity `val`, weight w[e, q]
+    under ks[q] (0 where the edge belongs to another k only). `crossing[q]`: rows whose
+    tie crosses the k-th place; `short[q]`: rows whose list held fewer than k candidates
+    (scored again against every candidate). rev[e]: the edge (j, i) of edge e = (i, j), -1
+    where there is none."""
+
+    ptr: np.ndarray
+    dst: np.ndarray
+    val: np.ndarray
+    w: np.ndarray
+    rev: np.ndarray
+    n: int
+    ks: tuple
+    crossing: np.ndarray
+    short: np.ndarray
+
+    def at(self, k: int) -> int:
+        return self.ks.index(k)
+
+    def self_scale(self, k: int) -> float:
+        """Size of the trace term of the self-HSIC at k (a near-zero value counts as zero)."""
+        w = self.w[:, self.at(k)]
+        return float(((w * self.val) ** 2).sum()) / (self.n * (self.n - 3))
+
+
+@njit(cache=True)
+def _dot(x, i, j):
+    """x_i . x_j in float64, in one fixed order wherever it is compiled in (eight running
+    sums, no reassociation), so one pair, or two pairs of equal rows, always give the same
+    bits: duplicates tie exactly and a relabelling that maps the data onto itself gives the
+    observed sums bit for bit."""
+    d = x.shape[1]
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    end = d - d % 8
+    for t in range(0, end, 8):
+        s0 += np.float64(x[i, t]) * np.float64(x[j, t])
+        s1 += np.float64(x[i, t + 1]) * np.float64(x[j, t + 1])
+        s2 += np.float64(x[i, t + 2]) * np.float64(x[j, t + 2])
+        s3 += np.float64(x[i, t + 3]) * np.float64(x[j, t + 3])
+        s4 += np.float64(x[i, t + 4]) * np.float64(x[j, t + 4])
+        s5 += np.float64(x[i, t + 5]) * np.float64(x[j, t + 5])
+        s6 += np.float64(x[i, t + 6]) * np.float64(x[j, t + 6])
+        s7 += np.float64(x[i, t + 7]) * np.float64(x[j, t + 7])
+    for t in range(end, d):
+        s0 += np.float64(x[i, t]) * np.float64(x[j, t])
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+
+@njit(cache=True, inline="always")
+def _exact(x, idx, memo, i, pos):
+    v = memo[i, pos]
+    if v != v:  # NaN: not computed yet (each row is only ever touched by one thread)
+        v = _dot(x, i, idx[i, pos])
+        memo[i, pos] = v
+    return v
+
+
+@njit(cache=True)
+def _sort_row(dst, val, w, lo, hi):
+    """Insertion sort of one row's edges by neighbour (rows are short, mostly sorted)."""
+    nk = w.shape[1]
+    for a in range(lo + 1, hi):
+        if dst[a - 1] <= dst[a]:
+            continue
+        d, v = dst[a], val[a]
+        b = a - 1
+        while b >= lo and dst[b] > d:
+            b -= 1
+        for c in range(a, b + 1, -1):  # rotate b+1..a right by one
+            dst[c], val[c] = dst[c - 1], val[c - 1]
+            for q in range(nk):
+                w[c, q], w[c - 1, q] = w[c - 1, q], w[c, q]
+        dst[b + 1], val[b + 1] = d, v
+
+
+@njit(cache=True, inline="always")
+def _tie(vals, count, k, n_above, tol, ranked):
+    """Row i's k-th largest value s, known to be among vals[:count] with n_above candidates
+    above them all, and its tie: (s, share of each tied candidate, #above, #tied)."""
+    if count == 1:
+        s = vals[0]
+    else:
+        ranked[:count] = vals[:count]
+        ranked[:count].sort()
+        s = ranked[count - 1 - min(max(k - n_above - 1, 0), count - 1)]
+    above, tied = 0, 0
+    for t in range(count):
+        if vals[t] > s + tol:
+            above += 1
+        elif abs(vals[t] - s) <= tol:
+            tied += 1
+    n_up = n_above + above
+    return s, (k - n_up) / max(tied, 1), n_up, tied
+
+
+@njit(cache=True, inline="always")
+def _weight(v, s, tol, share):
+    if v > s + tol:
+        return 1.0
+    if abs(v - s) <= tol:
+        return share
+    return 0.0
+
+
+@njit(cache=True, inline="always")
+def _emit(wrow, dst, val, out_dst, out_val, out_w, at, limit):
+    """An edge (1) if some k weighs it, written at `at` when below `limit`; else nothing (0)."""
+    keep = False
+    for q in range(len(wrow)):  # plain loops: array methods and slice copies cost more here
+        keep = keep or wrow[q] > 0
+    if not keep:
+        return 0
+    if at < limit:
+        out_dst[at], out_val[at] = dst, val
+        for q in range(len(wrow)):
+            out_w[at, q] = wrow[q]
+    return 1
+
+
+@njit(cache=True)
+def _rescan_row(r, x, members, groups, ks, tol, sc, crossing_row, out_dst, out_val, out_w, start,
+                limit):
+    """Row r against every member in float64 (its list may miss part of a tie)."""
+    sims, ranked, s_k, share_k, wrow = sc.sims, sc.ranked, sc.s_k, sc.share_k, sc.wrow
+    i = members[r]
+    m = len(members)
+    valid = 0
+    for c in range(m):
+        j = members[c]
+        if c == r or (len(groups) > 0 and groups[j] == groups[i]):
+            sims[c] = -np.inf
+        else:
+            sims[c] = _dot(x, i, j)
+            valid += 1
+    nk = len(ks)
+    if valid < ks[nk - 1]:
+        return -1
+    for q in range(nk):
+        s_k[q], share_k[q], n_up, tied = _tie(sims, m, ks[q], 0, tol, ranked)
+        crossing_row[q] = n_up + tied > ks[q]
+    count = 0
+    for c in range(m):
+        if sims[c] == -np.inf:
+            continue
+        for q in range(nk):
+            wrow[q] = _weight(sims[c], s_k[q], tol, share_k[q])
+        count += _emit(wrow, c, sims[c], out_dst, out_val, out_w, start + count, limit)
+    return count
+
+
+_Scratch = namedtuple("_Scratch", "kept_pos kept_val ex sims ranked n_above zone_end s_k share_k wrow")
+
+
+@njit(cache=True)
+def _scratch(length, m, nk):
+    """One thread's work arrays for `_row`."""
+    return _Scratch(np.empty(length, np.int64), np.empty(length), np.empty(length), np.empty(m),
+                    np.empty(max(m, length)), np.empty(nk, np.int64), np.empty(nk, np.int64),
+                    np.empty(nk), np.empty(nk), np.empty(nk))
+
+
+@njit(cache=True)
+def _row(r, x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma, full_lists,
+         maxnorm, sc, crossing_row, short_row, out_dst, out_val, out_w, start, limit):
+    """Row r's edges (written from `start` on, those that fall below `limit`; rows are
+    written sorted when all fit); returns their count, -1 when the row has fewer than
+    max(ks) candidates at all.
+
+    Search values are within gamma |x_i| max|x_j| of the truth, so only candidates within
+    `reach` of the listed k-th value can be tied or cross it: those are scored in float64
+    (as is every kept edge's value). A row whose k-th place or tie zone may lie past its
+    list is scored against every candidate (`_rescan_row`)."""
+    kept_pos, kept_val, ex = sc.kept_pos, sc.kept_val, sc.ex
+    n_above, zone_end, s_k, share_k, wrow = sc.n_above, sc.zone_end, sc.s_k, sc.share_k, sc.wrow
+    i = members[r]
+    scale = norms[i] * maxnorm
+    tol = rtol * scale
+    reach = 2 * gamma * scale + tol
+    length = idx.shape[1]
+    nk = len(ks)
+    kmax = ks[nk - 1]
+    cnt = 0
+    for pos in range(length):  # the list's subset members, best first, to the last zone's end
+        v = vals[i, pos]
+        if v == -np.inf:
+            break
+        if local[idx[i, pos]] < 0:
+            continue
+        if cnt >= kmax and v < kept_val[kmax - 1] - reach:
+            break
+        kept_pos[cnt], kept_val[cnt] = pos, v
+        cnt += 1
+    last = -np.inf if full_lists else vals[i, length - 1]
+    rescan = False
+    for q in range(nk):
+        short_row[q] = cnt < ks[q]
+        if cnt < ks[q] or last >= kept_val[ks[q] - 1] - reach:
+            rescan = True
+    if rescan:
+        return _rescan_row(r, x, members, groups, ks, tol, sc, crossing_row, out_dst, out_val,
+                           out_w, start, limit)
+    end = 0
+    for q in range(nk):
+        kth = kept_val[ks[q] - 1]
+        a = 0
+        while kept_val[a] > kth + reach:
+            a += 1
+        b = a
+        while b < cnt and kept_val[b] >= kth - reach:
+            b += 1
+        n_above[q], zone_end[q] = a, b
+        end = max(end, b)
+    for t in range(end):
+        ex[t] = _exact(x, idx, memo, i, kept_pos[t])
+    for q in range(nk):
+        a, b = n_above[q], zone_end[q]
+        s_k[q], share_k[q], n_up, tied = _tie(ex[a:b], b - a, ks[q], a, tol, sc.ranked)
+        crossing_row[q] = n_up + tied > ks[q]
+    count = 0
+    for t in range(end):
+        for q in range(nk):
+            if t < n_above[q]:
+                wrow[q] = 1.0
+            elif t < zone_end[q]:
+                wrow[q] = _weight(ex[t], s_k[q], tol, share_k[q])
+            else:
+                wrow[q] = 0.0
+        count += _emit(wrow, local[idx[i, kept_pos[t]]], ex[t], out_dst, out_val, out_w,
+                       start + count, limit)
+    if start + count <= limit:
+        _sort_row(out_dst, out_val, out_w, start, start + count)
+    return count
+
+
+@njit(cache=True, nogil=True)
+def _reverse(ptr, dst):
+    """rev[e]: the edge (j, i) of each edge e = (i, j), -1 where there is none. In-edges are
+    bucketed by target (sources ascending, like each row's targets), then each row's out-
+    and in-edges are merged."""
+    n, e_count = len(ptr) - 1, len(dst)
+    in_ptr = np.zeros(n + 1, np.int64)
+    for e in range(e_count):
+        in_ptr[dst[e] + 1] += 1
+    in_ptr = np.cumsum(in_ptr)
+    fill = in_ptr[:n].copy()
+    in_src, in_edge = np.empty(e_count, np.int64), np.empty(e_count, np.int64)
+    for i in range(n):
+        for e in range(ptr[i], ptr[i + 1]):
+            at = fill[dst[e]]
+            in_src[at], in_edge[at] = i, e
+            fill[dst[e]] += 1
+    rev = np.full(e_count, -1, np.int64)
+    for j in range(n):
+        a, b = ptr[j], in_ptr[j]
+        while a < ptr[j + 1] and b < in_ptr[j + 1]:
+            if dst[a] == in_src[b]:  # edge a = (j, i) reverses edge in_edge[b] = (i, j)
+                rev[in_edge[b]] = a
+                a += 1
+                b += 1
+            elif dst[a] < in_src[b]:
+                a += 1
+            else:
+                b += 1
+    return rev
+
+
+def _build(x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma, full_lists,
+           max_edges):
+    m, nk, length = len(members), len(ks), idx.shape[1]
+    maxnorm = 0.0
+    for r in range(m):
+        maxnorm = max(maxnorm, norms[members[r]])
+    counts = np.zeros(m + 1, np.int64)
+    crossing = np.zeros((m, nk), np.bool_)
+    short = np.zeros((m, nk), np.bool_)
+    chunks = (m + ROWS_PER_CHUNK - 1) // ROWS_PER_CHUNK
+    # Pass 1 writes each row into a slab of `cap` edges (enough without ties); pass 2
+    # copies the slabs into place and computes again only rows that overflowed theirs.
+    cap = ks[nk - 1] + SLAB_SPARE
+    tmp_dst, tmp_val = np.empty(m * cap, np.int64), np.empty(m * cap)
+    tmp_w = np.empty((m * cap, nk))
+    for c in prange(chunks):
+        sc = _scratch(length, m, nk)
+        for r in range(c * ROWS_PER_CHUNK, min(m, (c + 1) * ROWS_PER_CHUNK)):
+            counts[r + 1] = _row(r, x, norms, idx, vals, memo, members, local, groups, ks, rtol,
+                                 gamma, full_lists, maxnorm, sc, crossing[r], short[r], tmp_dst,
+                                 tmp_val, tmp_w, r * cap, (r + 1) * cap)
+    ptr = np.cumsum(counts)
+    if counts.min() < 0 or ptr[m] > max_edges:
+        return (False, ptr, tmp_dst[:0], tmp_val[:0], tmp_w[:0], crossing.sum(axis=0),
+                short.sum(axis=0))
+    dst, val, w = np.empty(ptr[m], np.int64), np.empty(ptr[m]), np.empty((ptr[m], nk))
+    for c in prange(chunks):
+        sc = _scratch(length, m, nk)
+        for r in range(c * ROWS_PER_CHUNK, min(m, (c + 1) * ROWS_PER_CHUNK)):
+            n_r = ptr[r + 1] - ptr[r]
+            if n_r <= cap:
+                dst[ptr[r]:ptr[r + 1]] = tmp_dst[r * cap:r * cap + n_r]
+                val[ptr[r]:ptr[r + 1]] = tmp_val[r * cap:r * cap + n_r]
+                w[ptr[r]:ptr[r + 1]] = tmp_w[r * cap:r * cap + n_r]
+            else:
+                _row(r, x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma,
+                     full_lists, maxnorm, sc, crossing[r], short[r], dst, val, w, ptr[r],
+                     ptr[r + 1])
+    return True, ptr, dst, val, w, crossing.sum(axis=0), short.sum(axis=0)
+
+
+def _compiled(f, name, **options):
+    """`f` compiled under its own name (its own cache entry) with `options`."""
+    g = types.FunctionType(f.__code__, f.__globals__, name, f.__defaults__, f.__closure__)
+    g.__qualname__ = name
+    return njit(cache=True, **options)(g)
+
+
+# Parallel over rows (one graph over all samples), or one thread (`nogil`: a subset's
+# graph, many subsets side by side in Python threads).
+_build_rows = _compiled(_build, "_build_rows", parallel=True)
+_build_one = _compiled(_build, "_build_one", nogil=True)
+
+
+def build(x: np.ndarray, norms: np.ndarray, idx: np.ndarray, vals: np.ndarray, memo: np.ndarray,
+          ks, *, members: np.ndarray | None = None, groups: np.ndarray | None = None,
+          rtol: float, gamma: float, max_edges: int, parallel: bool = True) -> UnionGraph:
+    """Tie graphs at every k in `ks` over `members` (sorted sample indices; all by default),
+    nodes numbered by position in `members`, from lists `idx`/`vals` (every sample's,
+    best first, -inf padding last) and the float64 products known so far (`memo`, NaN where
+    not yet computed; filled in here). `groups`: same-group pairs are never candidates.
+    `parallel=False` runs on the calling thread only, without holding the GIL; threads
+    building graphs of one space at once may both compute a product and store it (the
+    same bits, one aligned 8-byte store each)."""
+    n = x.shape[0]
+    members = np.arange(n) if members is None else np.ascontiguousarray(members, np.int64)
+    local = np.full(n, -1, np.int64)
+    local[members] = np.arange(len(members))
+    ks = tuple(sorted(set(int(k) for k in ks)))
+    groups = np.empty(0, np.int64) if groups is None else np.ascontiguousarray(groups, np.int64)
+    full_lists = idx.shape[1] >= n - 1
+    ok, ptr, dst, val, w, crossing, short = (_build_rows if parallel else _build_one)(
+        x, norms, idx, vals, memo, members, local, groups, np.array(ks, np.int64), rtol, gamma,
+        full_lists, max_edges)
+    if not ok:
+        raise ValueError(f"k={ks[-1]}: some rows have fewer than k candidate neighbours, or "
+                         f"ties make the neighbour graph larger than {max_edges} edges (most "
+                         "rows tie with most others); the data are degenerate")
+    return UnionGraph(ptr, dst, val, w, _reverse(ptr, dst), len(members), ks, crossing, short)
+
+
+@njit(cache=True, nogil=True)
+def _from_lists(lists, values, ks):
+    m, kmax = lists.shape
+    nk = len(ks)
+    ptr = np.arange(m + 1) * kmax
+    dst, val, w = np.empty(m * kmax, np.int64), np.empty(m * kmax), np.zeros((m * kmax, nk))
+    for r in range(m):
+        for t in range(kmax):
+            e = r * kmax + t
+            dst[e], val[e] = lists[r, t], values[r, t]
+            for q in range(nk):
+                w[e, q] = 1.0 if t < ks[q] and values[r, t] > -np.inf else 0.0
+        _sort_row(dst, val, w, r * kmax, (r + 1) * kmax)
+    return ptr, dst, val, w
+
+
+def from_lists(lists: np.ndarray, values: np.ndarray, ks) -> UnionGraph:
+    """The index rule's graphs: row r's first k listed neighbours (`lists`, node numbers)
+    weigh 1, with similarities `values` (float64)."""
+    ks = tuple(sorted(set(int(k) for k in ks)))
+    ptr, dst, val, w = _from_lists(np.ascontiguousarray(lists[:, :ks[-1]], np.int64),
+                                   np.ascontiguousarray(values[:, :ks[-1]], np.float64),
+                                   np.array(ks, np.int64))
+    zeros = np.zeros(len(ks), np.int64)
+    return UnionGraph(ptr, dst, val, w, _reverse(ptr, dst), len(lists), ks, zeros, zeros)
+
+
+@njit(cache=True, nogil=True)
+def products(x, rows, cols):
+    """Float64 x_rows[e] . x_cols[e] for every pair e."""
+    out = np.empty(len(rows))
+    for e in range(len(rows)):
+        out[e] = _dot(x, rows[e], cols[e])
+    return out
+
+
+# ---------------------------------------------------------------- HSIC sums
+
+
+@njit(cache=True, nogil=True)
+def _one(perm, a_ptr, a_dst, a_val, a_w, a_rev, b_ptr, b_dst, b_val, b_w, b_rev):
+    """Per k: unbiased HSIC (Song et al. 2012, eq. 5) of M*K_A[perm] and M*L_B, and sum M,
+    in one pass over B's rows. Edge (i, j) of A[perm] is edge (perm[i], perm[j]) of A:
+    A's row perm[i] is marked, B's row i looked up in the mark. With K~ = M*K, L~ = M*L:
+    tr(K~L~) = sum over shared (i, j) whose reverse is shared of M_ij K_ij M_ji L_ji (the
+    reverse edges are precomputed: (j, i) of B and (perm[j], perm[i]) of A);
+    1'K~1 = sum M K; 1'L~1 = sum M L; 1'K~L~1 = sum_l (K~ into l)(L~ out of l)."""
+    n, nk = len(perm), a_w.shape[1]
+    mark = np.zeros(n, np.int64)
+    k_into = np.zeros((nk, n))
+    l_out = np.zeros((nk, n))
+    acc = np.zeros((nk, 4))
+    for i in range(n):
+        u = perm[i]
+        for ea in range(a_ptr[u], a_ptr[u + 1]):
+            mark[a_dst[ea]] = ea + 1
+        for eb in range(b_ptr[i], b_ptr[i + 1]):
+            j = b_dst[eb]
+            ea = mark[perm[j]] - 1
+            if ea < 0:
+                continue
+            eb2, ea2 = b_rev[eb], a_rev[ea]
+            for q in range(nk):
+                m = min(a_w[ea, q], b_w[eb, q])
+                if m <= 0:
+                    continue
+                mk, ml = m * a_val[ea], m * b_val[eb]
+                acc[q, 0] += mk
+                acc[q, 1] += ml
+                acc[q, 3] += m
+                k_into[q, j] += mk
+                l_out[q, i] += ml
+                if ea2 >= 0 and eb2 >= 0:
+                    m2 = min(a_w[ea2, q], b_w[eb2, q])
+                    if m2 > 0:
+                        acc[q, 2] += mk * m2 * b_val[eb2]
+        for ea in range(a_ptr[u], a_ptr[u + 1]):
+            mark[a_dst[ea]] = 0
+    out = np.empty((2, nk))
+    for q in range(nk):
+        cross = 0.0
+        for l in range(n):
+            cross += k_into[q, l] * l_out[q, l]
+        hsic = acc[q, 2] + acc[q, 0] * acc[q, 1] / ((n - 1) * (n - 2)) - 2 * cross / (n - 2)
+        out[0, q], out[1, q] = hsic / (n * (n - 3)), acc[q, 3]
+    return out
+
+
+@njit(cache=True, parallel=True)
+def _many(perms, a_ptr, a_dst, a_val, a_w, a_rev, b_ptr, b_dst, b_val, b_w, b_rev):
+    """`_one` for every row of perms, in parallel."""
+    out = np.empty((perms.shape[0], 2, a_w.shape[1]))
+    for d in prange(perms.shape[0]):
+        out[d] = _one(perms[d], a_ptr, a_dst, a_val, a_w, a_rev, b_ptr, b_dst, b_val, b_w, b_rev)
+    return out
+
+
+def _arrays(g: UnionGraph, ks):
+    rows = [g.at(k) for k in ks]
+    w = g.w if rows == list(range(len(g.ks))) else np.ascontiguousarray(g.w[:, rows])
+    return g.ptr, g.dst, g.val, w, g.rev
+
+
+def hsic(ga: UnionGraph, gb: UnionGraph, ks, perms: np.ndarray | None = None):
+    """Unbiased HSIC of M*K_A and M*L_B, M = min(W_A, W_B), at each k in `ks`, and sum M:
+    arrays (len(ks),) for the graphs as they are, or (P, len(ks)) for A relabelled by each
+    row p of `perms` (A[p]: edge (i, j) weighs what (p[i], p[j]) weighs in A), in
+    parallel. Both are one `_one` per relabelling: an identity row gives the bits of
+    `perms=None`."""
+    if ga.n != gb.n:
+        raise ValueError(f"graphs on {ga.n} and {gb.n} nodes")
+    if ga.n < 4:
+        raise ValueError(f"unbiased HSIC needs N >= 4 samples, got {ga.n}")
+    a, b = _arrays(ga, ks), _arrays(gb, ks)
+    if perms is None:  # on the calling thread (callers run many pairs side by side)
+        out = _one(np.arange(ga.n), *a, *b)
+        return out[0], out[1]
+    out = _many(np.ascontiguousarray(perms, np.int64), *a, *b)
+    return out[:, 0], out[:, 1]
+
+
+
+def threads() -> int:
+    """Threads the kernels use (numba's setting: NUMBA_NUM_THREADS, default every core)."""
+    return numba.get_num_threads()
