@@ -262,7 +262,7 @@ def subsample_interval(feats_a: torch.Tensor, feats_b: torch.Tensor, topk: int, 
     length = long_list_length(topk, fraction / 2, n)
     sa, sb = Space(feats_a, length, ties), Space(feats_b, length, ties)
     vals, redone = subsample_values(sa, sb, topk, draws)
-    observed = space_scores(sa, sb, topk).cknna
+    observed = pair_scores(sa, sb, (topk,))[topk].cknna
     return interval_record(vals, redone, fraction=fraction, level=level, seed=seed,
                            sizes=[len(s) for s in draws], groups=groups is not None,
                            observed=observed)
