@@ -83,10 +83,11 @@ def run(n: int = 5000, permutations: int = 1000, draws: int = 200, dims_a=DIMS_A
         tiny_root, full_root = Path(tmp, "tiny"), Path(tmp, "full")
         tiny_root.mkdir()
         full_root.mkdir()
-        tiny = make_inputs(tiny_root, 60, dims_a, dim_b, seed)
+        # 100: the --compare f/2 = 0.25 subsets must hold more than k = 20 samples.
+        tiny = make_inputs(tiny_root, 100, dims_a, dim_b, seed)
         full = make_inputs(full_root, n, dims_a, dim_b, seed)
         # Tiny first: RUSAGE_CHILDREN keeps the largest child so far.
-        # Start-up: the same flags on 60 samples with 1 permutation and 2 subsets
+        # Start-up: the same flags on 100 samples with 1 permutation and 2 subsets
         # (interpreter, imports, file reads, every code path once; no real work).
         out["startup_s"], out["startup_peak_mb"] = timed_call(stage_command(tiny_root, tiny, 1, 2))
         wall, peak = timed_call(stage_command(full_root, full, permutations, draws))
