@@ -8,7 +8,8 @@ import math
 from pathlib import Path
 
 from harness import state_input
-from harness.chance import ALPHA, MARK
+from harness.chance import MARK
+from harness.report_cells import chance_cell, p_text, signed, verdict
 from harness.figures import (BAND_NOTE, Z95, chance_band, finish_axes, fmt, legend_outside,
                              pyplot, save_figure, value_errors)
 
@@ -16,16 +17,6 @@ from harness.figures import (BAND_NOTE, Z95, chance_band, finish_axes, fmt, lege
 def nan_note(results: dict) -> str:
     """Why a number may be NaN, for the `_warning` keys beside the nulls in the JSON."""
     return "; ".join(results["_meta"].get("warnings", [])) or "not a finite number"
-
-
-def p_text(p, draws: int | None) -> str:
-    """A p-value; the smallest a permutation test can give, 1/(draws+1), is a bound: no
-    shuffle reached the observed value, and more draws would give a smaller p."""
-    if p is None or draws is None:
-        return fmt(p)
-    if math.isclose(p, 1 / (draws + 1), rel_tol=1e-9):
-        return f"p < 1/{draws + 1}"
-    return fmt(p)
 
 
 def interval_text(sub: dict | None) -> str:
@@ -37,33 +28,6 @@ def interval_text(sub: dict | None) -> str:
 def _value(m: dict, key: str) -> str:
     """A model entry's number; a key present as None is a NaN written as JSON null."""
     return "NaN" if key in m and m[key] is None else fmt(m.get(key))
-
-
-def signed(x) -> str:
-    """An excess over chance, always with its sign."""
-    return fmt(x) if x is None or x != x or x < 0 else "+" + fmt(x)
-
-
-def verdict(rec: dict | None) -> str:
-    """'above chance', or MARK ('at chance'): not above it after the report's correction."""
-    if not rec:
-        return ""
-    above = rec.get("above_chance")
-    if above is None:  # not adjusted (a record outside a results file)
-        above = (rec.get("p_value") or 1) < ALPHA and (rec.get("excess") or 0) > 0
-    return "above chance" if above else MARK
-
-
-def chance_cell(value, rec: dict | None) -> str:
-    """A CKNNA value with its chance level, excess and both p-values; 'at chance' when
-    not above it. A bare value when no null was drawn."""
-    if not rec:
-        return fmt(value)
-    draws = rec.get("n_permutations")
-    text = (f"{fmt(value)} (chance {fmt(rec.get('chance'))}, {signed(rec.get('excess'))}; "
-            f"p {p_text(rec.get('p_value'), draws).removeprefix('p ')}, "
-            f"adj. {fmt(rec.get('p_adjusted'))})")
-    return f"{text} {MARK}" if verdict(rec) == MARK else text
 
 
 def _perm(m: dict, k) -> dict | None:

@@ -16,6 +16,7 @@ from harness import chance
 from harness import cknna as metrics
 from harness import provenance
 from harness import significance
+from harness.errors import HarnessError
 from harness.states import l2_rows  # noqa: F401  (its home is harness.states)
 
 TIE_RULES = {
@@ -153,11 +154,18 @@ def compute(models: dict[str, tuple[str, torch.Tensor]], feats_b: torch.Tensor, 
         tables = [None] * len(models)
         if s.subsample_draws:  # every model on the same subsets, B's subset graphs once
             print(f"[cknna] {s.subsample_draws} subsets x {len(models)} models", file=sys.stderr)
-            for k in s.ks:
-                significance._check_fraction(n, s.subsample_fraction / 2, k)
-            subsets = significance.two_size_subsets(n, s.subsample_draws, s.subsample_fraction,
-                                                    s.seed, s.groups)
-            tables = significance.subsample_table(spaces, space_b, s.ks, subsets)
+            try:  # a k too large for the f/2 subsets: one line naming both, not a traceback
+                for k in s.ks:
+                    significance._check_fraction(n, s.subsample_fraction / 2, k)
+                subsets = significance.two_size_subsets(n, s.subsample_draws,
+                                                        s.subsample_fraction, s.seed, s.groups)
+                tables = significance.subsample_table(spaces, space_b, s.ks, subsets)
+            except ValueError as err:
+                raise HarnessError(
+                    f"intervals need subsets of {s.subsample_fraction / 2:g} x N = "
+                    f"{int(round(n * s.subsample_fraction / 2))} of N = {n} samples, too few for "
+                    f"k = {max(s.ks)} ({err}): use a smaller k, more samples, or no "
+                    "subsampling/compare") from None
         for i, (label, (path, a)) in enumerate(models.items()):
             print(f"[cknna] {label}: scores, null", file=sys.stderr)
             entry, _, draws[label] = model_entry(a.to(s.device), feats_b, s, space_b, path,

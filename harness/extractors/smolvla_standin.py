@@ -116,12 +116,14 @@ class _CastLinear(nn.Linear):
 
 class TinySmolVLMWithExpert(nn.Module):
     def __init__(self, config: TinySmolVLAConfig, seed: int):
-        from harness.extractors.smolvla import cross_attention_layers
         super().__init__()
         self.vlm = _VLM(config.num_vlm_layers, seed)
         self.lm_expert = _llama(EXPERT_WIDTH, config.num_vlm_layers, seed + 2)
         self.lm_expert.embed_tokens = None
-        for i in cross_attention_layers(config, config.num_vlm_layers):
+        every = config.self_attn_every_n_layers  # as SmolVLMWithExpertModel rebuilds them
+        cross = [i for i in range(config.num_vlm_layers)
+                 if "cross" in config.attention_mode and not (every > 0 and i % every == 0)]
+        for i in cross:
             attention = self.lm_expert.layers[i].self_attn
             for name in ("k_proj", "v_proj"):
                 old = getattr(attention, name)

@@ -159,7 +159,7 @@ class TinyPI0Config:
     max_action_dim: int = 8
     num_steps: int = 3
     precision: str = "float32"
-    """'bfloat16': the real checkpoint's dtype mix (pi0_lerobot.DTYPE_POLICY), applied by
+    """'bfloat16': the real checkpoint's dtype mix (the pi0_lerobot family's dtype_policy), applied by
     the constructor as LeRobot's PaliGemmaWithExpertModel does; 'float32': the exact tier."""
     attention_implementation: str = "eager"
     """PI0Config.attention_implementation: what the old API's attention interface runs."""
@@ -440,8 +440,8 @@ class _TinyPI0Base(nn.Module):
         self.model = TinyPI0FlowMatching(self.config, seed, new_api=self.new_api)
         self.normalize_inputs = TinyStateNormalize(self.config, seed)
         if self.config.precision != "float32":  # as LeRobot's constructor casts, before loading
-            from harness.extractors.pi0_lerobot import DTYPE_POLICY
-            DTYPE_POLICY.apply(self)
+            from harness.extractors.registry import families  # the family's declared mix
+            families()["pi0_lerobot"].dtype_policy.apply(self)
         self.select_action_calls = 0
         self.seen_batch_keys: list[set] = []
         self._queue: list = []

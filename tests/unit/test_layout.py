@@ -43,7 +43,7 @@ RANKS = {
     "features": 3, "extra_outputs": 3, "state_input": 3,
     "neighbours": 4, "knn": 4, "knn_lowdim": 4, "cknna": 4, "significance": 4, "chance": 4,
     "graph_kernels": 4,
-    "results": 5, "report": 5, "report_html": 5, "views": 5, "figures": 5,
+    "results": 5, "report": 5, "report_cells": 5, "report_html": 5, "views": 5, "figures": 5,
     "horizons": 5, "success": 5, "report_horizons": 5, "report_success": 5,
     "config": 6, "checks": 6,
     "pipeline": 7,
