@@ -62,7 +62,8 @@ def exclusion(groups):
 
 
 def check_against_dense(a, b, ks, *, ties="shared", grouped=False, exclude=False, seed=0,
-                        permutations=30, draws=8, fraction=0.75, groups=None):
+                        permutations=30, draws=8, fraction=0.75, groups=None,
+                        exact_counts=False):
     n = a.shape[0]
     g = groups if grouped else None
     with warnings.catch_warnings():
@@ -81,9 +82,13 @@ def check_against_dense(a, b, ks, *, ties="shared", grouped=False, exclude=False
         p = row["permutation"]
         assert p["null_mean"] == pytest.approx(ref["null"].mean().item(), abs=TOL)
         assert p["null_std"] == pytest.approx(ref["null"].std().item(), abs=TOL)
-        check_count(p["p_value"], ref["null"], ref["cknna"], permutations)
-        assert torch.allclose(row["subsample_values"], ref["subsets"], rtol=0, atol=TOL,
-                              equal_nan=True)
+        tied = check_count(p["p_value"], ref["null"], ref["cknna"], permutations)
+        assert not (exact_counts and tied), k  # tie-free data: every count is exact
+        # rtol too: on tiny tie-heavy subsets sim_KK can be near its degeneracy threshold,
+        # and CKNNA >> 1 then carries the cancellation of its denominator (relative).
+        got_v, want_v = row["subsample_values"], ref["subsets"]
+        assert torch.allclose(got_v, want_v, rtol=TOL, atol=TOL, equal_nan=True), \
+            (got_v - want_v).abs().max().item()
         small, large = S.split_draws(ref["subsets"], draws)
         iv = S.rate_interval(ref["cknna"], small, large, fraction / 2, fraction)
         for key in ("low", "high", "sd", "rate_beta"):  # relative too: the rate's estimate
@@ -104,7 +109,7 @@ def test_align_agrees_with_the_dense_definition(seed, tied, grouped, exclude, dt
     b, models, groups = data(seed, ties=tied, dtype=dtype)
     for a in models.values():
         check_against_dense(a, b, [3, 5, 10], grouped=grouped, exclude=exclude, seed=seed,
-                            groups=groups)
+                            groups=groups, exact_counts=not tied)
 
 
 @pytest.mark.parametrize("grouped", [False, True])
@@ -162,7 +167,7 @@ def test_the_whole_results_json_agrees_with_the_dense_definition():
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2 ** 31 - 1), n=st.integers(12, 40), prototypes=st.integers(2, 12),
+@given(seed=st.integers(0, 2 ** 31 - 1), n=st.integers(24, 48), prototypes=st.integers(2, 12),
        k=st.integers(1, 6), grouped=st.booleans(), exclude=st.booleans())
 def test_tie_heavy_draws_agree_with_the_dense_definition(seed, n, prototypes, k, grouped, exclude):
     """Rows copied from a few prototypes (ties everywhere), random groups."""
