@@ -11,6 +11,7 @@ from harness import cknna as C
 from harness import significance as S
 from harness.knn import knn
 from tests.dense_reference import (dense_biased_cka, dense_cknna, dense_mutual_knn,
+                                   dense_shared_scores,
                                    dense_unbiased_cka, hsic_unbiased)
 
 
@@ -141,7 +142,10 @@ def test_invariant_to_joint_sample_permutation(case):
 def test_argument_order_matches_the_reference_both_ways(case):
     seed, n, da, db, k = case
     a, b = related_pair(seed, n, da, db)
-    assert C.cknna(b, a, k) == pytest.approx(dense_cknna(b, a, k), abs=1e-6)
+    # the definition: ties within the input's precision share their slots (README); on
+    # random data hypothesis finds k-th places that close (n=35, k=32), where plain top-k
+    # (dense_cknna, the seed's) would hang on rounding
+    assert C.cknna(b, a, k) == pytest.approx(dense_shared_scores(b, a, k)[0], abs=1e-6)
 
 
 def test_cknna_is_not_symmetric():
@@ -162,7 +166,7 @@ def test_scale_changes_only_the_eps_term(case, scale):
     # With the 1e-6 removed, the ratio is exactly scale-free.
     assert scaled.sim_kl / math.sqrt(scaled.sim_kk * scaled.sim_ll) == pytest.approx(
         base.sim_kl / math.sqrt(base.sim_kk * base.sim_ll), rel=1e-9, abs=1e-12)
-    assert scaled.cknna == pytest.approx(dense_cknna(scale * a64, b64, k), abs=1e-6)
+    assert scaled.cknna == pytest.approx(dense_shared_scores(scale * a64, b64, k)[0], abs=1e-6)
 
 
 # ------------------------------------------------------------ significance
