@@ -39,7 +39,7 @@ import torch
 from harness.errors import HarnessError
 from harness.extractors.base import Extractor, HiddenStates
 from harness.extractors.dtype_policy import DtypePolicy
-from harness.extractors.lerobot_state import SPEC_FIELDS, parameter_dtypes
+from harness.extractors.lerobot_state import SPEC_FIELDS, import_lerobot, parameter_dtypes
 from harness.extractors.observed import Observed, note_token_inputs
 from harness.extractors.pi0_lerobot import resolve_checkpoint
 from harness.extractors.registry import Common, FamilySpec, Option
@@ -171,11 +171,8 @@ class GrootExtractor(Extractor):
         return text if text == vision else f"language {text}, vision {vision}"
 
     def _load_lerobot(self, directory: Path):
-        try:
-            from lerobot.policies.groot import groot_n1
-        except ImportError as err:
-            raise HarnessError(f"groot: LeRobot's GR00TN15 is not importable ({err}); install "
-                               "lerobot==0.4.4 with its groot extra") from None
+        groot_n1 = import_lerobot("groot", "lerobot.policies.groot.groot_n1", "GR00TN15",
+                                  "install lerobot==0.4.4 with its groot extra")
         try:
             config = groot_n1.GR00TN15Config.from_pretrained(str(directory))
             config.backbone_cfg = {**config.backbone_cfg,

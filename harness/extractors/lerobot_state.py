@@ -122,6 +122,17 @@ class StateInput:
         return out
 
 
+def import_lerobot(family: str, module: str, policy_class: str,
+                   install: str = "install lerobot==0.4.4"):
+    """Import LeRobot's `module`, or a one-line HarnessError naming the family and class."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise HarnessError(f"{family}: LeRobot's {policy_class} is not importable ({err}); "
+                           f"{install}") from None
+
+
 def parameter_dtypes(module: torch.nn.Module, prefixes: dict[str, str]) -> dict[str, list[str]]:
     """label -> sorted dtypes of the parameters under each module path, read from the
     modules (what ran, for the record)."""

@@ -29,7 +29,7 @@ from harness.errors import HarnessError
 from harness.extractors.base import HiddenStates
 from harness.extractors.dtype_policy import FLOAT32, DtypePolicy
 from harness.extractors.lerobot_state import (SPEC_FIELDS, StateInput, build_dtype, family_options,
-                                              parameter_dtypes)
+                                              import_lerobot, parameter_dtypes)
 from harness.extractors.pi0_lerobot import (NORM_PATHS, Pi0LeRobotExtractor, audit_weights,
                                             images_01, resolve_checkpoint)
 from harness.extractors.registry import Common, FamilySpec, Option
@@ -119,12 +119,7 @@ class Pi05Extractor(Pi0LeRobotExtractor):
         return self
 
     def _from_pretrained(self, directory: Path):
-        import importlib
-        try:
-            module = importlib.import_module(self.policy_module)
-        except ImportError as err:
-            raise HarnessError(f"{self.family}: LeRobot's {self.policy_class} is not importable "
-                               f"({err}); install lerobot==0.4.4") from None
+        module = import_lerobot(self.family, self.policy_module, self.policy_class)
         try:
             policy = getattr(module, self.policy_class).from_pretrained(str(directory))
         except (OSError, ValueError, TypeError, KeyError, RuntimeError) as err:

@@ -29,7 +29,7 @@ from harness.errors import HarnessError
 from harness.extractors.base import Extractor, HiddenStates
 from harness.extractors.dtype_policy import FLOAT32, DtypePolicy
 from harness.extractors.lerobot_state import (SPEC_FIELDS, StateInput, build_dtype, family_options,
-                                              parameter_dtypes)
+                                              import_lerobot, parameter_dtypes)
 from harness.extractors.observed import Observed, note_token_inputs
 from harness.extractors.pi0_lerobot import audit_weights, images_01, resolve_checkpoint
 from harness.extractors.registry import Common, FamilySpec
@@ -124,11 +124,8 @@ class SmolVLAExtractor(Extractor):
         return self
 
     def _load_lerobot(self, directory: Path) -> None:
-        try:
-            from lerobot.policies.smolvla import modeling_smolvla as module
-        except ImportError as err:
-            raise HarnessError(f"smolvla: LeRobot's SmolVLAPolicy is not importable ({err}); "
-                               "install lerobot==0.4.4") from None
+        module = import_lerobot("smolvla", "lerobot.policies.smolvla.modeling_smolvla",
+                                "SmolVLAPolicy")
         try:
             policy = module.SmolVLAPolicy.from_pretrained(str(directory))
         except (OSError, ValueError, TypeError, KeyError) as err:
