@@ -94,9 +94,9 @@ class Outputs:
         return out
 
 
-def empty_task_rows(shards: list[dict]) -> list[int]:
-    """Row positions (in shard order) of the samples whose task is empty."""
-    order = torch.cat([s["indices"] for s in shards]).tolist()
+def empty_task_rows(order: list[int], shards: list[dict]) -> list[int]:
+    """Row positions in `order` (the shards' sample indices, in shard order) of the samples
+    whose task is empty."""
     empty = {int(i) for s in shards for i, reason in s.get("txt_fallback", [])
              if reason == EMPTY_TASK}
     return [p for p, i in enumerate(order) if i in empty]
@@ -108,7 +108,8 @@ def merge_extras(out_dir: Path, shards: list[dict]) -> dict:
         return {}
     names = sorted(shards[0]["extra"])
     files = []
-    empty = empty_task_rows(shards)
+    order = torch.cat([s["indices"] for s in shards]).tolist()
+    empty = empty_task_rows(order, shards)
     seed = json.loads(shards[0].get("identity") or "{}").get("seed_compat") is True
     for name in names:
         feats = torch.cat([s["extra"][name] for s in shards]).contiguous()
@@ -118,7 +119,6 @@ def merge_extras(out_dir: Path, shards: list[dict]) -> dict:
         files.append(f"{name}.pt")
     meta: dict = {"extra_files": files}
     if TXT in names:
-        order = torch.cat([s["indices"] for s in shards]).tolist()
         meta["txt_empty_task"] = {"rule": SEED_TEXT if seed else UNDEFINED_TEXT,
                                   "samples": [int(order[p]) for p in empty],
                                   "count": len(empty)}
