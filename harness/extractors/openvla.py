@@ -4,7 +4,8 @@ What the seed's `extract_features_openvla.py` did, and so what this extractor do
 (docs/facts.md §3):
 - loads with the checkpoint's own code (`trust_remote_code`, `AutoModelForVision2Seq`)
   in bf16: every parameter bf16; the rotary `inv_freq` buffers stay float32, as
-  `from_pretrained(torch_dtype=bfloat16)` leaves them (`real_dtype_policy()`); the
+  `from_pretrained(torch_dtype=bfloat16)` leaves them (the SPEC's default dtype policy,
+  every parameter bf16; `cast_like_loader` leaves buffers alone); the
   processor's float32 pixels are cast to bf16;
 - prompt `"In: What action should the robot take to {task}?\\nOut:"`, NOT followed by the
   token 29871 ("▁") that `predict_action` appends (`--append_empty_token` appends it, as
@@ -45,15 +46,6 @@ EMPTY_TOKEN = 29871  # "▁": predict_action appends it after "Out:"
 N_ACTION_TOKENS = 7  # the seed's max_new_tokens (one token per action dimension)
 NORM_PATHS = ("language_model.model.norm",)  # LlamaForCausalLM inside the Prismatic model
 SUPPORTED_TIMM = ("0.9.10", "0.9.11", "0.9.12", "0.9.16")  # the checkpoint code's own check
-
-
-def real_dtype_policy() -> dict:
-    """How OpenVLA's loader leaves a real checkpoint (the seed's and the README's call:
-    `from_pretrained(..., torch_dtype=torch.bfloat16)`): what the stand-in is loaded
-    with by `--dtype bfloat16` (`cast_like_loader`)."""
-    return {"dtype": "bfloat16", "parameters": "all bfloat16",
-            "float32": ["rotary inv_freq buffers (computed in float32, never cast)"],
-            "inputs": "pixel_values cast to bfloat16 (the seed's script)"}
 
 
 def cast_like_loader(model: torch.nn.Module, dtype: torch.dtype) -> None:

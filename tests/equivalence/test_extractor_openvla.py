@@ -187,7 +187,6 @@ def test_bfloat16_is_the_real_loader_policy(data_dir, tmp_path):
     assert "language_model.model.rotary_emb.inv_freq" in kept
     assert all(n.startswith("language_model.") and ".rotary_emb." in n and n.endswith("inv_freq")
                for n in kept)
-    assert openvla.real_dtype_policy()["dtype"] == "bfloat16"
     out = tmp_path / "o"
     assert run_cli(data_dir, out, "--dtype", "bfloat16") == 0
     meta = json.loads((out / "extraction_metadata.json").read_text())
