@@ -20,11 +20,12 @@ from harness.modality import EMPTY_TASK, FALLBACK
 from harness.pooling import EmptyMaskError, pool
 
 IMG, TXT, ACTION = "feats_A_img", "feats_A_txt", "feats_action"
-UNDEFINED_TEXT = ("NaN rows: a text view of an empty task is undefined; the text view's "
-                  "CKNNA is computed over the samples that have a task")
+UNDEFINED_ROWS, SEED_ROWS = "NaN rows", "zero rows"  # an empty task's text row, by mode
+UNDEFINED_TEXT = (UNDEFINED_ROWS + ": a text view of an empty task is undefined; the text "
+                  "view's CKNNA is computed over the samples that have a task")
 VIEW_FILES = {"image": IMG + ".pt", "text": TXT + ".pt", "action": ACTION + ".pt"}
 """The extra files by the view of the features they hold (read by harness.views)."""
-SEED_TEXT = "zero rows (--seed_compat: the seed's clamp(min=1) mean over no tokens)"
+SEED_TEXT = SEED_ROWS + " (--seed_compat: the seed's clamp(min=1) mean over no tokens)"
 
 
 def refuse_action_repr(family: str) -> None:
@@ -67,8 +68,8 @@ class Outputs:
                                "add_special_tokens=False) searched in the prompt ids, "
                                "prefix '' then ' ' (first match)",
                 "text_fallback": FALLBACK + " (a task not found in the prompt); an empty "
-                                 "task's row: " + UNDEFINED_TEXT.split(":")[0] + ", or "
-                                 + SEED_TEXT.split(" (")[0] + " under --seed_compat"}
+                                 "task's row: " + UNDEFINED_ROWS + ", or " + SEED_ROWS
+                                 + " under --seed_compat"}
         if self.action_repr:
             out["action_repr"] = extractor.action_provenance()
         return out
