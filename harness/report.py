@@ -335,13 +335,12 @@ def views_figure(results: dict):
                 for m in views.values()]
         ys = [float("nan") if y is None else y for y in ys]
         errors = [Z95 * r["null_std"] if r else 0.0 for r in recs]
-        bars = ax.bar(xs, ys, width, yerr=errors, capsize=2, label=VIEW_LABELS[view])
+        ax.bar(xs, ys, width, yerr=errors, capsize=2, label=VIEW_LABELS[view])
         for x, r in zip(xs, recs):  # each bar's chance band, as a grey span across it
             if r:
                 lo, hi = r["chance"] - Z95 * r["null_std"], r["chance"] + Z95 * r["null_std"]
                 ax.fill_between([x - width / 2, x + width / 2], [lo, lo], [hi, hi],
                                 color="black", alpha=0.25, linewidth=0)
-        del bars
     ax.set_xticks(range(len(views)), list(views), rotation=20, ha="right")
     finish_axes(ax, f"CKNNA against the states by representation, k={k}\n(error bars: ±1.96 "
                 "null sd; grey: chance, mean ± 1.96 sd)", None, "CKNNA(view, states)")
