@@ -264,7 +264,7 @@ def layer_curves_figure(results: dict):
         for k in ks:
             ys = [by_layer[n][f"k{k}"] for n in names]
             recs = [by_layer[n].get("chance", {}).get(f"k{k}") for n in names]
-            line = ax.errorbar(xs, ys, yerr=value_errors(ys, recs), marker="o", capsize=3,
+            line = ax.errorbar(xs, ys, yerr=value_errors(recs), marker="o", capsize=3,
                                label=f"{label} k={k}")
             chance_band(ax, xs, recs, line[0].get_color())
         ax.set_xticks(xs, names)
