@@ -32,9 +32,8 @@ timed() {  # timed LABEL CMD...: run CMD, print LABEL and its wall time
 }
 
 run_all() {  # run_all LOAD
-    local load=$1 i=0
+    local load=$1
     for threads in default chosen; do
-        i=$((i + 1))
         if [ "$threads" = default ]; then flag=(--threads "$DEFAULT"); env=(OMP_NUM_THREADS="$DEFAULT");
         else flag=(); env=(); fi
         timed "demo, $load, threads $threads${flag[1]:+ (${flag[1]})}" \

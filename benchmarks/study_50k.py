@@ -12,7 +12,6 @@ just before the stage, over the resident set the inputs already hold (an N x N f
 matrix at 50k would be 10 GB). Prints one JSON object; nothing is asserted."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -76,12 +75,7 @@ def run(n: int, permutations: int, draws: int, seed: int) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=50_000)
-    p.add_argument("--permutations", type=int, default=1000)
-    p.add_argument("--draws", type=int, default=200, help="--compare subsets")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    args = study_stage.parser(__doc__, 50_000).parse_args()
     result = run(args.n, args.permutations, args.draws, args.seed)
     print(json.dumps(result, indent=1))
     print(f"N={args.n}: stage {result['stage_s']:.1f} s, its kNN searches {result['knn_searches_s']:.1f} s "

@@ -111,12 +111,18 @@ def run(n: int = 5000, permutations: int = 1000, draws: int = 200, dims_a=DIMS_A
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=5000)
+def parser(doc: str, n: int) -> argparse.ArgumentParser:
+    """The options this benchmark and benchmarks/study_50k.py share."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=n)
     p.add_argument("--permutations", type=int, default=1000)
     p.add_argument("--draws", type=int, default=200, help="--compare subsets")
     p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main() -> None:
+    p = parser(__doc__, 5000)
     p.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
     args = p.parse_args()
     result = run(args.n, args.permutations, args.draws, seed=args.seed, dense=not args.no_dense)

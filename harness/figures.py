@@ -69,9 +69,9 @@ def chance_band(ax, xs, records, colour, label=None) -> None:
     ax.plot(xs, mean, color=colour, linestyle=":", linewidth=1)
 
 
-def value_errors(values, records):
-    """Error bars for values: their null's 1.96 sd (how far CKNNA moves between data sets
-    of this size without a real difference); None without records."""
+def value_errors(records):
+    """Error bars for the values whose null records these are: each null's 1.96 sd (how far
+    CKNNA moves between data sets of this size without a real difference); None without."""
     if not records or not all(records):
         return None
     return [Z95 * (r.get("null_std") or 0.0) for r in records]

@@ -80,12 +80,13 @@ def load_config(path: str | os.PathLike, output_dir: Path | None = None) -> Stud
     except config_mod.ConfigError as err:
         raw, base = err.raw, Path(path).resolve().parent
         data_dir, ks = raw.get("data_dir"), raw.get("k_values", [5, 10, 20])
-        n = quick_n(base / os.path.expanduser(data_dir), raw.get("drop_empty_tasks") is True) \
+        drop_empty = raw.get("drop_empty_tasks") is True
+        n = quick_n(base / os.path.expanduser(data_dir), drop_empty) \
             if isinstance(data_dir, str) else None
         if n is None or not isinstance(ks, list):
             raise
         told = " ".join(err.problems)  # a k the schema already refused is not listed twice
-        problems = err.problems + [p for p in k_problems(ks, n, raw.get("drop_empty_tasks") is True)
+        problems = err.problems + [p for p in k_problems(ks, n, drop_empty)
                                    if p.split(" =")[0] + ":" not in told]
         raise HarnessError(f"{path}: {len(problems)} problem(s): " + "; ".join(problems)) from None
     fields = dict(config)

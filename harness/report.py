@@ -34,12 +34,15 @@ def _perm(m: dict, k) -> dict | None:
     return m.get("details", {}).get(f"k{k}", {}).get("permutation")
 
 
+def _sub(m: dict, k) -> dict | None:
+    return m.get("details", {}).get(f"k{k}", {}).get("subsample")
+
+
 def _columns(results: dict) -> list[tuple[str, callable]]:
     """(header, (entry, k) -> cell text) for every number present in some model's entry."""
     ks = results["_meta"]["k_values"]
     models = list(results["models"].values())
     has = lambda key: any(f"{key}_k{k}" in m for m in models for k in ks)  # noqa: E731
-    sub = lambda m, k: m.get("details", {}).get(f"k{k}", {}).get("subsample")  # noqa: E731
     cols = [("CKNNA", lambda m, k: _value(m, f"cknna_k{k}"))]
     if any(_perm(m, k) for m in models for k in ks):
         cols += [("chance (null mean)", lambda m, k: fmt((_perm(m, k) or {}).get("chance",
@@ -51,9 +54,9 @@ def _columns(results: dict) -> list[tuple[str, callable]]:
                  ("vs chance", lambda m, k: verdict(_perm(m, k)))]
     if has("mutual_knn"):
         cols.append(("mkNN", lambda m, k: _value(m, f"mutual_knn_k{k}")))
-    levels = [sub(m, k)["level"] for m in models for k in ks if sub(m, k)]
+    levels = [_sub(m, k)["level"] for m in models for k in ks if _sub(m, k)]
     if levels:
-        cols.append((f"{levels[0]:.0%} interval of CKNNA", lambda m, k: interval_text(sub(m, k))))
+        cols.append((f"{levels[0]:.0%} interval of CKNNA", lambda m, k: interval_text(_sub(m, k))))
     for key, header in (("cka_unbiased", "CKA (unbiased)"), ("cka_biased", "CKA (biased)")):
         if any(key in m for m in models):
             cols.append((header, lambda m, k, key=key: _value(m, key)))
@@ -145,7 +148,7 @@ def comparison_markdown(results: dict) -> str:
                       f"{'groups' if first.get('whole_groups') else 'samples'})", "",
                   "| rank | model | CKNNA | interval |", "|---:|---|---:|---|"]
         for rank, m in enumerate(ranked, 1):
-            sub = models[m].get("details", {}).get(f"k{k}", {}).get("subsample") or {}
+            sub = _sub(models[m], k) or {}
             lines.append(f"| {rank} | {m} | "
                          f"{chance_cell(models[m].get(f'cknna_k{k}'), _perm(models[m], k))} | "
                          f"[{fmt(sub.get('low'))}, {fmt(sub.get('high'))}] |")
@@ -230,7 +233,7 @@ def cknna_vs_k_figure(results: dict):
     x = list(range(len(ks)))
     for label, m in models.items():
         ys = [m[f"cknna_k{k}"] for k in ks]
-        subs = [m.get("details", {}).get(f"k{k}", {}).get("subsample") for k in ks]
+        subs = [_sub(m, k) for k in ks]
         errors = None
         if all(subs):
             errors = [[y - s["low"] for y, s in zip(ys, subs)],
@@ -238,8 +241,7 @@ def cknna_vs_k_figure(results: dict):
         line = ax.errorbar(x, ys, yerr=errors, marker="o", capsize=3, label=label)
         chance_band(ax, x, [_perm(m, k) for k in ks], line[0].get_color())
     ax.set_xticks(x, [str(k) for k in ks])
-    what = "error bars: 95% interval; " if any(
-        m.get("details", {}).get(f"k{ks[0]}", {}).get("subsample") for m in models.values()) else ""
+    what = "error bars: 95% interval; " if any(_sub(m, ks[0]) for m in models.values()) else ""
     finish_axes(ax, f"CKNNA vs k ({what}{BAND_NOTE})", "k (neighbours)", "CKNNA(model, states)")
     return fig
 
@@ -262,7 +264,7 @@ def layer_curves_figure(results: dict):
         for k in ks:
             ys = [by_layer[n][f"k{k}"] for n in names]
             recs = [by_layer[n].get("chance", {}).get(f"k{k}") for n in names]
-            line = ax.errorbar(xs, ys, yerr=value_errors(ys, recs), marker="o", capsize=3,
+            line = ax.errorbar(xs, ys, yerr=value_errors(recs), marker="o", capsize=3,
                                label=f"{label} k={k}")
             chance_band(ax, xs, recs, line[0].get_color())
         ax.set_xticks(xs, names)
@@ -335,13 +337,12 @@ def views_figure(results: dict):
                 for m in views.values()]
         ys = [float("nan") if y is None else y for y in ys]
         errors = [Z95 * r["null_std"] if r else 0.0 for r in recs]
-        bars = ax.bar(xs, ys, width, yerr=errors, capsize=2, label=VIEW_LABELS[view])
+        ax.bar(xs, ys, width, yerr=errors, capsize=2, label=VIEW_LABELS[view])
         for x, r in zip(xs, recs):  # each bar's chance band, as a grey span across it
             if r:
                 lo, hi = r["chance"] - Z95 * r["null_std"], r["chance"] + Z95 * r["null_std"]
                 ax.fill_between([x - width / 2, x + width / 2], [lo, lo], [hi, hi],
                                 color="black", alpha=0.25, linewidth=0)
-        del bars
     ax.set_xticks(range(len(views)), list(views), rotation=20, ha="right")
     finish_axes(ax, f"CKNNA against the states by representation, k={k}\n(error bars: ±1.96 "
                 "null sd; grey: chance, mean ± 1.96 sd)", None, "CKNNA(view, states)")

@@ -55,7 +55,7 @@ def cknna_vs_horizon_figure(results: dict):
         for j, k in enumerate(ks):
             ys = [by_h[f"h{a}"][f"cknna_k{k}"] for a in horizons]
             recs = [by_h[f"h{a}"].get("chance", {}).get(f"k{k}") for a in horizons]
-            ax.errorbar(horizons, ys, yerr=value_errors(ys, recs), marker="o", capsize=2,
+            ax.errorbar(horizons, ys, yerr=value_errors(recs), marker="o", capsize=2,
                         color=colour, linestyle=styles[j % len(styles)], label=f"{label} k={k}")
             chance_band(ax, horizons, recs, colour)
     padded = (results["_meta"].get("horizons") or {}).get("padded_per_step") or []

@@ -122,8 +122,8 @@ def choose(requested: int | None = None, source: str = "--threads",
             raise HarnessError(f"{source} must be >= 1, got {requested}")
         return Choice(requested, source)
     for name in ("HARNESS_THREADS", "OMP_NUM_THREADS"):
-        if _env_int(name):
-            return Choice(_env_int(name), name)
+        if value := _env_int(name):
+            return Choice(value, name)
     workers = workers or workers_here()
     cpus = allowed_cpus()
     busy = busy_elsewhere() if cpus > 1 else 0.0
