@@ -256,8 +256,8 @@ def _layer_files(feats_path: Path) -> dict[str, Path]:
 def run_study(study: Study, log=None) -> dict:
     """All phases; returns the results dict (also written under output_dir)."""
     log = log or (lambda msg: print(f"[run] {msg}", file=sys.stderr, flush=True))
+    check_paths(study)  # before the 0.2 s CPU sample: a refused config pays nothing
     threads = threads_mod.apply(threads_mod.choose(study.threads, "threads setting"))
-    check_paths(study)
     check_against_data(study, prepare_data(study, log))
     data = data_mod.load(study.data_dir)
     seq, horizons = future_states(study, data.metadata["num_samples"])
