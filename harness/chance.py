@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from harness.significance import null_draws, shared_null, summarise_null
+from harness.significance import shared_null, summarise_null
 
 ALPHA = 0.05
 CORRECTION = "Benjamini-Hochberg"
@@ -36,10 +36,8 @@ def for_spaces(sa, sb, scores: dict, permutations: int, seed: int,
         return {}
     if sa.degenerate or sb.degenerate:
         nulls = {k: torch.full((permutations,), float("nan"), dtype=torch.float64) for k in scores}
-    elif sa.ties == "shared":
+    else:  # either tie rule: every k in one pass, the bits of one k alone (`null_draws`)
         nulls = shared_null(sa, sb, scores, permutations, seed, groups)
-    else:
-        nulls = {k: null_draws(sa, sb, s, permutations, seed, groups) for k, s in scores.items()}
     return {k: chance_record(scores[k].cknna, nulls[k], seed, groups is not None) for k in scores}
 
 

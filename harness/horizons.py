@@ -54,7 +54,8 @@ def horizon_scores(models: dict[str, tuple[str, torch.Tensor]], seq: torch.Tenso
         out[label] = {}
         for a, space_b in targets.items():
             entry = {}
-            scores = {k: metrics.space_scores(space_a, space_b, k) for k in ks}
+            every_k = metrics.pair_scores(space_a, space_b, ks)  # one union graph
+            scores = {k: every_k[k] for k in ks}
             for k, s in scores.items():
                 entry[f"cknna_k{k}"], entry[f"mutual_knn_k{k}"] = s.cknna, s.mutual_knn
             found = chance.for_spaces(space_a, space_b, scores, settings.permutations,

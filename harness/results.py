@@ -106,7 +106,8 @@ def other_exclusion(a: torch.Tensor, b: torch.Tensor, s: Settings) -> dict:
     sa, sb = (metrics.Space(x, max(s.ks), s.ties, s.groups.to(x.device) if exclude else None,
                             {"backend": s.backend}) for x in (a, b))
     out = {"exclude_same_group": exclude}
-    scores = {k: metrics.space_scores(sa, sb, k) for k in s.ks}
+    found_k = metrics.pair_scores(sa, sb, s.ks)  # every k on one union graph
+    scores = {k: found_k[k] for k in s.ks}
     for k, sc in scores.items():
         out[f"cknna_k{k}"], out[f"mutual_knn_k{k}"] = sc.cknna, sc.mutual_knn
     found = chance.for_spaces(sa, sb, scores, s.permutations, s.seed, s.groups)

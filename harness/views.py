@@ -101,7 +101,8 @@ def compare_views(views: dict[str, torch.Tensor], states: torch.Tensor, ks: list
 
     def scores(a: str, b: str) -> dict:
         mask = mask_of(a, b)
-        return {k: metrics.space_scores(space(a, mask), space(b, mask), k) for k in ks}
+        every_k = metrics.pair_scores(space(a, mask), space(b, mask), ks)  # one union graph
+        return {k: every_k[k] for k in ks}
 
     out = {"views": names, "against_states": {}, "pairs": {},
            "samples": {v: int(defined[v].sum()) if v in defined else n for v in names}}
