@@ -106,7 +106,8 @@ def load_groups(path, n: int) -> torch.Tensor:
             raw = json.loads(path.read_text())
         except (ValueError, UnicodeDecodeError) as err:
             raise HarnessError(f"--groups {path}: not valid JSON ({err})") from None
-        raw = _episodes(path, raw) or raw
+        episodes = _episodes(path, raw)
+        raw = raw if episodes is None else episodes
         if not isinstance(raw, list) or not all(isinstance(v, int) and not isinstance(v, bool)
                                                 for v in raw):
             raise HarnessError(f"--groups {path}: must be a JSON list of integers "
