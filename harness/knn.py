@@ -25,7 +25,7 @@ from harness import graph_kernels
 from harness.device_memory import block_elements
 from harness.knn_lowdim import MAX_DIM as TREE_MAX_DIM
 from harness.knn_lowdim import search_tree
-from harness.neighbours import Neighbours, _block_topk, _order_ties, product_error
+from harness.neighbours import Neighbours, _block_topk, _order_ties, best_of, product_error
 
 # Gram block sizes (float32) on CPU; on CUDA they follow free memory (device_memory).
 # Row strategy: 16 M elements = 64 MB per block. Symmetric strategy: 2048 x 2048 = 16 MB,
@@ -36,8 +36,9 @@ SYMMETRIC_BLOCK = 2048
 # Working bytes per Gram element: the float32 block, a copy of it for a transposed top-k,
 # and for rows with ties at the k-th place a gathered copy sorted with int64 indices.
 GRAM_BYTES_PER_ELEMENT = 32
-# Below this width the top-k costs more than the product: the row strategy wins.
-SYMMETRIC_MIN_DIM = 64
+# `auto` runs the row strategy: with ties ordered only where values are equal, its one
+# top-k per row beat the symmetric strategy's two top-ks and merge at every width measured
+# (D = 7 to 2304, N = 5000 to 15000, k = 256: benchmarks/cknna_stage.py).
 STRATEGIES = ("auto", "rows", "symmetric")
 BACKENDS = ("torch", "faiss-flat", "faiss-hnsw", "tree")
 
@@ -51,15 +52,6 @@ def _exact_matmul():
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
-
-
-def _merge(best, values, indices, k):
-    """Keep the k best of two candidate lists under the tie rule."""
-    if best is not None:
-        values = torch.cat([best[0], values], dim=1)
-        indices = torch.cat([best[1], indices], dim=1)
-    values, indices = _order_ties(values, indices)
-    return values[:, :k], indices[:, :k]
 
 
 def _mask_same_group(gram: torch.Tensor, groups: torch.Tensor | None, row0: int, col0: int) -> None:
@@ -97,7 +89,7 @@ def _search_symmetric(x: torch.Tensor, k: int, block_rows: int | None,
     block = block_rows or math.isqrt(block_elements(x.device, SYMMETRIC_BLOCK ** 2,
                                                     GRAM_BYTES_PER_ELEMENT))
     starts = list(range(0, n, block))
-    best = [None] * len(starts)
+    found = [[] for _ in starts]  # per row block: candidate lists from each column block
     out_v = torch.empty(n, k, dtype=x.dtype, device=x.device)
     out_i = torch.empty(n, k, dtype=torch.long, device=x.device)
     with _exact_matmul():
@@ -110,12 +102,13 @@ def _search_symmetric(x: torch.Tensor, k: int, block_rows: int | None,
                     gram.fill_diagonal_(float("-inf"))
                 _mask_same_group(gram, groups, s, t)
                 v, i = _block_topk(gram, k)
-                best[bi] = _merge(best[bi], v, i + t, k)
+                found[bi].append((v, i + t))
                 if bj != bi:
-                    v, i = _block_topk(gram.T, k)
-                    best[bj] = _merge(best[bj], v, i + s, k)
-            out_v[s:s + block], out_i[s:s + block] = best[bi]
-            best[bi] = None
+                    v, i = _block_topk(gram.T.contiguous(), k)
+                    found[bj].append((v, i + s))
+            values, indices = (torch.cat(parts, dim=1) for parts in zip(*found[bi]))
+            out_v[s:s + block], out_i[s:s + block] = best_of(values, indices, k)
+            found[bi] = None
     return Neighbours(out_i, out_v)
 
 
@@ -149,8 +142,8 @@ def knn(x: torch.Tensor, k: int, *, backend: str = "torch", strategy: str = "aut
         block_rows: int | None = None, groups: torch.Tensor | None = None) -> Neighbours:
     """The k most similar other rows of `x` (inner product), best first, ties to lower index.
 
-    Both torch strategies give identical lists; `auto` picks the faster one for the
-    width. `faiss-flat` is exact but breaks boundary ties its own way; `faiss-hnsw` is
+    Both torch strategies give identical lists; `auto` runs the rows one (faster).
+    `faiss-flat` is exact but breaks boundary ties its own way; `faiss-hnsw` is
     approximate (measure it with `recall`); `tree` gives the torch lists by a k-d tree
     (faster for low-D rows at large N). With `groups` (N integer labels) rows of one
     group are never neighbours; a row with fewer than k others outside its group gets
@@ -163,7 +156,7 @@ def knn(x: torch.Tensor, k: int, *, backend: str = "torch", strategy: str = "aut
     if backend == "torch":
         if groups is not None:
             groups = groups.to(x.device)
-        if strategy == "symmetric" or (strategy == "auto" and x.shape[1] >= SYMMETRIC_MIN_DIM):
+        if strategy == "symmetric":
             return _search_symmetric(x, k, block_rows, groups)
         return _search_rows(x, k, block_rows, groups)
     if backend == "tree" and x.shape[1] <= TREE_MAX_DIM:  # exact k-d tree for low-D rows

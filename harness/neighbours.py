@@ -36,6 +36,30 @@ def _order_ties(values: torch.Tensor, indices: torch.Tensor):
     return values.gather(1, by_value), indices.gather(1, by_value)
 
 
+def _order_sorted_ties(values: torch.Tensor, indices: torch.Tensor):
+    """`_order_ties` for rows already sorted by value (a top-k's output): only rows with
+    two equal values are reordered, so tie-free rows cost one comparison."""
+    rows = (values[:, 1:] == values[:, :-1]).any(dim=1).nonzero().flatten()
+    if len(rows):
+        values[rows], indices[rows] = _order_ties(values[rows], indices[rows])
+    return values, indices
+
+
+def best_of(values: torch.Tensor, indices: torch.Tensor, k: int):
+    """The k best of each row's candidates (any order) under the tie rule."""
+    if k >= values.shape[1]:
+        return _order_ties(values, indices)
+    top, pos = torch.topk(values, k + 1, dim=1)
+    found = indices.gather(1, pos)
+    # A left-out value equal to the k-th one means topk chose among ties arbitrarily.
+    ambiguous = (top[:, k] == top[:, k - 1]).nonzero().flatten()
+    top, found = top[:, :k].contiguous(), found[:, :k].contiguous()
+    if len(ambiguous):
+        v, i = _order_ties(values[ambiguous], indices[ambiguous])
+        top[ambiguous], found[ambiguous] = v[:, :k], i[:, :k]
+    return _order_sorted_ties(top, found)
+
+
 def _block_topk(gram: torch.Tensor, k: int):
     """Top-k of each row of a Gram block under the tie rule (all columns if fewer than k)."""
     if k >= gram.shape[1]:
@@ -43,7 +67,7 @@ def _block_topk(gram: torch.Tensor, k: int):
     values, indices = torch.topk(gram, k + 1, dim=1)
     # A left-out value equal to the k-th one means topk chose among ties arbitrarily.
     ambiguous = values[:, k] == values[:, k - 1]
-    values, indices = _order_ties(values[:, :k], indices[:, :k])
+    values, indices = _order_sorted_ties(values[:, :k].contiguous(), indices[:, :k].contiguous())
     if ambiguous.any():
         rows = ambiguous.nonzero().flatten()
         # Columns are in index order, so a stable sort puts the lower index first.
