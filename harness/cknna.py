@@ -112,15 +112,21 @@ class Space:
         _check_ties(self.ties)
         # Float64 rows: searched as a float32 copy (the reference's precision), scored again
         # in float64 from the rows themselves wherever a tie could be decided (tie_graph).
-        self.search_x = self.x.float() if self.x.dtype == torch.float64 else self.x
-        self.degenerate = all_rows_equal(self.search_x)
+        search_x = self.search_x
+        self.degenerate = all_rows_equal(search_x)
         length = self.k_search
         if self.ties == "shared":  # room for the tie zone below the largest k
             length = min(self.x.shape[0] - 1, length + TIE_MARGIN)
         given = self.neighbours
         if given is None or given.k < length:
-            given = knn(self.search_x, length, groups=self.groups, **self.knn_options)
+            given = knn(search_x, length, groups=self.groups, **self.knn_options)
         self.neighbours = given
+
+    @property
+    def search_x(self) -> torch.Tensor:
+        """The rows as searched: a float32 copy of float64 rows, made when asked (not kept:
+        after the search only the index rule's subsets need it)."""
+        return self.x.float() if self.x.dtype == torch.float64 else self.x
 
     @property
     def host(self) -> HostLists:
@@ -158,15 +164,21 @@ class Space:
             cache.update(self_terms(g, missing))
         return {k: cache[k] for k in ks}
 
-    def subset_graphs(self, subset: torch.Tensor, ks) -> tuple[graph_kernels.UnionGraph, dict]:
+    def subset_graphs(self, subset: torch.Tensor, ks, scratch: graph_kernels.SlabScratch | None = None,
+                      name: str = ""):
         """The graphs at every k within `subset` (sorted sample indices; node numbers are
         positions in it), and per k the rows whose list held too few subset members (scored
-        again against every member)."""
+        again against every member). With a thread's `scratch`, a tie-rule graph comes in
+        its reusable slabs under `name` where every row fits (`graph_kernels.slab`)."""
         if self.ties == "shared":
+            if scratch is not None:
+                g = self.host.slab(ks, subset, scratch, name, groups=self.groups)
+                if g is not None:
+                    return g, {k: 0 for k in g.ks}
             g = self.host.tie_graphs(ks, members=subset, groups=self.groups)
             return g, {k: int(g.short[g.at(k)]) for k in g.ks}
-        lists, redone = subsample_neighbours(self.search_x, self.neighbours, subset, max(ks),
-                                             self.groups)
+        search_x = self._graphs.setdefault("search_x", self.search_x)  # kept for the next subset
+        lists, redone = subsample_neighbours(search_x, self.neighbours, subset, max(ks), self.groups)
         return self.host.list_graphs(ks, lists, subset), {k: redone for k in ks}
 
 

@@ -48,6 +48,10 @@ class UnionGraph:
     def at(self, k: int) -> int:
         return self.ks.index(k)
 
+    def rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """Where each row's edges start and end."""
+        return self.ptr[:-1], self.ptr[1:]
+
     def self_scale(self, k: int) -> float:
         """Size of the trace term of the self-HSIC at k (a near-zero value counts as zero)."""
         w = self.w[:, self.at(k)]
@@ -75,15 +79,6 @@ def _dot(x, i, j):
     for t in range(end, d):
         s0 += np.float64(x[i, t]) * np.float64(x[j, t])
     return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
-
-
-@njit(cache=True, inline="always")
-def _exact(x, idx, memo, i, pos):
-    v = memo[i, pos]
-    if v != v:  # NaN: not computed yet (each row is only ever touched by one thread)
-        v = _dot(x, i, idx[i, pos])
-        memo[i, pos] = v
-    return v
 
 
 @njit(cache=True)
@@ -179,7 +174,8 @@ def _rescan_row(r, x, members, groups, ks, tol, sc, crossing_row, out_dst, out_v
     return count
 
 
-_Scratch = namedtuple("_Scratch", "kept_pos kept_val ex sims ranked n_above zone_end s_k share_k wrow")
+_Scratch = namedtuple("_Scratch", "kept_pos kept_val ex sims ranked n_above zone_end s_k share_k wrow "
+                                  "rescanned")
 
 
 @njit(cache=True)
@@ -187,15 +183,18 @@ def _scratch(length, m, nk):
     """One thread's work arrays for `_row`."""
     return _Scratch(np.empty(length, np.int64), np.empty(length), np.empty(length), np.empty(m),
                     np.empty(max(m, length)), np.empty(nk, np.int64), np.empty(nk, np.int64),
-                    np.empty(nk), np.empty(nk), np.empty(nk))
+                    np.empty(nk), np.empty(nk), np.empty(nk), np.zeros(1, np.int64))
 
 
 @njit(cache=True)
 def _row(r, x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma, full_lists,
-         maxnorm, sc, crossing_row, short_row, out_dst, out_val, out_w, start, limit):
-    """Row r's edges (written from `start` on, those that fall below `limit`; rows are
-    written sorted when all fit); returns their count, -1 when the row has fewer than
-    max(ks) candidates at all.
+         maxnorm, sc, crossing_row, short_row, out_dst, out_val, out_w, start, limit, out_pos,
+         sort):
+    """Row r's edges (written from `start` on, those that fall below `limit`; with `sort`,
+    rows are written sorted by neighbour when all fit); returns their count, -1 when the
+    row has fewer than max(ks) candidates at all. `out_pos` (when not empty) gets each
+    edge's position in the list; a row scored against every candidate instead sets
+    sc.rescanned.
 
     Search values are within gamma |x_i| max|x_j| of the truth, so only candidates within
     `reach` of the listed k-th value can be tied or cross it: those are scored in float64
@@ -228,6 +227,7 @@ def _row(r, x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma, 
         if cnt < ks[q] or last >= kept_val[ks[q] - 1] - reach:
             rescan = True
     if rescan:
+        sc.rescanned[0] = 1
         return _rescan_row(r, x, members, groups, ks, tol, sc, crossing_row, out_dst, out_val,
                            out_w, start, limit)
     end = 0
@@ -241,11 +241,19 @@ def _row(r, x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma, 
             b += 1
         n_above[q], zone_end[q] = a, b
         end = max(end, b)
-    for t in range(end):
-        ex[t] = _exact(x, idx, memo, i, kept_pos[t])
+    for t in range(end):  # written out, not a helper: array arguments cost a call each
+        pos = kept_pos[t]
+        v = memo[i, pos]
+        if v != v:  # NaN: not computed yet (each row is only ever touched by one thread)
+            v = _dot(x, i, idx[i, pos])
+            memo[i, pos] = v
+        ex[t] = v
     for q in range(nk):
         a, b = n_above[q], zone_end[q]
-        s_k[q], share_k[q], n_up, tied = _tie(ex[a:b], b - a, ks[q], a, tol, sc.ranked)
+        if b - a == 1:  # one candidate near the k-th place: no tie (as `_tie` finds)
+            s_k[q], share_k[q], n_up, tied = ex[a], ks[q] - a, a, 1
+        else:
+            s_k[q], share_k[q], n_up, tied = _tie(ex[a:b], b - a, ks[q], a, tol, sc.ranked)
         crossing_row[q] = n_up + tied > ks[q]
     count = 0
     for t in range(end):
@@ -256,9 +264,20 @@ def _row(r, x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma, 
                 wrow[q] = _weight(ex[t], s_k[q], tol, share_k[q])
             else:
                 wrow[q] = 0.0
-        count += _emit(wrow, local[idx[i, kept_pos[t]]], ex[t], out_dst, out_val, out_w,
-                       start + count, limit)
-    if start + count <= limit:
+        keep = False  # `_emit`, written out with the list position
+        for q in range(nk):
+            keep = keep or wrow[q] > 0
+        if not keep:
+            continue
+        at = start + count
+        if at < limit:
+            out_dst[at], out_val[at] = local[idx[i, kept_pos[t]]], ex[t]
+            for q in range(nk):
+                out_w[at, q] = wrow[q]
+            if len(out_pos) > 0:
+                out_pos[at] = kept_pos[t]
+        count += 1
+    if sort and start + count <= limit:
         _sort_row(out_dst, out_val, out_w, start, start + count)
     return count
 
@@ -310,12 +329,13 @@ def _build(x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma, f
     cap = ks[nk - 1] + SLAB_SPARE
     tmp_dst, tmp_val = np.empty(m * cap, np.int64), np.empty(m * cap)
     tmp_w = np.empty((m * cap, nk))
+    no_pos = np.empty(0, np.int64)
     for c in prange(chunks):
         sc = _scratch(length, m, nk)
         for r in range(c * ROWS_PER_CHUNK, min(m, (c + 1) * ROWS_PER_CHUNK)):
             counts[r + 1] = _row(r, x, norms, idx, vals, memo, members, local, groups, ks, rtol,
                                  gamma, full_lists, maxnorm, sc, crossing[r], short[r], tmp_dst,
-                                 tmp_val, tmp_w, r * cap, (r + 1) * cap)
+                                 tmp_val, tmp_w, r * cap, (r + 1) * cap, no_pos, True)
     ptr = np.cumsum(counts)
     if counts.min() < 0 or ptr[m] > max_edges:
         return (False, ptr, tmp_dst[:0], tmp_val[:0], tmp_w[:0], crossing.sum(axis=0),
@@ -332,7 +352,7 @@ def _build(x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma, f
             else:
                 _row(r, x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma,
                      full_lists, maxnorm, sc, crossing[r], short[r], dst, val, w, ptr[r],
-                     ptr[r + 1])
+                     ptr[r + 1], no_pos, True)
     return True, ptr, dst, val, w, crossing.sum(axis=0), short.sum(axis=0)
 
 
@@ -415,8 +435,43 @@ def products(x, rows, cols):
 # ---------------------------------------------------------------- HSIC sums
 
 
+@njit(cache=True, inline="always")
+def _add_edge(acc, k_into, l_out, a_w, a_val, ea, ea2, b_w, b_val, eb, eb2, row, col):
+    """One shared edge (row, col) (A's edge ea, B's eb; their reverses ea2, eb2, -1 where
+    either is missing) into every k's sums: see `_one`."""
+    for q in range(a_w.shape[1]):
+        m = min(a_w[ea, q], b_w[eb, q])
+        if m <= 0:
+            continue
+        mk, ml = m * a_val[ea], m * b_val[eb]
+        acc[q, 0] += mk
+        acc[q, 1] += ml
+        acc[q, 3] += m
+        k_into[q, col] += mk
+        l_out[q, row] += ml
+        if ea2 >= 0 and eb2 >= 0:
+            m2 = min(a_w[ea2, q], b_w[eb2, q])
+            if m2 > 0:
+                acc[q, 2] += mk * m2 * b_val[eb2]
+
+
+@njit(cache=True, inline="always")
+def _finish(acc, k_into, l_out, n):
+    """(HSIC, sum M) per k from the sums `_add_edge` collected on n nodes."""
+    nk = acc.shape[0]
+    out = np.empty((2, nk))
+    for q in range(nk):
+        cross = 0.0
+        for l in range(n):
+            cross += k_into[q, l] * l_out[q, l]
+        hsic = acc[q, 2] + acc[q, 0] * acc[q, 1] / ((n - 1) * (n - 2)) - 2 * cross / (n - 2)
+        out[0, q], out[1, q] = hsic / (n * (n - 3)), acc[q, 3]
+    return out
+
+
 @njit(cache=True, nogil=True)
-def _one(perm, a_ptr, a_dst, a_val, a_w, a_rev, b_ptr, b_dst, b_val, b_w, b_rev):
+def _one(perm, a_start, a_end, a_dst, a_val, a_w, a_rev, b_start, b_end, b_dst, b_val, b_w,
+         b_rev):
     """Per k: unbiased HSIC (Song et al. 2012, eq. 5) of M*K_A[perm] and M*L_B, and sum M,
     in one pass over B's rows. Edge (i, j) of A[perm] is edge (perm[i], perm[j]) of A:
     A's row perm[i] is marked, B's row i looked up in the mark. With K~ = M*K, L~ = M*L:
@@ -430,60 +485,42 @@ def _one(perm, a_ptr, a_dst, a_val, a_w, a_rev, b_ptr, b_dst, b_val, b_w, b_rev)
     acc = np.zeros((nk, 4))
     for i in range(n):
         u = perm[i]
-        for ea in range(a_ptr[u], a_ptr[u + 1]):
+        for ea in range(a_start[u], a_end[u]):
             mark[a_dst[ea]] = ea + 1
-        for eb in range(b_ptr[i], b_ptr[i + 1]):
+        for eb in range(b_start[i], b_end[i]):
             j = b_dst[eb]
             ea = mark[perm[j]] - 1
-            if ea < 0:
-                continue
-            eb2, ea2 = b_rev[eb], a_rev[ea]
-            for q in range(nk):
-                m = min(a_w[ea, q], b_w[eb, q])
-                if m <= 0:
-                    continue
-                mk, ml = m * a_val[ea], m * b_val[eb]
-                acc[q, 0] += mk
-                acc[q, 1] += ml
-                acc[q, 3] += m
-                k_into[q, j] += mk
-                l_out[q, i] += ml
-                if ea2 >= 0 and eb2 >= 0:
-                    m2 = min(a_w[ea2, q], b_w[eb2, q])
-                    if m2 > 0:
-                        acc[q, 2] += mk * m2 * b_val[eb2]
-        for ea in range(a_ptr[u], a_ptr[u + 1]):
+            if ea >= 0:
+                _add_edge(acc, k_into, l_out, a_w, a_val, ea, a_rev[ea], b_w, b_val, eb,
+                          b_rev[eb], i, j)
+        for ea in range(a_start[u], a_end[u]):
             mark[a_dst[ea]] = 0
-    out = np.empty((2, nk))
-    for q in range(nk):
-        cross = 0.0
-        for l in range(n):
-            cross += k_into[q, l] * l_out[q, l]
-        hsic = acc[q, 2] + acc[q, 0] * acc[q, 1] / ((n - 1) * (n - 2)) - 2 * cross / (n - 2)
-        out[0, q], out[1, q] = hsic / (n * (n - 3)), acc[q, 3]
-    return out
+    return _finish(acc, k_into, l_out, n)
 
 
 @njit(cache=True, parallel=True)
-def _many(perms, a_ptr, a_dst, a_val, a_w, a_rev, b_ptr, b_dst, b_val, b_w, b_rev):
+def _many(perms, a_start, a_end, a_dst, a_val, a_w, a_rev, b_start, b_end, b_dst, b_val, b_w,
+          b_rev):
     """`_one` for every row of perms, in parallel."""
     out = np.empty((perms.shape[0], 2, a_w.shape[1]))
     for d in prange(perms.shape[0]):
-        out[d] = _one(perms[d], a_ptr, a_dst, a_val, a_w, a_rev, b_ptr, b_dst, b_val, b_w, b_rev)
+        out[d] = _one(perms[d], a_start, a_end, a_dst, a_val, a_w, a_rev, b_start, b_end, b_dst,
+                      b_val, b_w, b_rev)
     return out
 
 
-def _arrays(g: UnionGraph, ks):
+def _arrays(g, ks):
+    """A graph's rows (edges start:end of each) and edge arrays, weights of `ks` only."""
     rows = [g.at(k) for k in ks]
     w = g.w if rows == list(range(len(g.ks))) else np.ascontiguousarray(g.w[:, rows])
-    return g.ptr, g.dst, g.val, w, g.rev
+    return (*g.rows(), g.dst, g.val, w, g.rev)
 
 
-def hsic(ga: UnionGraph, gb: UnionGraph, ks, perms: np.ndarray | None = None):
+def hsic(ga, gb, ks, perms: np.ndarray | None = None):
     """Unbiased HSIC of M*K_A and M*L_B, M = min(W_A, W_B), at each k in `ks`, and sum M:
     arrays (len(ks),) for the graphs as they are, or (P, len(ks)) for A relabelled by each
     row p of `perms` (A[p]: edge (i, j) weighs what (p[i], p[j]) weighs in A), in
-    parallel. Both are one `_one` per relabelling: an identity row gives the bits of
+    parallel. Graphs are `UnionGraph`s or `SlabGraph`s, in any pairing. Both are one `_one` per relabelling: an identity row gives the bits of
     `perms=None`."""
     if ga.n != gb.n:
         raise ValueError(f"graphs on {ga.n} and {gb.n} nodes")
@@ -496,6 +533,160 @@ def hsic(ga: UnionGraph, gb: UnionGraph, ks, perms: np.ndarray | None = None):
     out = _many(np.ascontiguousarray(perms, np.int64), *a, *b)
     return out[:, 0], out[:, 1]
 
+
+
+# ---------------------------------------------------------------- subset graphs in slabs
+#
+# A subset's graph over and over (hundreds of subsets x every model): each row's edges sit
+# in a fixed slab of `cap` slots (list order, unsorted), in arrays reused from subset to
+# subset, and each edge's reverse is found through the lists themselves: rpos[i, p] is
+# where i sits in the list of its p-th neighbour j, and slot[j, p'] the slab slot that j's
+# edge at list position p' took (-1 if none). No allocation, sort or merge per subset.
+
+
+@njit(cache=True, parallel=True)
+def _reverse_positions(idx, vals):
+    """Each listed pair (i, p) is bucketed under its neighbour j; then row j's list is
+    marked once and all of j's bucket read off the mark."""
+    n, length = idx.shape
+    ptr = np.zeros(n + 1, np.int64)
+    for i in range(n):
+        for p in range(length):
+            if vals[i, p] > -np.inf:
+                ptr[idx[i, p] + 1] += 1
+    ptr = np.cumsum(ptr)
+    fill = ptr[:n].copy()
+    asked = np.empty(ptr[n], np.int64)  # i * length + p, bucketed by j
+    for i in range(n):
+        for p in range(length):
+            if vals[i, p] > -np.inf:
+                j = idx[i, p]
+                asked[fill[j]] = i * length + p
+                fill[j] += 1
+    rpos = np.full((n, length), -1, np.int32)
+    chunks = (n + ROWS_PER_CHUNK - 1) // ROWS_PER_CHUNK
+    for c in prange(chunks):
+        mark = np.zeros(n, np.int64)
+        for j in range(c * ROWS_PER_CHUNK, min(n, (c + 1) * ROWS_PER_CHUNK)):
+            for q in range(length):
+                if vals[j, q] > -np.inf:
+                    mark[idx[j, q]] = q + 1
+            for t in range(ptr[j], ptr[j + 1]):
+                i, p = asked[t] // length, asked[t] % length
+                rpos[i, p] = mark[i] - 1
+            for q in range(length):
+                mark[idx[j, q]] = 0
+    return rpos
+
+
+def reverse_positions(idx: np.ndarray, vals: np.ndarray) -> np.ndarray:
+    """rpos[i, p]: the position of i in the list of its p-th neighbour, -1 where absent."""
+    return _reverse_positions(np.ascontiguousarray(idx, np.int64), vals)
+
+
+@njit(cache=True, nogil=True)
+def _slab_graph(x, norms, idx, vals, memo, rpos, members, local, groups, ks, rtol, gamma,
+                full_lists, cap, dst, val, w, pos, end, rev, slot, totals):
+    """`_build`'s graphs over `members`, row r in slots r*cap..end[r] (list order); False
+    when a row needs more than its slab or was scored against every candidate (the
+    caller then uses `build`). totals[q] = (crossing rows, sum of (w val)^2)."""
+    m, nk, length = len(members), len(ks), idx.shape[1]
+    maxnorm = 0.0
+    for r in range(m):
+        maxnorm = max(maxnorm, norms[members[r]])
+    sc = _scratch(length, m, nk)
+    crossing_row, short_row = np.zeros(nk, np.bool_), np.zeros(nk, np.bool_)
+    totals[:] = 0.0
+    for r in range(m):
+        c = _row(r, x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma,
+                 full_lists, maxnorm, sc, crossing_row, short_row, dst, val, w, r * cap,
+                 (r + 1) * cap, pos, False)
+        if c < 0 or c > cap or sc.rescanned[0]:
+            return False
+        end[r] = r * cap + c
+        for q in range(nk):
+            totals[q, 0] += crossing_row[q]
+    for r in range(m):
+        for e in range(r * cap, end[r]):
+            slot[members[r], pos[e]] = e
+            for q in range(nk):
+                totals[q, 1] += (w[e, q] * val[e]) ** 2
+    for r in range(m):
+        i = members[r]
+        for e in range(r * cap, end[r]):
+            p = rpos[i, pos[e]]
+            rev[e] = slot[members[dst[e]], p] if p >= 0 else -1
+    for r in range(m):  # the table is left all -1 again
+        for e in range(r * cap, end[r]):
+            slot[members[r], pos[e]] = -1
+    return True
+
+
+class SlabScratch:
+    """One thread's arrays for slab graphs, reused from subset to subset: a `slot` table
+    (n x list length, all -1 between calls) and slabs grown to the largest subset seen."""
+
+    def __init__(self):
+        self._arrays = {}
+
+    def array(self, name: str, shape: tuple, dtype, fill=None) -> np.ndarray:
+        have = self._arrays.get(name)
+        if have is None or have.shape[1:] != shape[1:] or len(have) < shape[0] or have.dtype != dtype:
+            have = np.empty(shape, dtype) if fill is None else np.full(shape, fill, dtype)
+            self._arrays[name] = have
+        return have[:shape[0]]
+
+
+class SlabGraph:
+    """The graphs at every k over a subset, as `UnionGraph` but in slabs: row r's edges
+    are r*cap..end[r], unsorted. Its arrays are `scratch`'s under `name`: valid until the
+    next slab graph of that name on that thread."""
+
+    def __init__(self, ks, n: int, scratch: SlabScratch, name: str):
+        self.ks, self.n = ks, n
+        self.cap = ks[-1] + SLAB_SPARE
+        size = n * self.cap
+        self.dst = scratch.array(name + ".dst", (size,), np.int64)
+        self.val = scratch.array(name + ".val", (size,), np.float64)
+        self.w = scratch.array(name + ".w", (size, len(ks)), np.float64)
+        self.pos = scratch.array(name + ".pos", (size,), np.int64)
+        self.rev = scratch.array(name + ".rev", (size,), np.int64)
+        self.end = scratch.array(name + ".end", (n,), np.int64)
+        self.totals = np.empty((len(ks), 2))
+
+    def at(self, k: int) -> int:
+        return self.ks.index(k)
+
+    def rows(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.arange(self.n) * self.cap, self.end
+
+    @property
+    def crossing(self) -> np.ndarray:
+        return self.totals[:, 0].astype(np.int64)
+
+    def self_scale(self, k: int) -> float:
+        return float(self.totals[self.at(k), 1]) / (self.n * (self.n - 3))
+
+
+def slab(lists, ks, members: np.ndarray, scratch: SlabScratch, name: str, *,
+         groups: np.ndarray | None, rtol: float) -> SlabGraph | None:
+    """`build`'s graphs of `lists` (a `knn.HostLists`) over sorted `members`, or None when
+    some row needs `build`'s general path (a tie wider than its slab, a short list)."""
+    ks = tuple(sorted(set(int(k) for k in ks)))
+    g = SlabGraph(ks, len(members), scratch, name)
+    n = lists.x.shape[0]
+    local = scratch.array("local", (n,), np.int64, fill=-1)
+    slot = scratch.array("slot", lists.indices.shape, np.int32, fill=-1)
+    local[members] = np.arange(len(members))
+    groups = np.empty(0, np.int64) if groups is None else np.ascontiguousarray(groups, np.int64)
+    try:
+        ok = _slab_graph(lists.x, lists.norms, lists.indices, lists.values, lists.memo,
+                         lists.rpos, members, local, groups, np.array(ks, np.int64), rtol,
+                         lists.gamma, lists.indices.shape[1] >= n - 1, g.cap, g.dst, g.val, g.w,
+                         g.pos, g.end, g.rev, slot, g.totals)
+    finally:
+        local[members] = -1
+    return g if ok else None
 
 
 def threads() -> int:

@@ -253,6 +253,22 @@ class HostLists:
         self.values = nb.values.detach().cpu().double().contiguous().numpy()
         self.memo = np.full(self.indices.shape, np.nan)
         self.gamma = search_error(x, nb.values.dtype)
+        self._rpos = None
+
+    @property
+    def rpos(self) -> np.ndarray:
+        """Where each row sits in its neighbours' lists (`graph_kernels.reverse_positions`)."""
+        if self._rpos is None:
+            self._rpos = graph_kernels.reverse_positions(self.indices, self.values)
+        return self._rpos
+
+    def slab(self, ks, members: torch.Tensor, scratch: graph_kernels.SlabScratch, name: str,
+             groups: torch.Tensor | None = None) -> graph_kernels.SlabGraph | None:
+        """`tie_graphs` over `members` in a thread's reusable slabs, or None where a row
+        needs the general path (`graph_kernels.slab`)."""
+        return graph_kernels.slab(self, ks, members.cpu().numpy(), scratch, name,
+                                  groups=None if groups is None else groups.cpu().numpy(),
+                                  rtol=TIE_RTOL)
 
     def tie_graphs(self, ks, members: torch.Tensor | None = None,
                    groups: torch.Tensor | None = None) -> graph_kernels.UnionGraph:

@@ -8,6 +8,7 @@ member r of the other, members in sample order), and a subsample draws whole gro
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -167,24 +168,27 @@ def subsample_table(spaces_a: list[Space], sb: Space, ks: list[int],
     ks = tuple(sorted(set(int(k) for k in ks)))
     nan = float("nan")
 
+    local = threading.local()
+
     def one_subset(subset):  # compiled kernels without the GIL: subsets run side by side
+        scratch = local.__dict__.setdefault("scratch", graph_kernels.SlabScratch())
         gb = rb = self_b = None
         if not sb.degenerate:
-            gb, rb = sb.subset_graphs(subset, ks)
+            gb, rb = sb.subset_graphs(subset, ks, scratch, "B")
             self_b = self_terms(gb, ks)
         out = []
         for sa in spaces_a:
             if sa.degenerate or sb.degenerate:
                 out.append(({k: Scores(k, nan, nan, nan, nan, nan) for k in ks}, {k: 0 for k in ks}))
                 continue
-            ga, ra = sa.subset_graphs(subset, ks)
+            ga, ra = sa.subset_graphs(subset, ks, scratch, "A")
             out.append((graph_scores(ga, gb, ks, self_b=self_b),
                         {k: ra[k] + (rb[k] if rb else 0) for k in ks}))
         return out
 
     for space in (sb, *spaces_a):  # made once here, not by racing threads
         if not space.degenerate:
-            space.host
+            space.host.rpos
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         with ThreadPoolExecutor(graph_kernels.threads()) as pool:

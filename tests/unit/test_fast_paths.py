@@ -227,3 +227,34 @@ def test_subsets_in_threads_give_the_values_of_one_thread(monkeypatch):
     for x, y in zip(threaded, single):
         for k in (3, 6):
             assert torch.equal(x[k][0], y[k][0]) and x[k][1] == y[k][1]
+
+
+def _edges(g, r):
+    """Row r's edges as sorted (neighbour, weights..., value) tuples, any graph layout."""
+    start, end = (a[r] for a in g.rows())
+    return sorted((int(g.dst[e]), *g.w[e].tolist(), float(g.val[e])) for e in range(start, end))
+
+
+def test_slab_graphs_are_the_general_graphs_and_wide_ties_take_the_general_path():
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(60, 6, generator=gen, dtype=torch.float64)
+    x = unit_rows(torch.cat([base, base[:20]]))  # 20 rows twice: ties of two at many places
+    space, states = Space(x, 30), Space(unit_rows(torch.randn(80, 3, generator=gen)), 30)
+    subset = torch.randperm(80, generator=gen)[:50].sort().values
+    scratch = G.SlabScratch()
+    slab = space.host.slab((3, 6), subset, scratch, "A")
+    slab_b = states.host.slab((3, 6), subset, scratch, "B")
+    full = space.host.tie_graphs((3, 6), members=subset)
+    full_b = states.host.tie_graphs((3, 6), members=subset)
+    assert slab is not None and slab_b is not None
+    assert sum(full.crossing) > 0  # the ties did reach the k-th place somewhere
+    assert all(_edges(slab, r) == _edges(full, r) for r in range(len(subset)))
+    assert slab.crossing.tolist() == full.crossing.tolist()
+    for k in (3, 6):
+        assert slab.self_scale(k) == pytest.approx(full.self_scale(k), rel=1e-12)
+    for ga, gb, fa, fb in ((slab, slab_b, full, full_b), (slab, slab, full, full)):
+        got, want = G.hsic(ga, gb, (3, 6)), G.hsic(fa, fb, (3, 6))
+        assert abs(got[0] - want[0]).max() <= 1e-15 and (got[1] == want[1]).all()
+    # Three prototypes, 20 copies each: a row's tie (19 others) is wider than its slab.
+    wide = unit_rows(torch.randn(3, 5, generator=gen).repeat(20, 1))
+    assert Space(wide, 30).host.slab((3,), subset[subset < 60], scratch, "A") is None
