@@ -26,13 +26,13 @@ import numpy as np
 import torch
 
 from harness.errors import HarnessError
-from harness.extractors.base import Extractor, HiddenStates
-from harness.extractors.dtype_policy import DtypePolicy
+from harness.extractors.engine.base import Extractor, HiddenStates
+from harness.extractors.engine.dtype_policy import DtypePolicy
 from harness.extractors.hf_vlm import weights_dtype
-from harness.extractors.observed import Observed, note_token_inputs
-from harness.extractors.registry import Common, FamilySpec, Option
-from harness.hooks import capture, find_module
-from harness.residual_stream import capture_residual_stream, layer_indices
+from harness.extractors.engine.observed import Observed, note_token_inputs
+from harness.extractors.engine.registry import Common, FamilySpec, Option
+from harness.extractors.engine.hooks import capture, find_module
+from harness.extractors.engine.residual_stream import capture_residual_stream, layer_indices
 
 DEFAULT_CKPT = "HaomingSong/lerobot-pi0-bridge"
 HIDDEN_SIZE = 2048
@@ -427,7 +427,7 @@ class Pi0LeRobotExtractor(Extractor):
     def modality_masks(self, inputs: dict, tasks, hidden: HiddenStates):
         """Image and task masks over the prefix: image embeddings first, then the language
         tokens, in which the task is searched (`harness.modality`)."""
-        from harness.modality import ModalityMasks, task_mask
+        from harness.extractors.engine.modality import ModalityMasks, task_mask
         valid = hidden.mask
         lang = inputs["lang_tokens"].to(valid.device)
         n_image = valid.shape[1] - lang.shape[1]

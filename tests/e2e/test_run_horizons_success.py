@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from harness.cli import main
-from harness.synth import generate
+from harness.data.synth import generate
 from tests.dense_reference import dense_cknna
 from tests.unit.test_success import independent_spearman
 

@@ -14,7 +14,7 @@ N = 6
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from harness.synth import generate
+    from harness.data.synth import generate
     root = tmp_path_factory.mktemp("data") / "cknna_data"
     generate(root, n=N, seed=0, progress=False)
     return root

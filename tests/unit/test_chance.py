@@ -3,13 +3,13 @@ the Benjamini-Hochberg adjustment across a report, and the 'at chance' mark."""
 import pytest
 import torch
 
-from harness import chance
+from harness.cknna import chance
 from harness import cknna as C
-from harness import report
-from harness import significance as S
-from harness.report_html import markdown_to_html
-from harness.results import Settings, compute
-from harness.states import l2_rows
+from harness.study.report import markdown as report
+from harness.cknna import significance as S
+from harness.study.report.html import markdown_to_html
+from harness.study.results import Settings, compute
+from harness.data.states import l2_rows
 
 pytestmark = pytest.mark.unit
 

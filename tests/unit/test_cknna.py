@@ -7,9 +7,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harness import cknna as C
-from harness import significance as S
-from harness.knn import knn
+from harness.cknna import core as C
+from harness.cknna import significance as S
+from harness.cknna.knn import knn
 from tests.dense_reference import (dense_biased_cka, dense_cknna, dense_mutual_knn,
                                    dense_shared_scores,
                                    dense_unbiased_cka, hsic_unbiased)

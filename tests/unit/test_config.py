@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import config, pipeline
+from harness.study import config, pipeline
 from harness.errors import HarnessError
 
 HF = '[[models]]\nname = "m"\nfamily = "hf"\nckpt = "tiny:paligemma"\n'
@@ -111,7 +111,7 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 def test_the_demo_is_built_from_the_registry(tmp_path):
-    from harness.extractors.registry import families
+    from harness.extractors.engine.registry import families
     study = pipeline.default_study(tmp_path)
     want = [(name, spec.name, ckpt) for spec in families().values() for name, ckpt, _ in spec.demo]
     assert [(m.name, m.family, m.ckpt) for m in study.models] == want

@@ -15,7 +15,7 @@ from PIL import Image
 from harness import data
 from harness.cli import main
 from harness.errors import HarnessError
-from harness.states import zscore
+from harness.data.states import zscore
 
 N = 12
 TASKS = ["pick up the cup", "", "put the spoon in the pot", "  ", "flip the pot", "",

@@ -11,11 +11,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import harness.knn as knn_mod
-from harness import device_memory as dm
+import harness.cknna.knn as knn_mod
+from harness.cknna import device_memory as dm
 from harness.commands import resolve_device
 from harness.errors import HarnessError
-from harness.knn import knn
+from harness.cknna.knn import knn
 from tests.unit.test_knn import by_the_rule, tied_data
 
 CUDA = torch.device("cuda")

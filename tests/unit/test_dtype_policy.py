@@ -5,7 +5,7 @@ from torch import nn
 
 from harness.commands.extract import resolve_dtype
 from harness.data.load import BridgeData, policy_states
-from harness.extractors.dtype_policy import ALL_BF16, DtypePolicy
+from harness.extractors.engine.dtype_policy import ALL_BF16, DtypePolicy
 
 
 def model():

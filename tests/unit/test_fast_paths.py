@@ -12,9 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness import graph_kernels as G
-from harness import results as R
-from harness import significance as S
+from harness.cknna import graph_kernels as G
+from harness.study import results as R
+from harness.cknna import significance as S
 from harness.cknna import Space
 from tests.dense_reference import dense_study
 

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from harness import features
+from harness.extractors.engine import features
 from harness.errors import HarnessError
-from harness.features import extract, shard_ranges
+from harness.extractors.engine.features import extract, shard_ranges
 from tests.fake_extractor import FakeExtractor, expected, samples
 
 

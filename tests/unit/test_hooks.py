@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from harness.hooks import HookError, capture, find_module
+from harness.extractors.engine.hooks import HookError, capture, find_module
 
 
 class TupleOut(nn.Module):

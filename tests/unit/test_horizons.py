@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from harness import horizons, synth
+from harness.cknna import horizons
+from harness.data import synth
 from harness.cli import main
 from harness.errors import HarnessError
 from tests.dense_reference import dense_cknna

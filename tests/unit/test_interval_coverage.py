@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from harness import cknna as C
-from harness import significance as S
-from harness.states import l2_rows
+from harness.cknna import significance as S
+from harness.data.states import l2_rows
 
 pytestmark = [pytest.mark.unit, pytest.mark.slow]
 

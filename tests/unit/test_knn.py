@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from harness.knn import Neighbours, knn, recall
+from harness.cknna.knn import Neighbours, knn, recall
 
 
 def by_the_rule(x, k):

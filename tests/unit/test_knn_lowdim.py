@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from harness import cknna as C
-from harness import knn_lowdim
+from harness.cknna import knn_lowdim
 from harness.cli import main
-from harness.knn import knn
+from harness.cknna.knn import knn
 
 pytestmark = pytest.mark.unit
 pytest.importorskip("scipy")

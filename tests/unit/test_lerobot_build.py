@@ -17,7 +17,7 @@ from PIL import Image
 from harness import data
 from harness.cli import main
 from harness.errors import HarnessError
-from harness.lerobot_build import build_from_lerobot
+from harness.data.lerobot_build import build_from_lerobot
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")

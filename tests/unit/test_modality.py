@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from harness.modality import (EMPTY_TASK, NOT_FOUND, find_subsequence, locate_task,
+from harness.extractors.engine.modality import (EMPTY_TASK, NOT_FOUND, find_subsequence, locate_task,
                               task_mask)
 
 

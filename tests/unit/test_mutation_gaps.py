@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from harness import cknna as C
-from harness import significance as S
+from harness.cknna import significance as S
 from harness.cli import main
 from tests.dense_reference import dense_shared_scores
 

@@ -46,7 +46,7 @@ def test_atomic_writes_honour_the_umask(tmp_path, umask, mask, file_mode, dir_mo
 
 
 def test_synthetic_data_dir_and_cli_outputs_are_shareable(tmp_path, umask):
-    from harness.synth import generate
+    from harness.data.synth import generate
     umask(0o022)
     generate(tmp_path / "data", n=12, seed=0, progress=False)
     assert mode(tmp_path / "data") == 0o755

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.pooling import EmptyMaskError, last_token, masked_mean, pool, token_mask
+from harness.extractors.engine.pooling import EmptyMaskError, last_token, masked_mean, pool, token_mask
 
 
 def test_mean_uses_only_masked_tokens():

@@ -6,9 +6,9 @@ import argparse
 
 import pytest
 
-from harness import config
+from harness.study import config
 from harness.cli import build_parser, main
-from harness.extractors import registry
+from harness.extractors.engine import registry
 
 NOT_OPTIONS = {"help", "ckpt", "data_dir", "output_dir",  # per-run arguments, not options
                "threads",  # per process; a study's `threads` is top-level (README, Threads)

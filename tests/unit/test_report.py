@@ -9,7 +9,7 @@ import pytest
 
 matplotlib.use("Agg")
 
-from harness import report  # noqa: E402
+from harness.study.report import markdown as report  # noqa: E402
 from tests.report_fixture import full_results  # noqa: E402
 
 pytestmark = pytest.mark.unit

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from harness import report
+from harness.study.report import markdown as report
 
 RESULTS = {
     "_meta": {"N": 40, "k_values": [5, 10], "permutations": 20, "seed": 0,

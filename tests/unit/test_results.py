@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.results import Settings, compute
-from harness.states import l2_rows, record
+from harness.study.results import Settings, compute
+from harness.data.states import l2_rows, record
 from tests.dense_reference import dense_cknna, dense_mutual_knn
 
 N = 50

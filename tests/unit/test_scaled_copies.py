@@ -9,7 +9,7 @@ import torch
 
 from harness import cknna as C
 from harness.cli import main
-from harness.states import l2_rows
+from harness.data.states import l2_rows
 from tests.dense_reference import dense_shared_scores
 
 pytestmark = pytest.mark.unit

@@ -5,8 +5,8 @@ import warnings
 import pytest
 import torch
 
-from harness import results
-from harness.knn import knn, knn_among
+from harness.study import results
+from harness.cknna.knn import knn, knn_among
 from tests.simulated_device import on_device, simulated_device, to_device
 
 N = 96

@@ -3,11 +3,11 @@ the neighbour search (found running a 40-sample, k = 15 study with compare)."""
 import pytest
 import torch
 
-from harness import results
+from harness.study import results
 from harness.data import load
 from harness.errors import HarnessError
-from harness.states import l2_rows
-from harness.synth import generate
+from harness.data.states import l2_rows
+from harness.data.synth import generate
 
 
 def _study(tmp_path):

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from harness import pipeline
-from harness.config import ModelEntry
+from harness.study import pipeline
+from harness.study.config import ModelEntry
 from harness.errors import HarnessError
-from harness.synth import generate
+from harness.data.synth import generate
 
 OLD = ("report.md", "report.html", "results.json")
 
@@ -30,7 +30,7 @@ def study(tmp_path):
 def test_an_interrupted_metric_stage_leaves_no_old_report(study, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr("harness.results.compute", interrupted)
+    monkeypatch.setattr("harness.study.results.compute", interrupted)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_study(study, log=lambda msg: None)
     assert [n for n in OLD if (study.output_dir / n).exists()] == []

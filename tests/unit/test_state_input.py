@@ -4,10 +4,10 @@ import json
 
 import torch
 
-from harness import state_input
+from harness.extractors.engine import state_input
 from harness.cli import main
-from harness.report import markdown_table, views_markdown
-from harness.report_html import markdown_to_html
+from harness.study.report.markdown import markdown_table, views_markdown
+from harness.study.report.html import markdown_to_html
 
 N = 40
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness import states
+from harness.data import states
 from harness.errors import HarnessError
 
 

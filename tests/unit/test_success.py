@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness import success
+from harness.study import success
 from harness.cli import main
-from harness.config import parse
-from harness.report_success import success_markdown
+from harness.study.config import parse
+from harness.study.report.success import success_markdown
 
 TABLE = Path(__file__).resolve().parent.parent / "data" / "starVLA__cknna__record__cknna_3way_5k.csv"
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image, ImageChops
 
-from harness import data, synth
-from harness.significance import permutation_test
+from harness import data
+from harness.data import synth
+from harness.cknna.significance import permutation_test
 from harness.cli import main
 
 

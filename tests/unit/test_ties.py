@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from harness import cknna as C
-from harness import significance as S
-from harness.knn import knn, tie_graph
+from harness.cknna import significance as S
+from harness.cknna.knn import knn, tie_graph
 from tests.dense_reference import dense_shared_scores
 
 pytestmark = pytest.mark.unit

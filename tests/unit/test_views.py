@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from harness import report, views
-from harness.states import l2_rows
+from harness.study.report import markdown as report
+from harness.cknna import views
+from harness.data.states import l2_rows
 from tests.dense_reference import dense_cknna
 
 N, KS = 60, [5, 10]

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
-from harness import chance
-from harness import cknna as metrics
+from harness.cknna import chance
+from harness.cknna import core as metrics
 from harness.data.future import (DEFAULT_HORIZON_MAX, RULE, SEQ_FILE, SEQ_META,  # noqa: F401
                                  from_pool, load, record, write)
 from harness.errors import HarnessError
-from harness.states import normalised
-from harness.states import zscore as zscore_columns
+from harness.data.states import normalised
+from harness.data.states import zscore as zscore_columns
 
 DEFAULT_HORIZONS = (0, 1, 2, 4, 8)
 

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from harness import graph_kernels
-from harness.device_memory import block_elements
-from harness.knn_lowdim import MAX_DIM as TREE_MAX_DIM
-from harness.knn_lowdim import search_tree
-from harness.neighbours import Neighbours, _block_topk, _order_ties, product_error
+from harness.cknna import graph_kernels
+from harness.cknna.device_memory import block_elements
+from harness.cknna.knn_lowdim import MAX_DIM as TREE_MAX_DIM
+from harness.cknna.knn_lowdim import search_tree
+from harness.cknna.neighbours import Neighbours, _block_topk, _order_ties, product_error
 
 # Gram block sizes (float32) on CPU; on CUDA they follow free memory (device_memory).
 # Row strategy: 16 M elements = 64 MB per block. Symmetric strategy: 2048 x 2048 = 16 MB,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from harness.extra_outputs import VIEW_FILES
+from harness.extractors.engine.extra_outputs import VIEW_FILES
 
 MARK = " [state in input]"
 NOTE = ("[state in input]: the robot state was fed to the model for these features, so "

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 
-from harness.chance import ALPHA, MARK
-from harness.figures import fmt
+from harness.cknna.chance import ALPHA, MARK
+from harness.study.report.figures import fmt
 
 
 def p_text(p, draws: int | None) -> str:

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from harness import graph_kernels
-from harness.knn import TIE_MARGIN, Graph, HostLists, Neighbours, graph_at, knn, knn_among
+from harness.cknna import graph_kernels
+from harness.cknna.knn import TIE_MARGIN, Graph, HostLists, Neighbours, graph_at, knn, knn_among
 
 EPS = 1e-6  # the reference's denominator term; part of its value
 

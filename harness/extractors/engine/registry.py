@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from harness.errors import HarnessError
-from harness.extractors.dtype_policy import ALL_BF16, DtypePolicy
+from harness.extractors.engine.dtype_policy import ALL_BF16, DtypePolicy
 
 LAYERS = "layers"
 """Option type of `--layers`: 'last', 'all', '0,13,-1' on the command line; in a config
@@ -132,7 +132,7 @@ def _discover() -> dict[str, FamilySpec]:
 
     found: dict[str, FamilySpec] = {}
     for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
-        if info.name in ("registry", "base", "tiny", "standins") or info.name.startswith("_"):
+        if info.name in ("engine", "tiny", "standins") or info.name.startswith("_"):
             continue
         spec = getattr(importlib.import_module(f"{package.__name__}.{info.name}"), "SPEC", None)
         if spec is None:

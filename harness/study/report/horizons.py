@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness.figures import BAND_NOTE, chance_band, finish_axes, pyplot, save_figure, value_errors
-from harness.report_cells import chance_cell
+from harness.study.report.figures import BAND_NOTE, chance_band, finish_axes, pyplot, save_figure, value_errors
+from harness.study.report.cells import chance_cell
 
 def _horizons(results: dict) -> list[int]:
     return (results["_meta"].get("horizons") or {}).get("horizons", [])

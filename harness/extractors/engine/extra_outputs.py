@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from harness.errors import HarnessError
-from harness.extractors.base import FINAL
+from harness.extractors.engine.base import FINAL
 from harness.io import save_tensor
-from harness.modality import EMPTY_TASK, FALLBACK
-from harness.pooling import EmptyMaskError, pool
+from harness.extractors.engine.modality import EMPTY_TASK, FALLBACK
+from harness.extractors.engine.pooling import EmptyMaskError, pool
 
 IMG, TXT, ACTION = "feats_A_img", "feats_A_txt", "feats_action"
 UNDEFINED_ROWS, SEED_ROWS = "NaN rows", "zero rows"  # an empty task's text row, by mode
@@ -30,7 +30,7 @@ SEED_TEXT = SEED_ROWS + " (--seed_compat: the seed's clamp(min=1) mean over no t
 
 def refuse_action_repr(family: str) -> None:
     """One clear line for a family that has no action stream to read."""
-    from harness.extractors.registry import families
+    from harness.extractors.engine.registry import families
     have = [name for name, spec in families().items() if spec.action_stream]
     raise HarnessError(f"{family}: this family has no action stream, so --action_repr "
                        f"(feats_action.pt) cannot be extracted; families with one: "

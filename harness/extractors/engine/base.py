@@ -81,7 +81,7 @@ class Extractor(abc.ABC):
         """How the features are made, built here once for every family: the family's own
         record, dtype spelled one way, the attention implementation read from the modules
         that ran (not the one asked for)."""
-        from harness.extractors.compat import dtype_name
+        from harness.extractors.engine.compat import dtype_name
 
         record = {"family": self.family, **self.describe()}
         record["dtype"] = dtype_name(record.get("dtype"))

@@ -19,7 +19,7 @@ from pydantic import (BaseModel, PlainValidator, ConfigDict, Field, StrictInt, S
                       ValidationError, create_model, field_validator, model_validator)
 
 from harness.errors import HarnessError
-from harness.extractors.registry import LAYERS, FamilySpec, Option, families, layers_flag
+from harness.extractors.engine.registry import LAYERS, FamilySpec, Option, families, layers_flag
 
 try:
     import tomllib

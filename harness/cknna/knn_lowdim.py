@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from harness.neighbours import Neighbours, _block_topk, _order_ties, product_error
+from harness.cknna.neighbours import Neighbours, _block_topk, _order_ties, product_error
 
 MAX_DIM = 16
 MARGIN = 8  # candidates beyond k, so a close (k+1)-th rarely forces a second query

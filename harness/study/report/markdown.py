@@ -7,10 +7,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from harness import state_input
-from harness.chance import MARK
-from harness.report_cells import chance_cell, p_text, signed, verdict
-from harness.figures import (BAND_NOTE, Z95, chance_band, finish_axes, fmt, legend_outside,
+from harness.extractors.engine import state_input
+from harness.cknna.chance import MARK
+from harness.study.report.cells import chance_cell, p_text, signed, verdict
+from harness.study.report.figures import (BAND_NOTE, Z95, chance_band, finish_axes, fmt, legend_outside,
                              pyplot, save_figure, value_errors)
 
 
@@ -465,8 +465,8 @@ READING = {
 
 def extra_sections(results: dict) -> list[str]:
     """Horizons and task success, when the study has them."""
-    from harness.report_horizons import horizon_markdown
-    from harness.report_success import success_markdown
+    from harness.study.report.horizons import horizon_markdown
+    from harness.study.report.success import success_markdown
 
     lines = []
     if horizon_markdown(results):
@@ -481,7 +481,7 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
     """results.json, the figures, report.md (linking them) and report.html (embedding
     them), each written atomically; returns `report_files`."""
     from harness.io import write_json, write_text
-    from harness.report_html import markdown_to_html
+    from harness.study.report.html import markdown_to_html
 
     files = report_files(results, out_dir)
     write_json(files["json"], results, nan_note=nan_note(results))
@@ -495,10 +495,10 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
     if "views" in files:
         save_figure(views_figure(results), files["views"])
     if "cknna_vs_horizon" in files:
-        from harness.report_horizons import cknna_vs_horizon
+        from harness.study.report.horizons import cknna_vs_horizon
         cknna_vs_horizon(results, files["cknna_vs_horizon"])
     if "success_vs_cknna" in files:
-        from harness.report_success import study_panels, success_vs_cknna
+        from harness.study.report.success import study_panels, success_vs_cknna
         success_vs_cknna(study_panels(results), files["success_vs_cknna"])
     figures = {name: path.name for name, path in files.items() if name in FIGURE_CAPTIONS}
     markdown = study_markdown(results, figures)

@@ -16,24 +16,24 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from harness import chance
-from harness import config as config_mod
-from harness.checks import cuda_problem, k_problems, quick_n
+from harness.cknna import chance
+from harness.study import config as config_mod
+from harness.study.checks import cuda_problem, k_problems, quick_n
 from harness import data as data_mod
-from harness import horizons as horizons_mod
+from harness.cknna import horizons as horizons_mod
 from harness import locks
 from harness import progress
 from harness import provenance as prov
-from harness import success
-from harness import state_input
-from harness import states as states_mod
+from harness.study import success
+from harness.extractors.engine import state_input
+from harness.data import states as states_mod
 from harness import threads as threads_mod
-from harness import views as views_mod
-from harness.config import LaxPath, ModelEntry, StudyConfig
+from harness.cknna import views as views_mod
+from harness.study.config import LaxPath, ModelEntry, StudyConfig
 from harness.errors import HarnessError
-from harness.significance import fraction_for
-from harness.extractors.registry import families
-from harness.features import FEATS, METADATA
+from harness.cknna.significance import fraction_for
+from harness.extractors.engine.registry import families
+from harness.extractors.engine.features import FEATS, METADATA
 from harness.io import check_output_dir, load_features, write_json
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -163,7 +163,7 @@ def prepare_data(study: Study, log) -> int:
                                    f"set asked for (n={want['n']}, seed={want['seed']})")
             log(f"data: reusing synthetic set at {study.data_dir}")
         else:
-            from harness.synth import generate
+            from harness.data.synth import generate
             log(f"data: generating {want['n']} synthetic samples (seed {want['seed']})")
             generate(study.data_dir, n=want["n"], seed=want["seed"])
     report = data_mod.validate(study.data_dir, images="decode")
@@ -269,8 +269,8 @@ def _locked_run(study: Study, log, data, seq, horizons, threads) -> dict:
     """The work of `run_study` once every check has passed and the folder is ours."""
     import torch
 
-    from harness.report import write_report
-    from harness.results import Settings, compute
+    from harness.study.report.markdown import write_report
+    from harness.study.results import Settings, compute
 
     clear_previous_report(study.output_dir, log)
     log(f"threads: {threads.describe()}")

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from harness import chance
-from harness import cknna as metrics
+from harness.cknna import chance
+from harness.cknna import core as metrics
 from harness import provenance
-from harness import significance
+from harness.cknna import significance
 from harness.errors import HarnessError
-from harness.states import l2_rows  # noqa: F401  (its home is harness.states)
+from harness.data.states import l2_rows  # noqa: F401  (its home is harness.states)
 
 TIE_RULES = {
     "shared": "rows L2-normalised in float64, similarities re-scored in float64; neighbours "

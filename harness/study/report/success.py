@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness.figures import fmt, pyplot, save_figure
+from harness.study.report.figures import fmt, pyplot, save_figure
 
 def rho_text(record: dict) -> str:
     """'rho = 0.43 [-0.3, 0.9] (95%, 2000 model resamples), 8 models' or why there is none."""

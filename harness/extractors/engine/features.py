@@ -21,13 +21,14 @@ from typing import Sequence
 import torch
 
 from harness import provenance as prov
-from harness import ranks, state_input
+from harness import ranks
+from harness.extractors.engine import state_input
 from harness.errors import HarnessError
-from harness.extra_outputs import Outputs, merge_extras
-from harness.extractors import observed as obs
-from harness.extractors.base import FINAL, Sample, check_extractor
+from harness.extractors.engine.extra_outputs import Outputs, merge_extras
+from harness.extractors.engine import observed as obs
+from harness.extractors.engine.base import FINAL, Sample, check_extractor
 from harness.io import save_tensor, write_json
-from harness.pooling import EmptyMaskError, pool
+from harness.extractors.engine.pooling import EmptyMaskError, pool
 from harness.progress import ProgressLines
 
 SHARD_DIR = "shards"

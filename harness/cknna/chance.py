@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from harness.significance import shared_null, summarise_null
+from harness.cknna.significance import shared_null, summarise_null
 
 ALPHA = 0.05
 CORRECTION = "Benjamini-Hochberg"

@@ -10,7 +10,7 @@ import html
 import re
 from pathlib import Path
 
-from harness.chance import MARK
+from harness.cknna.chance import MARK
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 80em; padding: 0 1em;

@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from harness import graph_kernels
-from harness.cknna import EPS, Scores, Space, _check, graph_scores, pair_scores, self_terms
+from harness.cknna import graph_kernels
+from harness.cknna.core import EPS, Scores, Space, _check, graph_scores, pair_scores, self_terms
 
 # ---------------------------------------------------------------- draws
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from harness import chance
-from harness import cknna as metrics
-from harness import states as states_mod
-from harness.extra_outputs import VIEW_FILES
+from harness.cknna import chance
+from harness.cknna import core as metrics
+from harness.data import states as states_mod
+from harness.extractors.engine.extra_outputs import VIEW_FILES
 from harness.io import read_tensor
 
 ORDER = ("full", "image", "text", "action")

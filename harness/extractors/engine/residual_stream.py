@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 
 from harness.errors import HarnessError
-from harness.hooks import HookError, _first_tensor
+from harness.extractors.engine.hooks import HookError, _first_tensor
 
 
 class ResidualStream:
