@@ -14,7 +14,7 @@ from harness.cli import main
 from harness.study.config import parse
 from harness.study.report.success import success_markdown
 
-TABLE = Path(__file__).resolve().parent.parent / "data" / "starVLA__cknna__record__cknna_3way_5k.csv"
+TABLE = Path(__file__).resolve().parents[2] / "data" / "starVLA__cknna__record__cknna_3way_5k.csv"
 
 
 def independent_spearman(x, y) -> float:

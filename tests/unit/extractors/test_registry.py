@@ -71,7 +71,7 @@ def test_final_norm_paths_come_from_the_specs():
 
 def test_docs_options_table_is_generated_from_the_registry():
     from pathlib import Path
-    page = (Path(__file__).resolve().parents[2] / "docs" / "families.md").read_text()
+    page = (Path(__file__).resolve().parents[3] / "docs" / "families.md").read_text()
     start = page.index("-->\n", page.index("<!-- options table")) + len("-->\n")
     end = page.index("<!-- end of options table -->")
     assert page[start:end].strip() == registry.options_markdown().strip()

@@ -182,7 +182,7 @@ def test_cknna_device_cuda_without_cuda_exits_2_with_one_line(tmp_path):
     (tmp_path / "m").mkdir()
     torch.save(torch.randn(20, 5), tmp_path / "m" / "feats_A.pt")
     torch.save(torch.randn(20, 3), tmp_path / "b.pt")
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     proc = subprocess.run(
         [sys.executable, "-m", "harness", "cknna", "--feats_A", str(tmp_path / "m" / "feats_A.pt"),
          "--feats_B", str(tmp_path / "b.pt"), "--device", "cuda", "--output",

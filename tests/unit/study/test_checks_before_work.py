@@ -19,7 +19,7 @@ import torch
 from harness.cli import main
 from harness.data.synth import generate
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 N = 12
 
 

@@ -140,7 +140,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     single = extract(FakeExtractor(), samples(10), tmp_path / "one", batch_size=3, shard_size=3,
                      progress=False)["last"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -12,7 +12,7 @@ from tests.dense_reference import dense_shared_scores
 
 pytestmark = pytest.mark.unit
 
-REAL = Path(__file__).resolve().parent.parent / "data" / "bridge_cknna_metadata.json"
+REAL = Path(__file__).resolve().parents[2] / "data" / "bridge_cknna_metadata.json"
 
 
 def unit_rows(x):
