@@ -16,7 +16,7 @@ from harness.cknna import device_memory as dm
 from harness.commands import resolve_device
 from harness.errors import HarnessError
 from harness.cknna.knn import knn
-from tests.unit.test_knn import by_the_rule, tied_data
+from tests.unit.cknna.test_knn import by_the_rule, tied_data
 
 CUDA = torch.device("cuda")
 GIB = 1 << 30
