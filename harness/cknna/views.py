@@ -46,7 +46,7 @@ def load_views(feats_path: Path, data, rows) -> tuple[dict[str, torch.Tensor], d
         empty = empty_task_samples(feats_path)
         raw = data.take(read_tensor(path).float())
         mask = torch.tensor([i not in empty for i in data.indices], dtype=torch.bool)
-        kept = states_mod.normalised(path, raw[mask])  # float64 rows (harness.states)
+        kept = states_mod.normalised(path, raw[mask])  # float64 rows (harness.data.states)
         x = torch.zeros(raw.shape, dtype=kept.dtype)
         x[mask] = kept
         views[view], defined[view] = x, mask

@@ -2,7 +2,7 @@
 
 Mirrors the seed's per-model scripts (`--ckpt`, `--data_dir`, `--output_dir`) and adds
 batching, dtype/device/layer choice, a sample limit and resume. Sub-commands, flags and
-help come from the family registry (`harness.extractors.registry`), the same declaration
+help come from the family registry (`harness.extractors.engine.registry`), the same declaration
 the study config's `options` are checked against. `--ckpt tiny` (or a `tiny:` name) runs
 the family's tiny random-weight stand-in: a CPU demo, and what CI runs.
 """

@@ -185,6 +185,8 @@ def generate(out: str | os.PathLike, n: int, seed: int, force: bool = False,
             "episode_indices": sample["episodes"],
             "frame_indices": sample["frames"],
             "synthetic": True,
+            # the generator's name when the format was fixed (now harness.data.synth), kept
+            # so the demo data keep their bytes and fingerprint
             "generator": {"module": "harness.synth", "version": GENERATOR_VERSION,
                           "num_episodes": sample["n_episodes"]},
         }

@@ -116,7 +116,7 @@ class HfVlmExtractor(Extractor):
         return HiddenStates(layers=layers, mask=mask)
 
     def modality_masks(self, inputs: dict, tasks, hidden: HiddenStates):
-        """Image-token and task-token masks of a batch (`harness.modality`)."""
+        """Image-token and task-token masks of a batch (`harness.extractors.engine.modality`)."""
         from harness.extractors.engine.modality import hf_masks
         return hf_masks(inputs, tasks, self.tokenizer, self.image_token_id)
 

@@ -200,7 +200,7 @@ class OpenVLAExtractor(Extractor):
 
     def modality_masks(self, inputs: dict, tasks, hidden: HiddenStates):
         """Image: the patch positions after BOS; text: the task's tokens, searched in the
-        prompt ids laid out like the sequence (`harness.modality`)."""
+        prompt ids laid out like the sequence (`harness.extractors.engine.modality`)."""
         from harness.extractors.engine.modality import ModalityMasks, task_mask
         ids, valid = inputs["input_ids"], hidden.mask
         n_patches = valid.shape[1] - ids.shape[1]

@@ -321,7 +321,7 @@ class Pi0LeRobotExtractor(Extractor):
                                "the hooked module is not the final norm of this forward")
         note_prefix(self.observed, images, inputs["lang_tokens"], inputs["lang_masks"], hidden)
         layers = {"last": hidden}
-        if sweep:  # the residual stream between layers (harness.residual_stream)
+        if sweep:  # the residual stream between layers (harness.extractors.engine.residual_stream)
             states = stream.hidden_states()
             layers.update({str(i): states[i] for i in layer_indices(self.layer_spec, len(states))})
         return HiddenStates(layers=layers, mask=pad_masks.bool())
@@ -426,7 +426,7 @@ class Pi0LeRobotExtractor(Extractor):
 
     def modality_masks(self, inputs: dict, tasks, hidden: HiddenStates):
         """Image and task masks over the prefix: image embeddings first, then the language
-        tokens, in which the task is searched (`harness.modality`)."""
+        tokens, in which the task is searched (`harness.extractors.engine.modality`)."""
         from harness.extractors.engine.modality import ModalityMasks, task_mask
         valid = hidden.mask
         lang = inputs["lang_tokens"].to(valid.device)

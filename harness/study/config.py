@@ -2,7 +2,7 @@
 
 One declaration per key: a new top-level key is one field of `StudyConfig`. Each model's
 `options` table is checked against its family's options, built from the same registry
-declaration as the `extract` flags (`harness.extractors.registry`). Every problem is
+declaration as the `extract` flags (`harness.extractors.engine.registry`). Every problem is
 reported at once, with its TOML location (`models[1].options.batchsize`) and, for an
 unknown key, the closest known one.
 """

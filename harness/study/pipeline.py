@@ -73,7 +73,7 @@ def default_study(output_dir: Path) -> Study:
 
 
 def load_config(path: str | os.PathLike, output_dir: Path | None = None) -> Study:
-    """Read and type-check a study config (`harness.config`); every problem at once,
+    """Read and type-check a study config (`harness.study.config`); every problem at once,
     `k_values` against the data's N included."""
     try:
         config = config_mod.load(path)
@@ -374,7 +374,7 @@ def _rows(path: Path, data) -> "torch.Tensor":
 
 def compare_all_views(views: dict, states_l2, study: Study, status: dict,
                       masks: dict | None = None, groups=None) -> dict:
-    """Modality split and action features of every model that has them (harness.views),
+    """Modality split and action features of every model that has them (harness.cknna.views),
     each view against the states with its chance level (shuffles move whole `groups`)."""
     out = {}
     for name, by_view in views.items():

@@ -17,7 +17,7 @@ from harness.cknna import core as metrics
 from harness import provenance
 from harness.cknna import significance
 from harness.errors import HarnessError
-from harness.data.states import l2_rows  # noqa: F401  (its home is harness.states)
+from harness.data.states import l2_rows  # noqa: F401  (its home is harness.data.states)
 
 TIE_RULES = {
     "shared": "rows L2-normalised in float64, similarities re-scored in float64; neighbours "

@@ -257,7 +257,7 @@ def test_episode_groups_and_comparisons_in_the_report(tmp_path, small_data):
 
 def cknna_values(res):
     """(where, CKNNA value, its chance record) for every CKNNA value against the states in a
-    results file, found by walking the documented layout (not harness.chance.records)."""
+    results file, found by walking the documented layout (not harness.cknna.chance.records)."""
     ks = res["_meta"]["k_values"]
     for label, m in res["models"].items():
         for k in ks:

@@ -42,7 +42,7 @@ def loaded(family, ckpt, **opts):
 
 
 def image_positions(ex, inputs, valid):
-    """Where the image tokens are, read independently of harness.modality."""
+    """Where the image tokens are, read independently of harness.extractors.engine.modality."""
     if "lang_tokens" in inputs:  # Pi0: image embeddings come first in the prefix
         n_image = valid.shape[1] - inputs["lang_tokens"].shape[1]
         out = torch.zeros_like(valid)

@@ -2,7 +2,7 @@
 
 A family differs only in how it loads, how it turns samples into model inputs and where
 it reads hidden states; pooling, sharding, provenance and resume live in
-`harness.features` and never look inside a model.
+`harness.extractors.engine.features` and never look inside a model.
 
 Contract (duck-typed: subclassing `Extractor` is optional, `check_extractor` verifies):
 - `load()` -> self: load weights / processor, move to device, set eval mode.

@@ -2,7 +2,7 @@
 
 `--split_modalities`: feats_A_img.pt and feats_A_txt.pt pool the SAME final hidden states
 as feats_A.pt (same forward, same pooling) over the image tokens and over the task's
-tokens (`harness.modality`). `--action_repr`: feats_action.pt, the family's action
+tokens (`harness.extractors.engine.modality`). `--action_repr`: feats_action.pt, the family's action
 representation (Pi0: the action expert's final norm at the last denoising step), from
 its own forward. feats_A.pt is computed exactly as without them.
 """
@@ -24,7 +24,7 @@ UNDEFINED_ROWS, SEED_ROWS = "NaN rows", "zero rows"  # an empty task's text row,
 UNDEFINED_TEXT = (UNDEFINED_ROWS + ": a text view of an empty task is undefined; the text "
                   "view's CKNNA is computed over the samples that have a task")
 VIEW_FILES = {"image": IMG + ".pt", "text": TXT + ".pt", "action": ACTION + ".pt"}
-"""The extra files by the view of the features they hold (read by harness.views)."""
+"""The extra files by the view of the features they hold (read by harness.cknna.views)."""
 SEED_TEXT = SEED_ROWS + " (--seed_compat: the seed's clamp(min=1) mean over no tokens)"
 
 

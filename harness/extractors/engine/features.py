@@ -228,7 +228,7 @@ def extract(extractor, samples: Sequence[Sample], out_dir, *, batch_size: int = 
     the merged {layer: (N, D) tensor} there, None on other ranks. Progress is a tqdm bar
     on a terminal, else `harness.progress` lines on stderr (every `progress_every_s`).
     `split_modalities` also writes feats_A_img.pt / feats_A_txt.pt from the same forward,
-    `action_repr` feats_action.pt (`harness.extra_outputs`); feats_A.pt is unchanged.
+    `action_repr` feats_action.pt (`extra_outputs`); feats_A.pt is unchanged.
     """
     from tqdm import tqdm
 

@@ -3,7 +3,7 @@
 Each extractor module declares `SPEC = FamilySpec(...)`: its name, one-line help, default
 checkpoint, stand-in, options, final-norm paths and how to build its extractor. The
 `extract` sub-commands (flags and `--help`), the study config's typed `options` schema
-(`harness.config`), the demo and the docs all read `FAMILIES`, so a flag and a config
+(`harness.study.config`), the demo and the docs all read `FAMILIES`, so a flag and a config
 option cannot drift apart. A new family is a new module here that defines `SPEC`
 (discovered automatically) plus its tests; see docs/families.md.
 """
@@ -176,7 +176,7 @@ def final_norm_paths() -> dict[str, tuple[str, ...]]:
 
 def options_markdown() -> str:
     """The options table of every family, as docs/families.md shows it (a test keeps the
-    page equal to this): `python -c "from harness.extractors.registry import
+    page equal to this): `python -c "from harness.extractors.engine.registry import
     options_markdown; print(options_markdown())"`."""
     def cell(o: Option) -> str:
         kind = {int: "int", float: "float", str: "str", bool: "bool", list: "list of str",

@@ -1,6 +1,6 @@
 """How one number is written in a table: a p-value, a signed excess, and a CKNNA value with
-its chance level and verdict. Shared by the report's sections (harness.report and
-harness.report_horizons) so every table writes a value the same way."""
+its chance level and verdict. Shared by the report's sections (harness.study.report.markdown and
+harness.study.report.horizons) so every table writes a value the same way."""
 from __future__ import annotations
 
 import math

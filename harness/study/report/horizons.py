@@ -1,4 +1,4 @@
-"""The horizon part of a report: CKNNA against future states t..t+a (`harness.horizons`)."""
+"""The horizon part of a report: CKNNA against future states t..t+a (`harness.cknna.horizons`)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,7 +1,7 @@
 """report.html: the markdown report as one self-contained HTML page (figures embedded as
 base64 PNG), so a researcher can send a single file. No scripts, no external resources.
 
-It converts only the markdown `harness.report` writes: headings, paragraphs, bullet
+It converts only the markdown `harness.study.report.markdown` writes: headings, paragraphs, bullet
 lists, pipe tables, images on their own line, `code` and **bold**."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Human-readable views of a results JSON: markdown tables, figures, and the report files.
 
-`report.md` links its figures; `report.html` (see `harness.report_html`) is the same
+`report.md` links its figures; `report.html` (see `harness.study.report.html`) is the same
 report with the figures embedded, one file to send to a colleague."""
 from __future__ import annotations
 

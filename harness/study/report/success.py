@@ -1,4 +1,5 @@
-"""The success part of a report: CKNNA against task success across models (`harness.success`)."""
+"""The success part of a report: CKNNA against task success across models
+(`harness.study.success`)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""harness.views and its report section: every view against the states and every pair,
+"""harness.cknna.views and its report section: every view against the states and every pair,
 checked against the dense CKNNA definition; the markdown shows the same numbers."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Data directory validation, options and loading (harness.data).
 
-Fixtures are written by hand here (not by harness.synth) so a bug in the generator
+Fixtures are written by hand here (not by harness.data.synth) so a bug in the generator
 cannot hide a bug in the validator."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`harness.states`: the one home of state preprocessing (L2 rows, z-score, its record)."""
+"""`harness.data.states`: the one home of state preprocessing (L2 rows, z-score, its record)."""
 from __future__ import annotations
 
 import numpy as np

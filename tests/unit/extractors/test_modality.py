@@ -1,4 +1,5 @@
-"""Locating the task inside the prompt ids (harness.modality), on hand-built token lists."""
+"""Locating the task inside the prompt ids (harness.extractors.engine.modality), on hand-built
+token lists."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Study config loading (`harness.config`, `pipeline.load_config`): types, unknown keys
+"""Study config loading (`harness.study.config`, `pipeline.load_config`): types, unknown keys
 with suggestions, TOML locations, options per family, path resolution."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`harness.report`: the markdown views show the JSON's numbers, failures and notice;
+"""`harness.study.report.markdown`: the markdown views show the JSON's numbers, failures and notice;
 figures are written as PNG files."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`harness.results.compute`: the seed's JSON layout, numbers equal to the dense formula,
+"""`harness.study.results.compute`: the seed's JSON layout, numbers equal to the dense formula,
 pairwise order, per-layer scores and the record of how they were made."""
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ TABLE = Path(__file__).resolve().parents[2] / "data" / "starVLA__cknna__record__
 
 
 def independent_spearman(x, y) -> float:
-    """Spearman's rho written apart from harness.success: mid-ranks from a value -> mean
+    """Spearman's rho written apart from harness.study.success: mid-ranks from a value -> mean
     position table, then numpy's Pearson correlation."""
     def midranks(v):
         positions = {}
