@@ -79,6 +79,42 @@ def graph() -> dict[str, set[str]]:
     return {m: imports_of(m, p.read_text(), known) for m, p in known.items()}
 
 
+def _bound(source: str) -> set[str]:
+    """Names a module binds at its top level (what `from it import name` may take)."""
+    names = set()
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return names
+
+
+def stale_imports(paths) -> list[str]:
+    """Imports of harness names that this tree does not have (an old path after a move:
+    an editable install elsewhere could still answer them)."""
+    known = modules()
+    bound = {m: _bound(p.read_text()) for m, p in known.items()}
+    found = []
+    for path in paths:
+        for node in ast.walk(ast.parse(Path(path).read_text())):
+            if isinstance(node, ast.Import):
+                missing = [a.name for a in node.names
+                           if a.name.split(".")[0] == "harness" and a.name not in known]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module and \
+                    node.module.split(".")[0] == "harness":
+                missing = [node.module] if node.module not in known else \
+                    [f"{node.module}.{a.name}" for a in node.names
+                     if f"{node.module}.{a.name}" not in known and a.name not in bound[node.module]]
+            else:
+                continue
+            found += [f"{path}:{node.lineno}: {m}" for m in missing]
+    return found
+
+
 def uphill(edges: dict[str, set[str]]) -> list[str]:
     """Imports from a lower room to a higher one."""
     return [f"{a} ({room_of(a)}) imports {b} ({room_of(b)})" for a in sorted(edges)

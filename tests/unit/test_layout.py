@@ -105,6 +105,20 @@ def test_imports_are_read_at_any_depth():
     assert layout.circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
+def test_every_import_names_a_module_of_this_tree(tmp_path):
+    """An import left at an old path fails here, even where an editable install of another
+    checkout would still answer it."""
+    root = layout.ROOT
+    files = [p for d in ("harness", "tests", "benchmarks", "tools") for p in (root / d).rglob("*.py")]
+    assert layout.stale_imports(files + [root / "conftest.py"]) == []
+    old = tmp_path / "old_paths.py"
+    old.write_text("from harness import knn, io\nfrom harness.cknna import cknna, nothing\n"
+                   "import harness.significance\nfrom harness.results import compute\n")
+    found = [line.split(": ")[1] for line in layout.stale_imports([old])]
+    assert found == ["harness.knn", "harness.cknna.nothing", "harness.significance",
+                     "harness.results"]
+
+
 def test_the_architecture_page_is_current():
     """docs/architecture.md carries the picture the code's imports draw today;
     `python -m tools.layout --write` redraws it."""
