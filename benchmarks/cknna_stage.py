@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from harness import cknna as C  # noqa: E402
-from harness import significance as S  # noqa: E402
-from harness.knn import knn, recall  # noqa: E402
+from harness.cknna import significance as S  # noqa: E402
+from harness.cknna.knn import knn, recall  # noqa: E402
 
 KS = (5, 10, 20)
 

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from harness import horizons as H  # noqa: E402
-from harness.results import Settings, compute  # noqa: E402
-from harness.states import l2_rows  # noqa: E402
+from harness.cknna import horizons as H  # noqa: E402
+from harness.study.results import Settings, compute  # noqa: E402
+from harness.data.states import l2_rows  # noqa: E402
 
 
 def rss_mb(field: str) -> float:

@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from harness import cknna as C  # noqa: E402
 from harness.io import write_json  # noqa: E402
-from harness.knn import TIE_MARGIN, Neighbours, _block_topk, knn, recall  # noqa: E402
+from harness.cknna.knn import TIE_MARGIN, Neighbours, _block_topk, knn, recall  # noqa: E402
 
 KS = (5, 10, 20)
 EPISODE = 40  # frames per episode

@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import study_stage  # noqa: E402
 from large_study import rss_mb  # noqa: E402
 
-from harness import cknna  # noqa: E402
-from harness.results import Settings, compute  # noqa: E402
-from harness.states import l2_rows  # noqa: E402
+from harness.cknna import core as cknna  # noqa: E402
+from harness.study.results import Settings, compute  # noqa: E402
+from harness.data.states import l2_rows  # noqa: E402
 
 
 def episodes(n: int, seed: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from harness.extractors.base import HiddenStates
+from harness.extractors.engine.base import HiddenStates
 
 
 def expected(indices, dim: int = 4) -> torch.Tensor:
@@ -69,7 +69,7 @@ def distributed_worker(rank: int, world: int, init_file: str, out_dir: str, mode
     os.environ["HF_HUB_OFFLINE"] = "1"
     import torch.distributed as dist
 
-    from harness.features import extract
+    from harness.extractors.engine.features import extract
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         if model == "fake":
@@ -104,7 +104,7 @@ def _main() -> None:
     import argparse
     import time
 
-    from harness.features import extract, init_from_env
+    from harness.extractors.engine.features import extract, init_from_env
     p = argparse.ArgumentParser()
     p.add_argument("out")
     p.add_argument("numbers", type=int, nargs=3)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from harness.results import Settings, compute, l2_rows
+from harness.study.results import Settings, compute, l2_rows
 
 N = 60
 

@@ -11,18 +11,18 @@ from pathlib import Path
 
 import torch
 
-from harness import horizons as horizons_mod
-from harness import state_input
+from harness.cknna import horizons as horizons_mod
+from harness.extractors.engine import state_input
 from harness.cknna import TIES, all_rows_equal
 from harness.commands import resolve_device
 from harness.errors import HarnessError
 from harness.io import check_output_file, load_features, read_tensor, write_json
-from harness.knn import BACKENDS
-from harness.report import comparison_markdown, heatmap, heatmap_k, markdown_table, nan_note
-from harness.report_horizons import horizon_markdown
-from harness.results import INDEPENDENT, Settings, compute
-from harness.states import normalised, standardised
-from harness.states import record as preprocessing_record
+from harness.cknna.knn import BACKENDS
+from harness.study.report.markdown import comparison_markdown, heatmap, heatmap_k, markdown_table, nan_note
+from harness.study.report.horizons import horizon_markdown
+from harness.study.results import INDEPENDENT, Settings, compute
+from harness.data.states import normalised, standardised
+from harness.data.states import record as preprocessing_record
 
 
 def register(sub) -> None:

@@ -69,7 +69,7 @@ def _check(args: argparse.Namespace) -> int:
 
 def _synth(args: argparse.Namespace) -> int:
     from harness.io import check_output_dir
-    from harness.synth import generate
+    from harness.data.synth import generate
 
     check_output_dir(args.dir, "DIR")
     with one_line_os_errors(args.dir):
@@ -81,7 +81,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 def _build(args: argparse.Namespace) -> int:
     from harness.io import check_output_dir
-    from harness.lerobot_build import build_from_lerobot
+    from harness.data.lerobot_build import build_from_lerobot
 
     check_output_dir(args.out, "OUT")
     with one_line_os_errors(args.out):

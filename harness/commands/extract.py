@@ -2,7 +2,7 @@
 
 Mirrors the seed's per-model scripts (`--ckpt`, `--data_dir`, `--output_dir`) and adds
 batching, dtype/device/layer choice, a sample limit and resume. Sub-commands, flags and
-help come from the family registry (`harness.extractors.registry`), the same declaration
+help come from the family registry (`harness.extractors.engine.registry`), the same declaration
 the study config's `options` are checked against. `--ckpt tiny` (or a `tiny:` name) runs
 the family's tiny random-weight stand-in: a CPU demo, and what CI runs.
 """
@@ -15,7 +15,7 @@ from typing import Iterator
 
 from harness.commands import resolve_device
 from harness.errors import HarnessError
-from harness.extractors.registry import (LAYERS, Common, FamilySpec, Option,
+from harness.extractors.engine.registry import (LAYERS, Common, FamilySpec, Option,
                                          families, get, is_tiny, parse_layers)
 
 __all__ = ["register", "build_extractor", "run", "parse_layers", "is_tiny", "resolve_dtype"]
@@ -109,12 +109,13 @@ def build_extractor(args: argparse.Namespace) -> Iterator[object]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from harness import features, locks, ranks, threads
+    from harness.extractors.engine import features
+    from harness import locks, ranks, threads
     from harness.io import check_output_dir
 
     refuse_seed_resume_flags(args)
     if getattr(args, "action_repr", False) and not get(args.family).action_stream:
-        from harness.extra_outputs import refuse_action_repr
+        from harness.extractors.engine.extra_outputs import refuse_action_repr
         refuse_action_repr(args.family)
     if args.batch_size < 1:
         raise HarnessError(f"--batch_size must be >= 1, got {args.batch_size}")
@@ -144,7 +145,7 @@ def _extract_locked(args: argparse.Namespace, out) -> int:
     from torch.utils.data import Subset
 
     from harness import data as data_mod
-    from harness import features
+    from harness.extractors.engine import features
 
     if not args.resume and any((out / features.SHARD_DIR).glob("shard_*.pt")):
         raise HarnessError(f"{out}: holds shards of an earlier run; pass --resume to finish "

@@ -27,7 +27,7 @@ def register(sub) -> None:
 
 def chance_summary(results: dict) -> str:
     """One line: how many of the report's values clear their chance level."""
-    from harness.chance import records
+    from harness.cknna.chance import records
 
     found = [rec for _, rec in records(results)]
     mt = results["_meta"].get("multiple_testing") or {}
@@ -39,9 +39,10 @@ def chance_summary(results: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from harness import pipeline, state_input
+    from harness.study import pipeline
+    from harness.extractors.engine import state_input
     from harness.errors import HarnessError
-    from harness.report import report_files
+    from harness.study.report.markdown import report_files
 
     if args.threads is not None and args.threads < 1:
         raise HarnessError(f"--threads must be >= 1, got {args.threads}")

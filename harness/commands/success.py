@@ -11,7 +11,7 @@ import math
 import sys
 from pathlib import Path
 
-from harness import success
+from harness.study import success
 from harness.errors import HarnessError
 from harness.io import check_output_file, write_json
 
@@ -79,12 +79,12 @@ def run(args: argparse.Namespace) -> int:
                                "bootstrap interval resampling models with replacement",
                      "draws": args.draws, "seed": args.seed},
            "correlations": records}
-    from harness.report_success import rho_text
+    from harness.study.report.success import rho_text
     for column, record in records.items():
         left = f"; left out: {', '.join(record['left_out'])}" if record["left_out"] else ""
         print(f"{column} vs {args.success_column}: {rho_text(record)}{left}")
     if args.plot:
-        from harness.report_success import success_vs_cknna
+        from harness.study.report.success import success_vs_cknna
         success_vs_cknna(list(records.items()), args.plot, args.success_column)
     if args.output:
         write_json(args.output, out)

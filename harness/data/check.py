@@ -15,7 +15,7 @@ from harness.data.layout import (_IMAGE_NAME, _MAX_LISTED, PER_SAMPLE_KEYS, REQU
 from harness.data import future
 from harness.errors import HarnessError
 from harness.io import read_tensor
-from harness.states import zero_rows
+from harness.data.states import zero_rows
 
 
 @dataclass
@@ -47,7 +47,7 @@ class CheckReport:
             lines.append(f"repeated (episode, frame) pairs: {self.duplicate_frames}")
         if self.duplicate_states is not None:
             lines.append(f"exact duplicate states: {self.duplicate_states}"
-                         + (" (kNN ties: see the tie rule in harness/knn.py)"
+                         + (" (kNN ties: see the tie rule in harness/cknna/knn.py)"
                             if self.duplicate_states else ""))
         if self.image_sizes:
             sizes = ", ".join(f"{k}: {v}" for k, v in sorted(self.image_sizes.items()))

@@ -4,7 +4,7 @@
 at t, t+1, ..., t+H of the SAME episode (frames in frame order). Past the episode's last
 frame the last state is repeated; the sidecar `feats_B_seq.json` records how many samples
 were padded at each step and each sample's number of real steps. The metric side is
-`harness.horizons`.
+`harness.cknna.horizons`.
 """
 from __future__ import annotations
 

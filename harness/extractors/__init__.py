@@ -1,1 +1,1 @@
-"""Model-family feature extractors sharing the protocol in `base.py`."""
+"""Model-family feature extractors sharing the protocol in `engine/base.py`."""

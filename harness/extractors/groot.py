@@ -37,14 +37,14 @@ import numpy as np
 import torch
 
 from harness.errors import HarnessError
-from harness.extractors.base import Extractor, HiddenStates
-from harness.extractors.dtype_policy import DtypePolicy
+from harness.extractors.engine.base import Extractor, HiddenStates
+from harness.extractors.engine.dtype_policy import DtypePolicy
 from harness.extractors.lerobot_state import SPEC_FIELDS, import_lerobot, parameter_dtypes
-from harness.extractors.observed import Observed, note_token_inputs
+from harness.extractors.engine.observed import Observed, note_token_inputs
 from harness.extractors.pi0_lerobot import resolve_checkpoint
-from harness.extractors.registry import Common, FamilySpec, Option
-from harness.hooks import capture
-from harness.residual_stream import capture_residual_stream, layer_indices
+from harness.extractors.engine.registry import Common, FamilySpec, Option
+from harness.extractors.engine.hooks import capture
+from harness.extractors.engine.residual_stream import capture_residual_stream, layer_indices
 
 DEFAULT_CKPT = "nvidia/GR00T-N1.5-3B"  # GrootConfig.base_model_path in LeRobot 0.4.4
 ASSETS_REPO = "lerobot/eagle2hg-processor-groot-n1p5"  # GrootConfig.tokenizer_assets_repo
@@ -237,7 +237,7 @@ class GrootExtractor(Extractor):
 
     def modality_masks(self, inputs: dict, tasks, hidden: HiddenStates):
         """Image = the <IMG_CONTEXT> tokens; text = the task's tokens inside `['task']`."""
-        from harness.modality import ModalityMasks, task_mask
+        from harness.extractors.engine.modality import ModalityMasks, task_mask
         valid = hidden.mask
         ids = inputs["eagle_input_ids"].to(valid.device)
         image = (ids == self.backbone.eagle_model.config.image_token_index) & valid

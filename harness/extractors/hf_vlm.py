@@ -17,12 +17,12 @@ from typing import Sequence
 import torch
 
 from harness.errors import HarnessError
-from harness.extractors.base import FINAL, Extractor, HiddenStates, Sample, to_device
-from harness.extractors.compat import attention_in_use, dtype_kwarg
-from harness.extractors.observed import Observed, note_token_inputs
-from harness.extractors.registry import Common, FamilySpec, Option, parse_layers
-from harness.pooling import TOKENS, token_mask
-from harness.residual_stream import layer_indices
+from harness.extractors.engine.base import FINAL, Extractor, HiddenStates, Sample, to_device
+from harness.extractors.engine.compat import attention_in_use, dtype_kwarg
+from harness.extractors.engine.observed import Observed, note_token_inputs
+from harness.extractors.engine.registry import Common, FamilySpec, Option, parse_layers
+from harness.extractors.engine.pooling import TOKENS, token_mask
+from harness.extractors.engine.residual_stream import layer_indices
 
 TINY_PREFIX = "tiny:"
 
@@ -116,8 +116,8 @@ class HfVlmExtractor(Extractor):
         return HiddenStates(layers=layers, mask=mask)
 
     def modality_masks(self, inputs: dict, tasks, hidden: HiddenStates):
-        """Image-token and task-token masks of a batch (`harness.modality`)."""
-        from harness.modality import hf_masks
+        """Image-token and task-token masks of a batch (`harness.extractors.engine.modality`)."""
+        from harness.extractors.engine.modality import hf_masks
         return hf_masks(inputs, tasks, self.tokenizer, self.image_token_id)
 
     def attention_implementation(self) -> str | None:

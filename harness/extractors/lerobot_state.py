@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from harness.errors import HarnessError
-from harness.extractors.registry import Option
+from harness.extractors.engine.registry import Option
 
 AS_STORED = " as stored"
 STATE_KEY = "observation.state"

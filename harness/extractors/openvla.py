@@ -32,13 +32,13 @@ from typing import Sequence
 import torch
 
 from harness.errors import HarnessError
-from harness.extractors.base import FINAL, Extractor, HiddenStates, Sample, to_device
-from harness.extractors.compat import attention_in_use, dtype_kwarg, transformers_major
+from harness.extractors.engine.base import FINAL, Extractor, HiddenStates, Sample, to_device
+from harness.extractors.engine.compat import attention_in_use, dtype_kwarg, transformers_major
 from harness.extractors.hf_vlm import note_forward, weights_dtype
-from harness.extractors.observed import Observed
-from harness.extractors.registry import Common, FamilySpec, Option
-from harness.hooks import capture, find_module
-from harness.residual_stream import layer_indices
+from harness.extractors.engine.observed import Observed
+from harness.extractors.engine.registry import Common, FamilySpec, Option
+from harness.extractors.engine.hooks import capture, find_module
+from harness.extractors.engine.residual_stream import layer_indices
 
 DEFAULT_CKPT = "openvla/openvla-7b"
 PROMPT = "In: What action should the robot take to {task}?\nOut:"
@@ -200,8 +200,8 @@ class OpenVLAExtractor(Extractor):
 
     def modality_masks(self, inputs: dict, tasks, hidden: HiddenStates):
         """Image: the patch positions after BOS; text: the task's tokens, searched in the
-        prompt ids laid out like the sequence (`harness.modality`)."""
-        from harness.modality import ModalityMasks, task_mask
+        prompt ids laid out like the sequence (`harness.extractors.engine.modality`)."""
+        from harness.extractors.engine.modality import ModalityMasks, task_mask
         ids, valid = inputs["input_ids"], hidden.mask
         n_patches = valid.shape[1] - ids.shape[1]
         image = torch.zeros_like(valid)

@@ -26,13 +26,13 @@ import numpy as np
 import torch
 
 from harness.errors import HarnessError
-from harness.extractors.base import HiddenStates
-from harness.extractors.dtype_policy import FLOAT32, DtypePolicy
+from harness.extractors.engine.base import HiddenStates
+from harness.extractors.engine.dtype_policy import FLOAT32, DtypePolicy
 from harness.extractors.lerobot_state import (SPEC_FIELDS, StateInput, build_dtype, family_options,
                                               import_lerobot, parameter_dtypes)
 from harness.extractors.pi0_lerobot import (NORM_PATHS, Pi0LeRobotExtractor, audit_weights,
                                             images_01, resolve_checkpoint)
-from harness.extractors.registry import Common, FamilySpec, Option
+from harness.extractors.engine.registry import Common, FamilySpec, Option
 
 DEFAULT_CKPT = "lerobot/pi05_base"
 TOKENIZER = "google/paligemma-3b-pt-224"  # the tokenizer LeRobot 0.4.4's processors load

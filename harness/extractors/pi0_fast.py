@@ -18,14 +18,14 @@ import contextlib
 import torch
 
 from harness.errors import HarnessError
-from harness.extractors.base import HiddenStates
-from harness.extractors.observed import note_token_inputs
+from harness.extractors.engine.base import HiddenStates
+from harness.extractors.engine.observed import note_token_inputs
 from harness.extractors.pi0_lerobot import NORM_PATHS, note_prefix
 from harness.extractors.lerobot_state import SPEC_FIELDS
 from harness.extractors.pi05 import DTYPE_POLICY, Pi05Extractor, build_with, options
-from harness.extractors.registry import Common, FamilySpec
-from harness.hooks import capture
-from harness.residual_stream import capture_residual_stream, layer_indices
+from harness.extractors.engine.registry import Common, FamilySpec
+from harness.extractors.engine.hooks import capture
+from harness.extractors.engine.residual_stream import capture_residual_stream, layer_indices
 
 DEFAULT_CKPT = "lerobot/pi0fast_base"
 

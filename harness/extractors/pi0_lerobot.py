@@ -26,13 +26,13 @@ import numpy as np
 import torch
 
 from harness.errors import HarnessError
-from harness.extractors.base import Extractor, HiddenStates
-from harness.extractors.dtype_policy import DtypePolicy
+from harness.extractors.engine.base import Extractor, HiddenStates
+from harness.extractors.engine.dtype_policy import DtypePolicy
 from harness.extractors.hf_vlm import weights_dtype
-from harness.extractors.observed import Observed, note_token_inputs
-from harness.extractors.registry import Common, FamilySpec, Option
-from harness.hooks import capture, find_module
-from harness.residual_stream import capture_residual_stream, layer_indices
+from harness.extractors.engine.observed import Observed, note_token_inputs
+from harness.extractors.engine.registry import Common, FamilySpec, Option
+from harness.extractors.engine.hooks import capture, find_module
+from harness.extractors.engine.residual_stream import capture_residual_stream, layer_indices
 
 DEFAULT_CKPT = "HaomingSong/lerobot-pi0-bridge"
 HIDDEN_SIZE = 2048
@@ -321,7 +321,7 @@ class Pi0LeRobotExtractor(Extractor):
                                "the hooked module is not the final norm of this forward")
         note_prefix(self.observed, images, inputs["lang_tokens"], inputs["lang_masks"], hidden)
         layers = {"last": hidden}
-        if sweep:  # the residual stream between layers (harness.residual_stream)
+        if sweep:  # the residual stream between layers (harness.extractors.engine.residual_stream)
             states = stream.hidden_states()
             layers.update({str(i): states[i] for i in layer_indices(self.layer_spec, len(states))})
         return HiddenStates(layers=layers, mask=pad_masks.bool())
@@ -426,8 +426,8 @@ class Pi0LeRobotExtractor(Extractor):
 
     def modality_masks(self, inputs: dict, tasks, hidden: HiddenStates):
         """Image and task masks over the prefix: image embeddings first, then the language
-        tokens, in which the task is searched (`harness.modality`)."""
-        from harness.modality import ModalityMasks, task_mask
+        tokens, in which the task is searched (`harness.extractors.engine.modality`)."""
+        from harness.extractors.engine.modality import ModalityMasks, task_mask
         valid = hidden.mask
         lang = inputs["lang_tokens"].to(valid.device)
         n_image = valid.shape[1] - lang.shape[1]

@@ -26,15 +26,15 @@ from types import SimpleNamespace
 import torch
 
 from harness.errors import HarnessError
-from harness.extractors.base import Extractor, HiddenStates
-from harness.extractors.dtype_policy import FLOAT32, DtypePolicy
+from harness.extractors.engine.base import Extractor, HiddenStates
+from harness.extractors.engine.dtype_policy import FLOAT32, DtypePolicy
 from harness.extractors.lerobot_state import (SPEC_FIELDS, StateInput, build_dtype, family_options,
                                               import_lerobot, parameter_dtypes)
-from harness.extractors.observed import Observed, note_token_inputs
+from harness.extractors.engine.observed import Observed, note_token_inputs
 from harness.extractors.pi0_lerobot import audit_weights, images_01, resolve_checkpoint
-from harness.extractors.registry import Common, FamilySpec
-from harness.hooks import capture
-from harness.residual_stream import capture_residual_stream, layer_indices
+from harness.extractors.engine.registry import Common, FamilySpec
+from harness.extractors.engine.hooks import capture
+from harness.extractors.engine.residual_stream import capture_residual_stream, layer_indices
 
 DEFAULT_CKPT = "lerobot/smolvla_base"
 NORM_PATH = "vlm.model.text_model.norm"  # under policy.model.vlm_with_expert
@@ -232,7 +232,7 @@ class SmolVLAExtractor(Extractor):
     def modality_masks(self, inputs: dict, tasks, hidden: HiddenStates):
         """Image block first, then the language tokens (the task is searched in them);
         the state token is in neither."""
-        from harness.modality import ModalityMasks, task_mask
+        from harness.extractors.engine.modality import ModalityMasks, task_mask
         valid = hidden.mask
         lang = inputs["lang_tokens"].to(valid.device)
         n_lang = lang.shape[1]

@@ -13,11 +13,11 @@ import inspect
 
 
 from harness.errors import HarnessError
-from harness.extractors.base import FINAL, to_device
-from harness.extractors.compat import (attention_in_use, dtype_kwarg, dtype_name,
+from harness.extractors.engine.base import FINAL, to_device
+from harness.extractors.engine.compat import (attention_in_use, dtype_kwarg, dtype_name,
                                       transformers_version)
 from harness.extractors.hf_vlm import HfVlmExtractor, weights_dtype
-from harness.extractors.registry import Common, FamilySpec, Option
+from harness.extractors.engine.registry import Common, FamilySpec, Option
 
 DEFAULT_CKPT = "IPEC-COMMUNITY/spatialvla-4b-224-sft-bridge"
 UNNORM_KEY = "bridge_orig/1.0.0"

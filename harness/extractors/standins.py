@@ -440,7 +440,7 @@ class _TinyPI0Base(nn.Module):
         self.model = TinyPI0FlowMatching(self.config, seed, new_api=self.new_api)
         self.normalize_inputs = TinyStateNormalize(self.config, seed)
         if self.config.precision != "float32":  # as LeRobot's constructor casts, before loading
-            from harness.extractors.registry import families  # the family's declared mix
+            from harness.extractors.engine.registry import families  # the family's declared mix
             families()["pi0_lerobot"].dtype_policy.apply(self)
         self.select_action_calls = 0
         self.seen_batch_keys: list[set] = []

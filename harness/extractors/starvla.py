@@ -32,9 +32,9 @@ from PIL import Image
 
 from harness.errors import HarnessError
 from harness.extractors import tiny
-from harness.extractors.compat import transformers_major
+from harness.extractors.engine.compat import transformers_major
 from harness.extractors.hf_vlm import TINY_PREFIX, HfVlmExtractor
-from harness.extractors.registry import Common, FamilySpec, Option
+from harness.extractors.engine.registry import Common, FamilySpec, Option
 
 IMAGE_SIZE = 224  # what the Bridge checkpoints' configs set (docs/facts.md)
 QWEN_TYPES = ("qwen2_5_vl", "qwen3_vl", "qwen2_vl")

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from harness.errors import HarnessError
-from harness.extractors.compat import transformers_major  # noqa: F401  (also tiny.transformers_major)
+from harness.extractors.engine.compat import transformers_major  # noqa: F401  (also tiny.transformers_major)
 
 VOCAB = 1024
 HIDDEN = 64

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from harness import significance as C
+from harness.cknna import significance as C
 from tests.dense_reference import dense_cknna, dense_mutual_knn
 
 N = int(os.environ.get("HARNESS_BENCH_N", 5000))

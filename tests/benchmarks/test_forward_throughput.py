@@ -12,7 +12,7 @@ from PIL import Image
 
 from harness.extractors import tiny
 from harness.extractors.hf_vlm import HfVlmExtractor
-from harness.pooling import masked_mean
+from harness.extractors.engine.pooling import masked_mean
 
 BATCHES = (1, 8, 32)
 TASKS = ["put the spoon on the towel", "open the drawer", "", "pick up the carrot and place it"]

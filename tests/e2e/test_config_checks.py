@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from harness.cli import main
-from harness.synth import generate
+from harness.data.synth import generate
 
 ROOT = Path(__file__).resolve().parents[2]
 N = 60

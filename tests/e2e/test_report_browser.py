@@ -37,7 +37,7 @@ def test_report_html_renders_tables_and_figures_without_errors(tmp_path):
     pytest.importorskip("websocket", reason="needs websocket-client (the test extra)")
     from PIL import Image
 
-    from harness.report import write_report
+    from harness.study.report.markdown import write_report
     files = write_report(full_results(), tmp_path / "report")
     with open_page(files["html"].resolve().as_uri()) as page:
         facts = evaluate(page, PAGE_FACTS)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from harness.cli import main
-from harness.synth import generate
+from harness.data.synth import generate
 from tests.dense_reference import dense_cknna
-from tests.unit.test_success import independent_spearman
+from tests.unit.study.test_success import independent_spearman
 
 N = 60
 RATES = {"near": 0.7, "mixed": 0.5, "noise": 0.1}

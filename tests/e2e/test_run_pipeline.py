@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from harness.cli import main
-from harness.states import l2_rows
-from harness.synth import generate
+from harness.data.states import l2_rows
+from harness.data.synth import generate
 from tests.dense_reference import dense_cknna, dense_shared_scores
 
 DEMO_MODELS = {"spatialvla-tiny", "pi0-lerobot-tiny", "starvla-qwen2.5-vl-tiny",
@@ -257,7 +257,7 @@ def test_episode_groups_and_comparisons_in_the_report(tmp_path, small_data):
 
 def cknna_values(res):
     """(where, CKNNA value, its chance record) for every CKNNA value against the states in a
-    results file, found by walking the documented layout (not harness.chance.records)."""
+    results file, found by walking the documented layout (not harness.cknna.chance.records)."""
     ks = res["_meta"]["k_values"]
     for label, m in res["models"].items():
         for k in ks:
@@ -282,7 +282,7 @@ def cknna_values(res):
 def test_every_value_has_its_chance_level_in_the_json_and_the_html(demo):
     import html as html_mod
 
-    from harness.figures import fmt
+    from harness.study.report.figures import fmt
     out, _ = demo
     res = json.loads((out / "results.json").read_text())
     page = html_mod.unescape((out / "report.html").read_text())

@@ -11,7 +11,7 @@ import torch
 from harness.errors import HarnessError
 from harness.extractors import standins
 from harness.extractors.pi0_lerobot import Pi0LeRobotExtractor
-from harness.features import extract
+from harness.extractors.engine.features import extract
 from tests.random_samples import random_samples
 
 

@@ -28,10 +28,10 @@ from harness.errors import HarnessError
 
 from harness.commands.extract import build_extractor
 from harness.extractors import tiny
-from harness.extractors.base import model_of
-from harness.extractors.dtype_policy import FLOAT32
-from harness.extractors.registry import families
-from harness.features import FEATS, extract
+from harness.extractors.engine.base import model_of
+from harness.extractors.engine.dtype_policy import FLOAT32
+from harness.extractors.engine.registry import families
+from harness.extractors.engine.features import FEATS, extract
 from tests.random_samples import random_samples
 
 CPU_MIXED_DTYPE = "mixed dtype (CPU)"

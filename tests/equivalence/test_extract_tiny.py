@@ -9,8 +9,8 @@ import torch
 
 from harness.extractors import tiny
 from harness.extractors.hf_vlm import HfVlmExtractor
-from harness.features import extract
-from harness.pooling import masked_mean
+from harness.extractors.engine.features import extract
+from harness.extractors.engine.pooling import masked_mean
 from tests.fake_extractor import distributed_worker, image_samples
 
 FAMILY = "paligemma2"  # the SpatialVLA architecture; exists in every supported release

@@ -14,7 +14,7 @@ N = 6
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from harness.synth import generate
+    from harness.data.synth import generate
     root = tmp_path_factory.mktemp("data") / "cknna_data"
     generate(root, n=N, seed=0, progress=False)
     return root
@@ -70,8 +70,9 @@ def test_spatialvla_layer_sweep_files(data_dir, tmp_path):
 
 
 def test_pi0_layer_sweep_files(data_dir, tmp_path):
-    """Pi0 sweeps its layers through the residual-stream hooks (harness.residual_stream);
-    its last hidden_states index is the final norm, so it equals feats_A.pt."""
+    """Pi0 sweeps its layers through the residual-stream hooks
+    (harness.extractors.engine.residual_stream); its last hidden_states index is the final
+    norm, so it equals feats_A.pt."""
     out = tmp_path / "o"
     assert main(["extract", "pi0_lerobot", "--ckpt", "tiny", "--data_dir", str(data_dir),
                  "--output_dir", str(out), "--layers", "all"]) == 0

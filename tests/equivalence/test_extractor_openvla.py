@@ -12,8 +12,8 @@ import torch
 from harness.cli import main
 from harness.errors import HarnessError
 from harness.extractors import openvla, openvla_standin as standin
-from harness.hooks import capture
-from harness.pooling import masked_mean
+from harness.extractors.engine.hooks import capture
+from harness.extractors.engine.pooling import masked_mean
 from tests.random_samples import TASKS, random_samples
 
 
@@ -29,7 +29,7 @@ def extractor(built, dtype="float32", **kw):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from harness.synth import generate
+    from harness.data.synth import generate
     root = tmp_path_factory.mktemp("data") / "d"
     generate(root, n=5, seed=0, progress=False)
     return root

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from harness.errors import HarnessError
 from harness.extractors import standins
 from harness.extractors.pi0_lerobot import Pi0LeRobotExtractor
-from harness.pooling import masked_mean
+from harness.extractors.engine.pooling import masked_mean
 from tests.random_samples import TASKS, random_samples
 
 def samples(n=len(TASKS), seed=0):

@@ -8,7 +8,7 @@ import torch
 from harness.errors import HarnessError
 from harness.extractors import spatialvla, standins
 from harness.extractors.spatialvla import SpatialVLAExtractor, check_transformers_version
-from harness.pooling import masked_mean
+from harness.extractors.engine.pooling import masked_mean
 from tests.random_samples import TASKS, random_samples
 
 def samples(n=len(TASKS), seed=0):

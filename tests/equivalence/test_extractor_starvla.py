@@ -9,11 +9,11 @@ import torch
 from harness.errors import HarnessError
 from harness.extractors import starvla, tiny
 from harness.extractors.starvla import StarVLAExtractor
-from harness.extractors.registry import final_norm_paths
-from harness.hooks import capture
+from harness.extractors.engine.registry import final_norm_paths
+from harness.extractors.engine.hooks import capture
 
 FINAL_NORM_PATHS = final_norm_paths()
-from harness.pooling import masked_mean
+from harness.extractors.engine.pooling import masked_mean
 from tests.random_samples import TASKS, random_samples
 
 FAMILIES = ["qwen2_5_vl", "qwen3_vl"]

@@ -13,7 +13,7 @@ import torch
 from harness.cli import main
 from harness.extractors import groot_standin as standin
 from harness.extractors.groot import GrootExtractor, eagle_pixels
-from harness.synth import generate
+from harness.data.synth import generate
 from tests.random_samples import random_samples
 
 

@@ -20,7 +20,7 @@ modeling_pi0 = require_lerobot04("lerobot.policies.pi0.modeling_pi0")
 
 from harness.extractors import tiny  # noqa: E402
 from harness.extractors.pi0_lerobot import Pi0LeRobotExtractor  # noqa: E402
-from harness.features import extract  # noqa: E402
+from harness.extractors.engine.features import extract  # noqa: E402
 from tests.random_samples import random_samples  # noqa: E402
 
 CAMERAS = ("observation.images.image_0", "observation.images.wrist")  # wrist: never fed

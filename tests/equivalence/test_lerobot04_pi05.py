@@ -23,7 +23,7 @@ from harness.extractors import pi05 as pi05_family  # noqa: E402
 from harness.extractors.pi0_fast import Pi0FastExtractor  # noqa: E402
 from harness.extractors.pi05 import Pi05Extractor, release_dtype_policy  # noqa: E402
 from harness.extractors.standins import char_tokenizer  # noqa: E402
-from harness.features import extract  # noqa: E402
+from harness.extractors.engine.features import extract  # noqa: E402
 from tests.random_samples import random_samples  # noqa: E402
 
 IMAGE_KEY = "observation.images.image_0"

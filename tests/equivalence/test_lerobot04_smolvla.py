@@ -17,7 +17,7 @@ modeling = require_lerobot04("lerobot.policies.smolvla.modeling_smolvla")
 
 from harness.extractors import tiny  # noqa: E402
 from harness.extractors.smolvla import SmolVLAExtractor, release_dtype_policy  # noqa: E402
-from harness.features import extract  # noqa: E402
+from harness.extractors.engine.features import extract  # noqa: E402
 from tests.random_samples import random_samples  # noqa: E402
 
 IMAGE_KEY = "observation.images.image_0"
@@ -157,7 +157,7 @@ def test_features_equal_lerobots_prefix_output_and_skip_the_state_token(extracto
 def test_features_equal_the_prefix_inside_sample_actions(extractor):
     """The VLM's final norm fires once in `sample_actions` (the prefill; the denoising
     steps run the expert only): that output is what the extractor returns."""
-    from harness.hooks import capture
+    from harness.extractors.engine.hooks import capture
     batch = random_samples(2)
     inputs = extractor.build_inputs(batch)
     ours = extractor.forward(inputs).layers["last"]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from harness.cli import main
-from harness.synth import generate
+from harness.data.synth import generate
 
 FAMILIES = ["smolvla", "pi05", "pi0_fast"]
 
@@ -83,7 +83,7 @@ def test_pi05_stand_ins_load_with_the_checkpoint_dtype_policy(family):
     """dtype None: the stand-in's config says bfloat16, so paligemma is bfloat16 but for
     the norms and SigLIP's embeddings (LeRobot's rule; on CPU its bfloat16 prefill fails
     in SigLIP, as LeRobot's own does: tests/equivalence/test_lerobot04_pi05.py)."""
-    from harness.extractors.registry import Common, get
+    from harness.extractors.engine.registry import Common, get
     spec = get(family)
     opts = {o.name: o.default for o in spec.options}
     common = Common(ckpt="tiny", device="cpu", dtype=None, layers="last", revision=None, tiny=True)

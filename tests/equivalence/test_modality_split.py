@@ -12,8 +12,8 @@ import torch
 
 from harness.cli import main
 from harness.extractors import tiny
-from harness.extractors.registry import Common, get
-from harness.features import extract
+from harness.extractors.engine.registry import Common, get
+from harness.extractors.engine.features import extract
 from tests.random_samples import TASKS, random_samples
 
 STAND_INS = [("spatialvla", "tiny"), ("pi0_lerobot", "tiny"), ("pi0_lerobot", "tiny:new"),
@@ -42,7 +42,7 @@ def loaded(family, ckpt, **opts):
 
 
 def image_positions(ex, inputs, valid):
-    """Where the image tokens are, read independently of harness.modality."""
+    """Where the image tokens are, read independently of harness.extractors.engine.modality."""
     if "lang_tokens" in inputs:  # Pi0: image embeddings come first in the prefix
         n_image = valid.shape[1] - inputs["lang_tokens"].shape[1]
         out = torch.zeros_like(valid)
@@ -148,10 +148,10 @@ def test_text_view_cknna_is_over_the_samples_with_a_task(tmp_path):
     """The text view is compared with the states (and the other views) on the samples that
     have a task only, and says on how many."""
     from harness import data as data_mod
-    from harness import states as states_mod
-    from harness import views
+    from harness.data import states as states_mod
+    from harness.cknna import views
     from harness.io import load_features
-    from harness.synth import generate
+    from harness.data.synth import generate
     data_dir, out = tmp_path / "d", tmp_path / "o"
     generate(data_dir, n=16, seed=0, progress=False)
     assert main(["extract", "spatialvla", "--ckpt", "tiny", "--data_dir", str(data_dir),
@@ -175,7 +175,7 @@ def test_text_view_cknna_is_over_the_samples_with_a_task(tmp_path):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from harness.synth import generate
+    from harness.data.synth import generate
     root = tmp_path_factory.mktemp("data") / "d"
     generate(root, n=5, seed=0, progress=False)
     return root

@@ -29,9 +29,9 @@ import torch
 from PIL import Image
 
 from harness.extractors import openvla, openvla_standin as standin
-from harness.extractors.compat import attention_in_use
-from harness.hooks import capture
-from harness.pooling import masked_mean
+from harness.extractors.engine.compat import attention_in_use
+from harness.extractors.engine.hooks import capture
+from harness.extractors.engine.pooling import masked_mean
 from tests.random_samples import random_samples
 
 CODE = os.environ.get("HARNESS_OPENVLA_CODE")

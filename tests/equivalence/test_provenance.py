@@ -12,8 +12,8 @@ import pytest
 from harness.commands.extract import build_extractor
 from harness.extractors import tiny
 from harness.extractors.hf_vlm import HfVlmExtractor
-from harness.extractors.registry import families
-from harness.features import extract
+from harness.extractors.engine.registry import families
+from harness.extractors.engine.features import extract
 from tests.random_samples import random_samples
 
 STAND_INS = [(spec.name, ckpt) for spec in families().values() for _, ckpt, _ in spec.demo]

@@ -12,7 +12,7 @@ import torch
 
 from harness.commands.extract import build_extractor
 from harness.extractors import tiny
-from harness.features import extract
+from harness.extractors.engine.features import extract
 from tests.random_samples import TASKS, random_samples
 
 HF_STAND_INS = [("starvla", "tiny:qwen2_5_vl", {}), ("starvla", "tiny:qwen3_vl", {}),

@@ -9,8 +9,8 @@ import torch
 from harness.errors import HarnessError
 from harness.extractors import standins, tiny
 from harness.extractors.pi0_lerobot import Pi0LeRobotExtractor
-from harness.hooks import HookError
-from harness.residual_stream import capture_residual_stream, layer_indices
+from harness.extractors.engine.hooks import HookError
+from harness.extractors.engine.residual_stream import capture_residual_stream, layer_indices
 from tests.fake_extractor import image_samples
 from tests.random_samples import random_samples
 

@@ -13,11 +13,11 @@ import torch
 
 from harness.extractors import tiny
 from harness.extractors.hf_vlm import HfVlmExtractor
-from harness.extractors.registry import final_norm_paths
-from harness.hooks import capture
+from harness.extractors.engine.registry import final_norm_paths
+from harness.extractors.engine.hooks import capture
 
 FINAL_NORM_PATHS = final_norm_paths()
-from harness.pooling import masked_mean
+from harness.extractors.engine.pooling import masked_mean
 from tests.fake_extractor import image_samples
 
 ATOL = 1e-5

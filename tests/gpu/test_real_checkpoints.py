@@ -31,14 +31,14 @@ import pytest
 import torch
 
 from harness import data as data_mod
-from harness import features
+from harness.extractors.engine import features
 from harness.commands.extract import build_extractor
 from harness.errors import HarnessError
-from harness.extractors.registry import final_norm_paths
-from harness.hooks import capture
+from harness.extractors.engine.registry import final_norm_paths
+from harness.extractors.engine.hooks import capture
 
 FINAL_NORM_PATHS = final_norm_paths()
-from harness.pooling import masked_mean
+from harness.extractors.engine.pooling import masked_mean
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def data_dir(request, tmp_path_factory) -> Path:
     given = request.config.getoption("--data-dir")
     if given:
         return Path(given)
-    from harness.synth import generate
+    from harness.data.synth import generate
     root = tmp_path_factory.mktemp("gpu_data") / "cknna_data"
     generate(root, n=12, seed=0, progress=False)
     return root

@@ -227,7 +227,7 @@ def test_groups_exclusion_compare_and_tie_counts_in_the_json(study, capsys):
     assert "Ranking by CKNNA, k=5" in capsys.readouterr().out
     # The same numbers as the library with the same groups.
     from harness import cknna as C
-    from harness.states import l2_rows
+    from harness.data.states import l2_rows
     b = l2_rows(states)  # the CLI's normalisation (float64)
     a = l2_rows(torch.load(paths[0]))
     assert res["models"]["spatialvla"]["cknna_k3"] == pytest.approx(

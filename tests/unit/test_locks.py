@@ -57,7 +57,7 @@ def test_a_second_extract_into_a_locked_folder_is_refused_naming_the_holder(hold
 
 
 def test_a_second_run_into_a_locked_folder_is_refused_naming_the_holder(holder, tmp_path):
-    from harness.synth import generate
+    from harness.data.synth import generate
     out, proc = holder
     generate(tmp_path / "data", n=12, seed=0, horizon_max=0)
     cfg = tmp_path / "study.toml"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from harness import progress
-from harness.features import extract
+from harness.extractors.engine.features import extract
 from tests.fake_extractor import FakeExtractor, expected, samples
 
 pytestmark = pytest.mark.unit
@@ -82,7 +82,7 @@ def test_one_batch_size_is_recorded_as_a_number(tmp_path):
 
 
 def test_run_logged_relays_progress_and_keeps_every_line(tmp_path):
-    from harness.pipeline import run_logged
+    from harness.study.pipeline import run_logged
     script = ("import sys\n"
               "print('loading model', flush=True)\n"
               "for i in (2, 4):\n"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.features import extract, shard_path
+from harness.extractors.engine.features import extract, shard_path
 from tests.fake_extractor import FakeExtractor, expected, samples
 
 ROOT = Path(__file__).resolve().parents[2]

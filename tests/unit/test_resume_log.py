@@ -5,8 +5,8 @@ import sys
 import pytest
 import torch
 
-from harness.features import extract
-from harness.pipeline import run_logged
+from harness.extractors.engine.features import extract
+from harness.study.pipeline import run_logged
 from tests.fake_extractor import FakeExtractor, expected, samples
 
 

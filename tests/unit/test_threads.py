@@ -7,7 +7,7 @@ import torch
 from harness import threads
 from harness.cli import main
 from harness.errors import HarnessError
-from harness.features import identity, run_provenance
+from harness.extractors.engine.features import identity, run_provenance
 from tests.fake_extractor import FakeExtractor
 
 
