@@ -3,7 +3,7 @@
     python benchmarks/large_study.py                       # N=50000, D_A=2048, k=5,10,20
     python benchmarks/large_study.py --n 2000 --models 2   # a quick check
 
-Runs `harness.results.compute` (what `harness run` and `harness cknna` call) on
+Runs `harness.study.results.compute` (what `harness run` and `harness cknna` call) on
 synthetic features: each model's A = B·W + noise (so CKNNA is well above chance), with
 mutual kNN and a permutation null, then the horizon scores against (N, H+1, 7) future
 states. Peak memory is the process's VmHWM (reset through /proc/self/clear_refs just

@@ -62,7 +62,7 @@ def dense_biased_cka(A, B):
 
 
 # ------------------------------------------------------------ the shared-tie definition
-# Written from the README's definition, independently of harness/knn.py: full float64
+# Written from the README's definition, independently of harness/cknna/knn.py: full float64
 # kernels, one row at a time, no lists, no re-scoring, no safety margins.
 
 

@@ -3,7 +3,7 @@
 The reference (platonic-rep `metrics.py`, copied as the seed's `compute_cknna.py`) builds
 N x N kernels and masks and does three N^3 products per k. Every term it needs lives on
 the edges of the kNN mask, so here each term is a sum over edges, computed by the
-compiled kernels of `harness.graph_kernels` (`hsic`).
+compiled kernels of `harness.cknna.graph_kernels` (`hsic`).
 Argument order matters: CKNNA(A, B) != CKNNA(B, A). Inputs are used as given; the
 reference callers L2-normalise rows first (the CLI does too).
 
@@ -15,7 +15,7 @@ Ties: by default (`ties="shared"`) the neighbour graphs are `knn.tie_graph`s, wh
 neighbours tied at the k-th place share the remaining slots; M = min(w_A, w_B) edge by
 edge, so CKNNA and mutual kNN depend on similarities only and a joint reordering of the
 samples leaves them unchanged. `ties="index"` is the earlier rule (lower index wins).
-Significance (null, subsampling, comparisons) lives in `harness.significance`.
+Significance (null, subsampling, comparisons) lives in `harness.cknna.significance`.
 """
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ class Space:
     """One feature matrix, its neighbour list searched once (at the largest k needed) and
     the graphs built from it, so every k, model pair and null draw reuses one search.
     Float64 rows are searched in float32 and their ties decided in float64 (so rows equal
-    up to a positive scale, normalised in float64, tie: `harness.states.l2_rows`).
+    up to a positive scale, normalised in float64, tie: `harness.data.states.l2_rows`).
 
     `groups` (N integer labels) given here are excluded: same-group pairs are never
     neighbours."""

@@ -135,7 +135,7 @@ def permutation_null(sa: Space, sb: Space, observed: Scores, n_permutations: int
         null = null_draws(sa, sb, observed, n_permutations, seed, groups)
     out = summarise_null(observed.cknna, null, seed)
     out["groups_respected"] = groups is not None
-    # The chance level beside the value (harness.chance adds the adjusted p-value).
+    # The chance level beside the value (harness.cknna.chance adds the adjusted p-value).
     out["chance"], out["excess"] = out["null_mean"], out["cknna_minus_null_mean"]
     return out
 
