@@ -28,17 +28,16 @@ from harness.cknna.knn_lowdim import search_tree
 from harness.cknna.neighbours import Neighbours, _block_topk, _order_ties, best_of, product_error
 
 # Gram block sizes (float32) on CPU; on CUDA they follow free memory (device_memory).
-# Row strategy: 16 M elements = 64 MB per block. Symmetric strategy: 2048 x 2048 = 16 MB,
-# big enough for an efficient matmul and top-k, small enough that skipping the lower
-# triangle saves a third of the product at N = 5000.
-ROW_BLOCK_ELEMENTS = 1 << 24
+# Row strategy: 4 M elements = 16 MB per block (as fast as 64 MB at N = 5000, D = 2304,
+# and a quarter of the memory). Symmetric strategy: 2048 x 2048 = 16 MB.
+ROW_BLOCK_ELEMENTS = 1 << 22
 SYMMETRIC_BLOCK = 2048
 # Working bytes per Gram element: the float32 block, a copy of it for a transposed top-k,
 # and for rows with ties at the k-th place a gathered copy sorted with int64 indices.
 GRAM_BYTES_PER_ELEMENT = 32
 # `auto` runs the row strategy: with ties ordered only where values are equal, its one
 # top-k per row beat the symmetric strategy's two top-ks and merge at every width measured
-# (D = 7 to 2304, N = 5000 to 15000, k = 256: benchmarks/cknna_stage.py).
+# (D = 7 to 2304, N = 5000 to 15000, k = 256).
 STRATEGIES = ("auto", "rows", "symmetric")
 BACKENDS = ("torch", "faiss-flat", "faiss-hnsw", "tree")
 
@@ -250,7 +249,7 @@ class HostLists:
         self.x = host.contiguous().numpy()
         self.norms = torch.linalg.vector_norm(host, dim=1, dtype=torch.float64).numpy()
         self.indices = nb.indices.cpu().contiguous().numpy()
-        self.values = nb.values.detach().cpu().double().contiguous().numpy()
+        self.values = nb.values.detach().cpu().contiguous().numpy()  # as searched (float32)
         self.memo = np.full(self.indices.shape, np.nan)
         self.gamma = search_error(x, nb.values.dtype)
         self._rpos = None

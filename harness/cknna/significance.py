@@ -89,7 +89,7 @@ def null_draws(sa: Space, sb: Space, observed: Scores, n_permutations: int, seed
     return shared_null(sa, sb, {observed.k: observed}, n_permutations, seed, groups)[observed.k]
 
 
-NULL_BATCH_BYTES = 1 << 26  # permutations handed to the kernel at once (int64 each)
+NULL_BATCH_BYTES = 1 << 23  # permutations handed to the kernel at once (int64 each)
 
 
 def shared_null(sa: Space, sb: Space, observed: dict[int, Scores], n_permutations: int,

@@ -276,3 +276,16 @@ def test_not_translation_invariant_below_n_minus_1(seed):
     shifted = a + 0.5
     assert C.cknna(shifted, b, 5) == pytest.approx(dense_cknna(shifted, b, 5), abs=1e-6)
     assert abs(C.cknna(shifted, b, 5) - C.cknna(a, b, 5)) > 1e-4
+
+
+def test_all_rows_equal_looks_past_the_first_block_and_is_not_fooled_by_nan():
+    from harness.cknna.core import EQUAL_ROWS_BLOCK, all_rows_equal
+    direction = torch.randn(1, 5, dtype=torch.float64)
+    rows = (direction * torch.rand(3 * EQUAL_ROWS_BLOCK, 1, dtype=torch.float64) + direction)
+    rows = rows / rows.norm(dim=1, keepdim=True)  # one direction at many scales
+    assert all_rows_equal(rows)
+    late = rows.clone()
+    late[-1, 0] += 1e-3  # one row differs, far past the first block
+    assert not all_rows_equal(late)
+    late[-1, 0] = float("nan")
+    assert not all_rows_equal(late)

@@ -41,7 +41,7 @@ def fake_cuda(monkeypatch):
 def test_cpu_keeps_the_callers_fixed_budget(fake_cuda):
     fake_cuda(free=1)  # a nearly full card must not shrink CPU blocks
     assert dm.block_elements("cpu", 12345, 32) == 12345
-    assert dm.block_elements(torch.device("cpu"), knn_mod.ROW_BLOCK_ELEMENTS, 32) == 1 << 24
+    assert dm.block_elements(torch.device("cpu"), knn_mod.ROW_BLOCK_ELEMENTS, 32) == 1 << 22
 
 
 @given(free=st.integers(0, 200 * GIB), bpe=st.integers(1, 64))
