@@ -261,6 +261,9 @@ class HostLists:
             self._rpos = graph_kernels.reverse_positions(self.indices, self.values)
         return self._rpos
 
+    def forget_reverse_positions(self) -> None:
+        self._rpos = None
+
     def slab(self, ks, members: torch.Tensor, scratch: graph_kernels.SlabScratch, name: str,
              groups: torch.Tensor | None = None) -> graph_kernels.SlabGraph | None:
         """`tie_graphs` over `members` in a thread's reusable slabs, or None where a row

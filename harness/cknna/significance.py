@@ -193,6 +193,9 @@ def subsample_table(spaces_a: list[Space], sb: Space, ks: list[int],
         warnings.simplefilter("ignore", RuntimeWarning)
         with ThreadPoolExecutor(graph_kernels.threads()) as pool:
             per_subset = list(pool.map(one_subset, draws))
+    for space in (sb, *spaces_a):  # only subsets read them: not kept for the rest of the run
+        if not space.degenerate:
+            space.host.forget_reverse_positions()
     values = [{k: [s[i][0][k].cknna for s in per_subset] for k in ks} for i in range(len(spaces_a))]
     redone = [{k: sum(s[i][1][k] for s in per_subset) for k in ks} for i in range(len(spaces_a))]
     return [{k: (torch.tensor(values[i][k], dtype=torch.float64), redone[i][k]) for k in ks}
