@@ -435,40 +435,6 @@ def products(x, rows, cols):
 # ---------------------------------------------------------------- HSIC sums
 
 
-@njit(cache=True, inline="always")
-def _add_edge(acc, k_into, l_out, a_w, a_val, ea, ea2, b_w, b_val, eb, eb2, row, col):
-    """One shared edge (row, col) (A's edge ea, B's eb; their reverses ea2, eb2, -1 where
-    either is missing) into every k's sums: see `_one`."""
-    for q in range(a_w.shape[1]):
-        m = min(a_w[ea, q], b_w[eb, q])
-        if m <= 0:
-            continue
-        mk, ml = m * a_val[ea], m * b_val[eb]
-        acc[q, 0] += mk
-        acc[q, 1] += ml
-        acc[q, 3] += m
-        k_into[q, col] += mk
-        l_out[q, row] += ml
-        if ea2 >= 0 and eb2 >= 0:
-            m2 = min(a_w[ea2, q], b_w[eb2, q])
-            if m2 > 0:
-                acc[q, 2] += mk * m2 * b_val[eb2]
-
-
-@njit(cache=True, inline="always")
-def _finish(acc, k_into, l_out, n):
-    """(HSIC, sum M) per k from the sums `_add_edge` collected on n nodes."""
-    nk = acc.shape[0]
-    out = np.empty((2, nk))
-    for q in range(nk):
-        cross = 0.0
-        for l in range(n):
-            cross += k_into[q, l] * l_out[q, l]
-        hsic = acc[q, 2] + acc[q, 0] * acc[q, 1] / ((n - 1) * (n - 2)) - 2 * cross / (n - 2)
-        out[0, q], out[1, q] = hsic / (n * (n - 3)), acc[q, 3]
-    return out
-
-
 @njit(cache=True, nogil=True)
 def _one(perm, a_start, a_end, a_dst, a_val, a_w, a_rev, b_start, b_end, b_dst, b_val, b_w,
          b_rev):
@@ -490,12 +456,33 @@ def _one(perm, a_start, a_end, a_dst, a_val, a_w, a_rev, b_start, b_end, b_dst, 
         for eb in range(b_start[i], b_end[i]):
             j = b_dst[eb]
             ea = mark[perm[j]] - 1
-            if ea >= 0:
-                _add_edge(acc, k_into, l_out, a_w, a_val, ea, a_rev[ea], b_w, b_val, eb,
-                          b_rev[eb], i, j)
+            if ea < 0:
+                continue
+            eb2, ea2 = b_rev[eb], a_rev[ea]
+            for q in range(nk):
+                m = min(a_w[ea, q], b_w[eb, q])
+                if m <= 0:
+                    continue
+                mk, ml = m * a_val[ea], m * b_val[eb]
+                acc[q, 0] += mk
+                acc[q, 1] += ml
+                acc[q, 3] += m
+                k_into[q, j] += mk
+                l_out[q, i] += ml
+                if ea2 >= 0 and eb2 >= 0:
+                    m2 = min(a_w[ea2, q], b_w[eb2, q])
+                    if m2 > 0:
+                        acc[q, 2] += mk * m2 * b_val[eb2]
         for ea in range(a_start[u], a_end[u]):
             mark[a_dst[ea]] = 0
-    return _finish(acc, k_into, l_out, n)
+    out = np.empty((2, nk))
+    for q in range(nk):
+        cross = 0.0
+        for l in range(n):
+            cross += k_into[q, l] * l_out[q, l]
+        hsic = acc[q, 2] + acc[q, 0] * acc[q, 1] / ((n - 1) * (n - 2)) - 2 * cross / (n - 2)
+        out[0, q], out[1, q] = hsic / (n * (n - 3)), acc[q, 3]
+    return out
 
 
 @njit(cache=True, parallel=True)
