@@ -187,7 +187,7 @@ def _scratch(length, m, nk):
 
 
 @njit(cache=True)
-def _row(r, x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma, full_lists,
+def _row(r, x, norms, idx, vals, memo, rpos, members, local, groups, ks, rtol, gamma, full_lists,
          maxnorm, sc, crossing_row, short_row, out_dst, out_val, out_w, start, limit, out_pos,
          sort):
     """Row r's edges (written from `start` on, those that fall below `limit`; with `sort`,
@@ -244,9 +244,12 @@ def _row(r, x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma, 
     for t in range(end):  # written out, not a helper: array arguments cost a call each
         pos = kept_pos[t]
         v = memo[i, pos]
-        if v != v:  # NaN: not computed yet (each row is only ever touched by one thread)
-            v = _dot(x, i, idx[i, pos])
+        if v != v:  # NaN: not computed yet
+            j = idx[i, pos]
+            v = _dot(x, i, j)
             memo[i, pos] = v
+            if len(rpos) > 0 and rpos[i, pos] >= 0:  # the same product, listed by j
+                memo[j, rpos[i, pos]] = v
         ex[t] = v
     for q in range(nk):
         a, b = n_above[q], zone_end[q]
@@ -329,11 +332,11 @@ def _build(x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma, f
     cap = ks[nk - 1] + SLAB_SPARE
     tmp_dst, tmp_val = np.empty(m * cap, np.int64), np.empty(m * cap)
     tmp_w = np.empty((m * cap, nk))
-    no_pos = np.empty(0, np.int64)
+    no_pos, no_rpos = np.empty(0, np.int64), np.empty((0, 0), np.int32)
     for c in prange(chunks):
         sc = _scratch(length, m, nk)
         for r in range(c * ROWS_PER_CHUNK, min(m, (c + 1) * ROWS_PER_CHUNK)):
-            counts[r + 1] = _row(r, x, norms, idx, vals, memo, members, local, groups, ks, rtol,
+            counts[r + 1] = _row(r, x, norms, idx, vals, memo, no_rpos, members, local, groups, ks, rtol,
                                  gamma, full_lists, maxnorm, sc, crossing[r], short[r], tmp_dst,
                                  tmp_val, tmp_w, r * cap, (r + 1) * cap, no_pos, True)
     ptr = np.cumsum(counts)
@@ -350,7 +353,7 @@ def _build(x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma, f
                 val[ptr[r]:ptr[r + 1]] = tmp_val[r * cap:r * cap + n_r]
                 w[ptr[r]:ptr[r + 1]] = tmp_w[r * cap:r * cap + n_r]
             else:
-                _row(r, x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma,
+                _row(r, x, norms, idx, vals, memo, no_rpos, members, local, groups, ks, rtol, gamma,
                      full_lists, maxnorm, sc, crossing[r], short[r], dst, val, w, ptr[r],
                      ptr[r + 1], no_pos, True)
     return True, ptr, dst, val, w, crossing.sum(axis=0), short.sum(axis=0)
@@ -585,7 +588,7 @@ def _slab_graph(x, norms, idx, vals, memo, rpos, members, local, groups, ks, rto
     crossing_row, short_row = np.zeros(nk, np.bool_), np.zeros(nk, np.bool_)
     totals[:] = 0.0
     for r in range(m):
-        c = _row(r, x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma,
+        c = _row(r, x, norms, idx, vals, memo, rpos, members, local, groups, ks, rtol, gamma,
                  full_lists, maxnorm, sc, crossing_row, short_row, dst, val, w, r * cap,
                  (r + 1) * cap, pos, False)
         if c < 0 or c > cap or sc.rescanned[0]:
