@@ -34,10 +34,7 @@ def for_spaces(sa, sb, scores: dict, permutations: int, seed: int,
     `permutations` shuffles of sa's samples (whole groups when `groups`); {} for none."""
     if not permutations:
         return {}
-    if sa.degenerate or sb.degenerate:
-        nulls = {k: torch.full((permutations,), float("nan"), dtype=torch.float64) for k in scores}
-    else:  # either tie rule: every k in one pass, the bits of one k alone (`null_draws`)
-        nulls = shared_null(sa, sb, scores, permutations, seed, groups)
+    nulls = shared_null(sa, sb, scores, permutations, seed, groups)  # every k in one pass
     return {k: chance_record(scores[k].cknna, nulls[k], seed, groups is not None) for k in scores}
 
 

@@ -84,8 +84,6 @@ def null_draws(sa: Space, sb: Space, observed: Scores, n_permutations: int, seed
 
     A[p]'s graph is A's relabelled, no new search; sim(K,K) and sim(L,L) do not change
     under a shuffle, only sim(K, L) is redone (`shared_null`)."""
-    if sa.degenerate or sb.degenerate:
-        return torch.full((n_permutations,), float("nan"), dtype=torch.float64)
     return shared_null(sa, sb, {observed.k: observed}, n_permutations, seed, groups)[observed.k]
 
 
@@ -96,8 +94,11 @@ def shared_null(sa: Space, sb: Space, observed: dict[int, Scores], n_permutation
                 seed: int = 0, groups: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
     """`null_draws` for every k in `observed` at once: per batch of permutations one
     kernel pass (`graph_kernels.hsic`) over B's edges against A's relabelled, summed
-    exactly as the observed value is (an identity permutation gives its bits)."""
+    exactly as the observed value is (an identity permutation gives its bits). NaN
+    draws when a space's rows are all one row (no graph exists)."""
     ks = tuple(sorted(observed))
+    if sa.degenerate or sb.degenerate:
+        return {k: torch.full((n_permutations,), float("nan"), dtype=torch.float64) for k in ks}
     n = sb.x.shape[0]
     ga, gb = sa.graphs(ks), sb.graphs(ks)
     nulls = {k: torch.empty(n_permutations, dtype=torch.float64) for k in ks}
@@ -426,9 +427,7 @@ def align(feats_a: torch.Tensor, feats_b: torch.Tensor, ks, *, permutations: int
              if subsample_draws else [])
     table = subsample_table([sa], sb, ks, draws)[0] if subsample_draws and not skip_subsample else {}
     scores = pair_scores(sa, sb, ks)
-    nulls = {}
-    if permutations and not (sa.degenerate or sb.degenerate):
-        nulls = shared_null(sa, sb, scores, permutations, seed, groups)  # every k in one pass
+    nulls = shared_null(sa, sb, scores, permutations, seed, groups) if permutations else {}
     results = {}
     for k in ks:
         s = scores[k]
