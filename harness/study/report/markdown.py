@@ -400,19 +400,21 @@ def study_markdown(results: dict, figures: dict[str, str] | None = None) -> str:
         lines.append(f"| {name} | {st['status']} | {detail} |")
     lines += ["", "## CKNNA against the states", "", READING["states"], "",
               markdown_table(results)]
-    if same_group_markdown(results):
+    same_group, comparisons, views = (section(results) for section in (
+        same_group_markdown, comparison_markdown, views_markdown))
+    if same_group:
         lines += ["## With and without same-episode neighbours", "",
                   "Frames of one episode share scene and task, so both spaces can pair them up; "
                   "'without' never lets two samples of one group be neighbours.", "",
-                  READING["same_group"], "", same_group_markdown(results)]
-    if comparison_markdown(results):
-        lines += ["## Model comparisons", "", READING["comparisons"], comparison_markdown(results)]
-    if views_markdown(results):
+                  READING["same_group"], "", same_group]
+    if comparisons:
+        lines += ["## Model comparisons", "", READING["comparisons"], comparisons]
+    if views:
         lines += ["## Modality split and action representations", "",
                   "From the same forward as feats_A: the mean over the image tokens only and "
                   "over the task's tokens only; the action representation is Pi0's action "
                   "expert (final norm, last denoising step, action tokens).", "",
-                  READING["views"], "", views_markdown(results)]
+                  READING["views"], "", views]
     lines += extra_sections(results)
     ks = meta["k_values"]
     for label, by_layer in results.get("layers", {}).items():
