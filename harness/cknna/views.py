@@ -24,12 +24,15 @@ from harness.io import read_tensor
 ORDER = ("full", "image", "text", "action")
 
 
+def extraction_metadata(feats_path: Path) -> dict:
+    """The extraction metadata beside feats_A ({} when there is none)."""
+    meta_path = Path(feats_path).parent / "extraction_metadata.json"
+    return json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+
+
 def empty_task_samples(feats_path: Path) -> set[int]:
     """Sample indices whose text view is undefined (empty task), from the metadata."""
-    meta_path = Path(feats_path).parent / "extraction_metadata.json"
-    if not meta_path.is_file():
-        return set()
-    record = json.loads(meta_path.read_text()).get("txt_empty_task") or {}
+    record = extraction_metadata(feats_path).get("txt_empty_task") or {}
     return {int(i) for i in record.get("samples", [])}
 
 
@@ -55,21 +58,14 @@ def load_views(feats_path: Path, data, rows) -> tuple[dict[str, torch.Tensor], d
 
 def view_files(feats_path: Path) -> dict[str, Path]:
     """{view: path} of the extra outputs listed in the extraction metadata beside feats_A."""
-    meta_path = Path(feats_path).parent / "extraction_metadata.json"
-    if not meta_path.is_file():
-        return {}
-    meta = json.loads(meta_path.read_text())
-    listed = set(meta.get("extra_files", []))
+    listed = set(extraction_metadata(feats_path).get("extra_files", []))
     return {view: Path(feats_path).parent / name for view, name in VIEW_FILES.items()
             if name in listed}
 
 
 def text_fallback_count(feats_path: Path) -> int | None:
     """How many samples' text feature fell back to the prompt (no task tokens)."""
-    meta_path = Path(feats_path).parent / "extraction_metadata.json"
-    if not meta_path.is_file():
-        return None
-    return (json.loads(meta_path.read_text()).get("txt_fallback") or {}).get("count")
+    return (extraction_metadata(feats_path).get("txt_fallback") or {}).get("count")
 
 
 def compare_views(views: dict[str, torch.Tensor], states: torch.Tensor, ks: list[int],
