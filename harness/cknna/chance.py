@@ -51,12 +51,22 @@ def benjamini_hochberg(p: list[float]) -> list[float]:
     return out
 
 
+def model_record(m: dict, k) -> dict | None:
+    """A model entry's record at k: its permutation null (with the chance level), or None."""
+    return m.get("details", {}).get(f"k{k}", {}).get("permutation")
+
+
+def entry_record(entry: dict, k) -> dict | None:
+    """A section entry's chance record at k (its "chance": {"k5": ...}), or None."""
+    return entry.get("chance", {}).get(f"k{k}")
+
+
 def records(results: dict):
     """Every chance record of a results dict, with a name saying which value it belongs to."""
     ks = results["_meta"]["k_values"]
     for label, m in results.get("models", {}).items():
         for k in ks:
-            perm = m.get("details", {}).get(f"k{k}", {}).get("permutation")
+            perm = model_record(m, k)
             if perm and "chance" in perm:
                 yield f"{label} k={k}", perm
         other = (m.get("other_same_group_setting") or {}).get("chance", {})
@@ -85,7 +95,7 @@ def adjust(results: dict) -> None:
         rec["above_chance"] = bool(p_adj < ALPHA and rec["excess"] > 0)
     for m in results.get("models", {}).values():
         for k in results["_meta"]["k_values"]:
-            perm = m.get("details", {}).get(f"k{k}", {}).get("permutation")
+            perm = model_record(m, k)
             if perm and "chance" in perm:
                 for key in ("chance", "excess", "p_adjusted", "above_chance"):
                     m[f"{key}_k{k}"] = perm[key]

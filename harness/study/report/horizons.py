@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from harness.cknna.chance import entry_record
 from harness.study.report.figures import BAND_NOTE, chance_band, finish_axes, pyplot, save_figure, value_errors
 from harness.study.report.cells import chance_cell
+
 
 def _horizons(results: dict) -> list[int]:
     return (results["_meta"].get("horizons") or {}).get("horizons", [])
@@ -31,7 +33,7 @@ def horizon_markdown(results: dict) -> str:
             continue
         for k in results["_meta"]["k_values"]:
             lines.append(f"| {label} | {k} | " + " | ".join(
-                chance_cell(by_h[f"h{a}"][f"cknna_k{k}"], by_h[f"h{a}"].get("chance", {}).get(f"k{k}"))
+                chance_cell(by_h[f"h{a}"][f"cknna_k{k}"], entry_record(by_h[f"h{a}"], k))
                 for a in horizons) + " |")
     padded = meta.get("padded_per_step")
     if padded:
@@ -54,7 +56,7 @@ def cknna_vs_horizon_figure(results: dict):
         colour = f"C{i % 10}"
         for j, k in enumerate(ks):
             ys = [by_h[f"h{a}"][f"cknna_k{k}"] for a in horizons]
-            recs = [by_h[f"h{a}"].get("chance", {}).get(f"k{k}") for a in horizons]
+            recs = [entry_record(by_h[f"h{a}"], k) for a in horizons]
             ax.errorbar(horizons, ys, yerr=value_errors(recs), marker="o", capsize=2,
                         color=colour, linestyle=styles[j % len(styles)], label=f"{label} k={k}")
             chance_band(ax, horizons, recs, colour)

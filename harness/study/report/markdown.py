@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from harness.extractors.engine import state_input
-from harness.cknna.chance import MARK
+from harness.cknna.chance import MARK, entry_record, model_record
 from harness.study.report.cells import chance_cell, p_text, signed, verdict
 from harness.study.report.figures import (BAND_NOTE, Z95, chance_band, finish_axes, fmt, legend_outside,
                              pyplot, save_figure, value_errors)
@@ -30,10 +30,6 @@ def _value(m: dict, key: str) -> str:
     return "NaN" if key in m and m[key] is None else fmt(m.get(key))
 
 
-def _perm(m: dict, k) -> dict | None:
-    return m.get("details", {}).get(f"k{k}", {}).get("permutation")
-
-
 def _sub(m: dict, k) -> dict | None:
     return m.get("details", {}).get(f"k{k}", {}).get("subsample")
 
@@ -44,14 +40,14 @@ def _columns(results: dict) -> list[tuple[str, callable]]:
     models = list(results["models"].values())
     has = lambda key: any(f"{key}_k{k}" in m for m in models for k in ks)  # noqa: E731
     cols = [("CKNNA", lambda m, k: _value(m, f"cknna_k{k}"))]
-    if any(_perm(m, k) for m in models for k in ks):
-        cols += [("chance (null mean)", lambda m, k: fmt((_perm(m, k) or {}).get("chance",
-                                                        (_perm(m, k) or {}).get("null_mean")))),
-                 ("excess", lambda m, k: signed((_perm(m, k) or {}).get("excess"))),
+    if any(model_record(m, k) for m in models for k in ks):
+        cols += [("chance (null mean)", lambda m, k: fmt((model_record(m, k) or {}).get("chance",
+                                                        (model_record(m, k) or {}).get("null_mean")))),
+                 ("excess", lambda m, k: signed((model_record(m, k) or {}).get("excess"))),
                  ("p", lambda m, k: p_text(m.get(f"p_value_k{k}"),
-                                           (_perm(m, k) or {}).get("n_permutations"))),
-                 ("p adj. (BH)", lambda m, k: fmt((_perm(m, k) or {}).get("p_adjusted"))),
-                 ("vs chance", lambda m, k: verdict(_perm(m, k)))]
+                                           (model_record(m, k) or {}).get("n_permutations"))),
+                 ("p adj. (BH)", lambda m, k: fmt((model_record(m, k) or {}).get("p_adjusted"))),
+                 ("vs chance", lambda m, k: verdict(model_record(m, k)))]
     if has("mutual_knn"):
         cols.append(("mkNN", lambda m, k: _value(m, f"mutual_knn_k{k}")))
     levels = [_sub(m, k)["level"] for m in models for k in ks if _sub(m, k)]
@@ -150,7 +146,7 @@ def comparison_markdown(results: dict) -> str:
         for rank, m in enumerate(ranked, 1):
             sub = _sub(models[m], k) or {}
             lines.append(f"| {rank} | {m} | "
-                         f"{chance_cell(models[m].get(f'cknna_k{k}'), _perm(models[m], k))} | "
+                         f"{chance_cell(models[m].get(f'cknna_k{k}'), model_record(models[m], k))} | "
                          f"[{fmt(sub.get('low'))}, {fmt(sub.get('high'))}] |")
         lines += ["", "| a | b | CKNNA(a) - CKNNA(b) | interval | excludes 0 |",
                   "|---|---|---:|---|---|"]
@@ -176,8 +172,8 @@ def same_group_markdown(results: dict) -> str:
             continue
         cells = []
         for k in ks:
-            main = chance_cell(m[f"cknna_k{k}"], _perm(m, k))
-            second = chance_cell(other[f"cknna_k{k}"], other.get("chance", {}).get(f"k{k}"))
+            main = chance_cell(m[f"cknna_k{k}"], model_record(m, k))
+            second = chance_cell(other[f"cknna_k{k}"], entry_record(other, k))
             cells += [second, main] if excluded_main else [main, second]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -239,7 +235,7 @@ def cknna_vs_k_figure(results: dict):
             errors = [[y - s["low"] for y, s in zip(ys, subs)],
                       [s["high"] - y for y, s in zip(ys, subs)]]
         line = ax.errorbar(x, ys, yerr=errors, marker="o", capsize=3, label=label)
-        chance_band(ax, x, [_perm(m, k) for k in ks], line[0].get_color())
+        chance_band(ax, x, [model_record(m, k) for k in ks], line[0].get_color())
     ax.set_xticks(x, [str(k) for k in ks])
     what = "error bars: 95% interval; " if any(_sub(m, ks[0]) for m in models.values()) else ""
     finish_axes(ax, f"CKNNA vs k ({what}{BAND_NOTE})", "k (neighbours)", "CKNNA(model, states)")
@@ -263,7 +259,7 @@ def layer_curves_figure(results: dict):
         xs = list(range(len(names)))
         for k in ks:
             ys = [by_layer[n][f"k{k}"] for n in names]
-            recs = [by_layer[n].get("chance", {}).get(f"k{k}") for n in names]
+            recs = [entry_record(by_layer[n], k) for n in names]
             line = ax.errorbar(xs, ys, yerr=value_errors(recs), marker="o", capsize=3,
                                label=f"{label} k={k}")
             chance_band(ax, xs, recs, line[0].get_color())
@@ -294,9 +290,8 @@ def views_markdown(results: dict) -> str:
     for model, v in views.items():
         for view, by_k in v["against_states"].items():
             mark = state_input.marker((v.get("state_in_input") or {}).get(view))
-            chance = by_k.get("chance", {})
             lines.append(f"| {model} | {VIEW_LABELS.get(view, view)}{mark} | "
-                         + " | ".join(chance_cell(by_k[f"k{k}"], chance.get(f"k{k}"))
+                         + " | ".join(chance_cell(by_k[f"k{k}"], entry_record(by_k, k))
                                       for k in ks) + " |")
     lines += ["", "CKNNA between two views of the same model (same samples):", "",
               f"| model | views | {head} |", "|---|---|" + "---:|" * len(ks)]
@@ -333,7 +328,7 @@ def views_figure(results: dict):
     for j, view in enumerate(names):
         xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(views))]
         ys = [m["against_states"].get(view, {}).get(f"k{k}") for m in views.values()]
-        recs = [m["against_states"].get(view, {}).get("chance", {}).get(f"k{k}")
+        recs = [entry_record(m["against_states"].get(view, {}), k)
                 for m in views.values()]
         ys = [float("nan") if y is None else y for y in ys]
         errors = [Z95 * r["null_std"] if r else 0.0 for r in recs]
@@ -421,7 +416,7 @@ def study_markdown(results: dict, figures: dict[str, str] | None = None) -> str:
         lines += [f"## Per-layer CKNNA: {label}", "", READING["layers"], "",
                   "| hidden_states index | " + " | ".join(f"k={k}" for k in ks) + " |",
                   "|---|" + "---:|" * len(ks)]
-        lines += [f"| {n} | " + " | ".join(chance_cell(v[f"k{k}"], v.get("chance", {}).get(f"k{k}"))
+        lines += [f"| {n} | " + " | ".join(chance_cell(v[f"k{k}"], entry_record(v, k))
                                            for k in ks) + " |"
                   for n, v in by_layer.items()]
         lines.append("")
