@@ -61,19 +61,10 @@ def best_of(values: torch.Tensor, indices: torch.Tensor, k: int):
 
 
 def _block_topk(gram: torch.Tensor, k: int):
-    """Top-k of each row of a Gram block under the tie rule (all columns if fewer than k)."""
-    if k >= gram.shape[1]:
-        return _order_ties(*torch.sort(gram, dim=1, descending=True, stable=True))
-    values, indices = torch.topk(gram, k + 1, dim=1)
-    # A left-out value equal to the k-th one means topk chose among ties arbitrarily.
-    ambiguous = values[:, k] == values[:, k - 1]
-    values, indices = _order_sorted_ties(values[:, :k].contiguous(), indices[:, :k].contiguous())
-    if ambiguous.any():
-        rows = ambiguous.nonzero().flatten()
-        # Columns are in index order, so a stable sort puts the lower index first.
-        v, i = torch.sort(gram[rows], dim=1, descending=True, stable=True)
-        values[rows], indices[rows] = v[:, :k], i[:, :k]
-    return values, indices
+    """Top-k of each row of a Gram block under the tie rule (all columns if fewer than k):
+    `best_of` with the columns as candidates."""
+    columns = torch.arange(gram.shape[1], device=gram.device).expand_as(gram)
+    return best_of(gram, columns, k)
 
 
 def product_error(x: torch.Tensor) -> float:
