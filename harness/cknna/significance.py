@@ -172,7 +172,9 @@ def subsample_table(spaces_a: list[Space], sb: Space, ks: list[int],
     local = threading.local()
 
     def one_subset(subset):  # compiled kernels without the GIL: subsets run side by side
-        scratch = local.__dict__.setdefault("scratch", graph_kernels.SlabScratch())
+        scratch = getattr(local, "scratch", None)
+        if scratch is None:  # one per pool thread, kept from subset to subset
+            scratch = local.scratch = graph_kernels.SlabScratch()
         gb = rb = self_b = None
         if not sb.degenerate:
             gb, rb = sb.subset_graphs(subset, ks, scratch, "B")
