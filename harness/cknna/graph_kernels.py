@@ -469,6 +469,40 @@ def _one(perm, a_start, a_end, a_dst, a_val, a_w, a_rev, b_start, b_end, b_dst, 
                         acc[q, 2] += mk * m2 * b_val[eb2]
         for ea in range(a_start[u], a_end[u]):
             mark[a_dst[ea]] = 0
+    return _finish(acc, k_into, l_out)
+
+
+@njit(cache=True, nogil=True)
+def _self(start, end, dst, val, w, rev):
+    """`_one` of a graph with itself under the identity, the same sums in the same order,
+    without the marks: every edge is shared with itself."""
+    n, nk = len(start), w.shape[1]
+    k_into = np.zeros((nk, n))
+    l_out = np.zeros((nk, n))
+    acc = np.zeros((nk, 4))
+    for i in range(n):
+        for e in range(start[i], end[i]):
+            j, e2 = dst[e], rev[e]
+            for q in range(nk):
+                m = w[e, q]
+                if m <= 0:
+                    continue
+                mk = m * val[e]
+                acc[q, 0] += mk
+                acc[q, 3] += m
+                k_into[q, j] += mk
+                l_out[q, i] += mk
+                if e2 >= 0 and w[e2, q] > 0:
+                    acc[q, 2] += mk * w[e2, q] * val[e2]
+    acc[:, 1] = acc[:, 0]
+    return _finish(acc, k_into, l_out)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _finish(acc, k_into, l_out):
+    """Per k: the unbiased HSIC from the sums (tr, 1'K1, 1'L1, sum M) and the row sums
+    into and out of each node, and sum M."""
+    nk, n = k_into.shape
     out = np.empty((2, nk))
     for q in range(nk):
         cross = 0.0
@@ -501,15 +535,15 @@ def hsic(ga, gb, ks, perms: np.ndarray | None = None):
     """Unbiased HSIC of M*K_A and M*L_B, M = min(W_A, W_B), at each k in `ks`, and sum M:
     arrays (len(ks),) for the graphs as they are, or (P, len(ks)) for A relabelled by each
     row p of `perms` (A[p]: edge (i, j) weighs what (p[i], p[j]) weighs in A), in
-    parallel. Graphs are `UnionGraph`s or `SlabGraph`s, in any pairing. Both are one `_one` per relabelling: an identity row gives the bits of
-    `perms=None`."""
+    parallel. Graphs are `UnionGraph`s or `SlabGraph`s, in any pairing. Each relabelling is one `_one`: an identity row gives the bits of
+    `perms=None` (`_self` for a graph with itself: the same sums, no marks)."""
     if ga.n != gb.n:
         raise ValueError(f"graphs on {ga.n} and {gb.n} nodes")
     if ga.n < 4:
         raise ValueError(f"unbiased HSIC needs N >= 4 samples, got {ga.n}")
     a, b = _arrays(ga, ks), _arrays(gb, ks)
     if perms is None:  # on the calling thread (callers run many pairs side by side)
-        out = _one(np.arange(ga.n), *a, *b)
+        out = _self(*a) if ga is gb else _one(np.arange(ga.n), *a, *b)
         return out[0], out[1]
     out = _many(np.ascontiguousarray(perms, np.int64), *a, *b)
     return out[:, 0], out[:, 1]

@@ -7,6 +7,7 @@ float32 copy, scored in float64) and on float32 rows. Summation order is free, t
 definition is not."""
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -213,6 +214,21 @@ def test_an_identity_permutation_gives_the_observed_bits():
     assert (many[0] == kl).all() and (many_m[0] == m).all()
     observed = S.pair_scores(sa, sb, [3, 10])
     assert S.summarise_null(observed[3].cknna, torch.tensor([observed[3].cknna] * 2), 0)["p_value"] == 1.0
+
+
+def test_a_graph_with_itself_sums_as_the_marked_pass_does():
+    """`hsic(g, g)` takes `_self` (no marks): the bits of `_one` under the identity, for
+    union and slab graphs with ties and mutual edges."""
+    b, models, _ = data(9, ties=True)
+    space = Space(models["m2"], 40)
+    subset = torch.arange(0, 72, 2)
+    graphs = [space.graphs((3, 10)), space.host.slab((3, 10), subset, G.SlabScratch(), "A")]
+    assert graphs[1] is not None
+    for g in graphs:
+        marked = G._one(np.arange(g.n), *G._arrays(g, (3, 10)), *G._arrays(g, (3, 10)))
+        got = G.hsic(g, g, (3, 10))
+        assert (got[0] == marked[0]).all() and (got[1] == marked[1]).all()
+        assert (got[0] != 0).all()
 
 
 def test_subsets_in_threads_give_the_values_of_one_thread(monkeypatch):
