@@ -201,16 +201,15 @@ def _row(r, x, norms, idx, vals, memo, rpos, members, local, groups, ks, rtol, g
     nk = len(ks)
     kmax = ks[nk - 1]
     cnt = 0
+    stop = -np.inf  # once kmax members are kept: the last zone's end
     for pos in range(length):  # the list's subset members, best first, to the last zone's end
         v = vals[i, pos]
-        if v == -np.inf:
+        if v == -np.inf or v < stop:
             break
-        if local[idx[i, pos]] < 0:
-            continue
-        if cnt >= kmax and v < kept_val[kmax - 1] - reach:
-            break
-        kept_pos[cnt], kept_val[cnt] = pos, v
-        cnt += 1
+        kept_pos[cnt], kept_val[cnt] = pos, v  # kept only if a member: no branch to mispredict
+        cnt += local[idx[i, pos]] >= 0
+        if cnt == kmax:
+            stop = kept_val[kmax - 1] - reach
     last = -np.inf if full_lists else vals[i, length - 1]
     rescan = False
     for q in range(nk):
@@ -361,6 +360,9 @@ def _compiled(f, name, **options):
 # graph, many subsets side by side in Python threads).
 _build_rows = _compiled(_build, "_build_rows", parallel=True)
 _build_one = _compiled(_build, "_build_one", nogil=True)
+# Inlined where one thread builds row after row (`_slab_graph`): a call with array
+# arguments costs as much as a short row.
+_row_inline = _compiled(_row.py_func, "_row_inline", inline="always")
 
 
 def build(x: np.ndarray, norms: np.ndarray, idx: np.ndarray, vals: np.ndarray, memo: np.ndarray,
@@ -555,8 +557,15 @@ def hsic(ga, gb, ks, perms: np.ndarray | None = None):
 # A subset's graph over and over (hundreds of subsets x every model): each row's edges sit
 # in a fixed slab of `cap` slots (list order, unsorted), in arrays reused from subset to
 # subset, and each edge's reverse is found through the lists themselves: rpos[i, p] is
-# where i sits in the list of its p-th neighbour j, and slot[j, p'] the slab slot that j's
-# edge at list position p' took (-1 if none). No allocation, sort or merge per subset.
+# where i sits in the list of its p-th neighbour j, and slot[j, p'] the place in j's slab
+# that j's edge at list position p' took (-1 if none). No allocation, sort or merge per
+# subset; the table holds places within a slab (< cap), not edge numbers, so it is int8 at
+# the usual k and stays in a core's cache.
+
+
+def _slot_type(cap: int):
+    """The smallest signed integer type that holds a place in a slab of `cap` and -1."""
+    return np.int8 if cap <= 127 else np.int16 if cap <= 32767 else np.int32
 
 
 @njit(cache=True, parallel=True)
@@ -613,9 +622,9 @@ def _slab_graph(x, norms, idx, vals, memo, rpos, members, local, groups, ks, rto
     crossing_row, short_row = np.zeros(nk, np.bool_), np.zeros(nk, np.bool_)
     totals[:] = 0.0
     for r in range(m):
-        c = _row(r, x, norms, idx, vals, memo, rpos, members, local, groups, ks, rtol, gamma,
-                 full_lists, maxnorm, sc, crossing_row, short_row, dst, val, w, r * cap,
-                 (r + 1) * cap, pos, False)
+        c = _row_inline(r, x, norms, idx, vals, memo, rpos, members, local, groups, ks, rtol,
+                        gamma, full_lists, maxnorm, sc, crossing_row, short_row, dst, val, w,
+                        r * cap, (r + 1) * cap, pos, False)
         if c < 0 or c > cap or sc.rescanned[0]:
             return False
         end[r] = r * cap + c
@@ -623,14 +632,15 @@ def _slab_graph(x, norms, idx, vals, memo, rpos, members, local, groups, ks, rto
             totals[q, 0] += crossing_row[q]
     for r in range(m):
         for e in range(r * cap, end[r]):
-            slot[members[r], pos[e]] = e
+            slot[members[r], pos[e]] = e - r * cap
             for q in range(nk):
                 totals[q, 1] += (w[e, q] * val[e]) ** 2
     for r in range(m):
         i = members[r]
         for e in range(r * cap, end[r]):
             p = rpos[i, pos[e]]
-            rev[e] = slot[members[dst[e]], p] if p >= 0 else -1
+            t = slot[members[dst[e]], p] if p >= 0 else -1
+            rev[e] = dst[e] * cap + t if t >= 0 else -1
     for r in range(m):  # the table is left all -1 again
         for e in range(r * cap, end[r]):
             slot[members[r], pos[e]] = -1
@@ -691,7 +701,7 @@ def slab(lists, ks, members: np.ndarray, scratch: SlabScratch, name: str, *,
     g = SlabGraph(ks, len(members), scratch, name)
     n = lists.x.shape[0]
     local = scratch.array("local", (n,), np.int64, fill=-1)
-    slot = scratch.array("slot", lists.indices.shape, np.int32, fill=-1)
+    slot = scratch.array("slot", lists.indices.shape, _slot_type(g.cap), fill=-1)
     local[members] = np.arange(len(members))
     groups = np.empty(0, np.int64) if groups is None else np.ascontiguousarray(groups, np.int64)
     try:
