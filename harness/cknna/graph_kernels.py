@@ -605,7 +605,7 @@ def _reverse_positions(idx, vals):
 
 def reverse_positions(idx: np.ndarray, vals: np.ndarray) -> np.ndarray:
     """rpos[i, p]: the position of i in the list of its p-th neighbour, -1 where absent."""
-    return _reverse_positions(np.ascontiguousarray(idx, np.int64), vals)
+    return _reverse_positions(np.ascontiguousarray(idx), vals)
 
 
 @njit(cache=True, nogil=True)
