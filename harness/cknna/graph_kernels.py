@@ -563,13 +563,14 @@ def hsic(ga, gb, ks, perms: np.ndarray | None = None):
 # the usual k and stays in a core's cache.
 
 
-def _slot_type(cap: int):
-    """The smallest signed integer type that holds a place in a slab of `cap` and -1."""
-    return np.int8 if cap <= 127 else np.int16 if cap <= 32767 else np.int32
+def _index_type(limit: int):
+    """The smallest signed integer type that holds 0..limit-1 and -1 (places in a slab, list
+    positions)."""
+    return np.int8 if limit <= 127 else np.int16 if limit <= 32767 else np.int32
 
 
 @njit(cache=True, parallel=True)
-def _reverse_positions(idx, vals):
+def _reverse_positions(idx, vals, rpos):
     """Each listed pair (i, p) is bucketed under its neighbour j; then row j's list is
     marked once and all of j's bucket read off the mark."""
     n, length = idx.shape
@@ -587,7 +588,6 @@ def _reverse_positions(idx, vals):
                 j = idx[i, p]
                 asked[fill[j]] = i * length + p
                 fill[j] += 1
-    rpos = np.full((n, length), -1, np.int32)
     chunks = (n + ROWS_PER_CHUNK - 1) // ROWS_PER_CHUNK
     for c in prange(chunks):
         mark = np.zeros(n, np.int64)
@@ -605,7 +605,9 @@ def _reverse_positions(idx, vals):
 
 def reverse_positions(idx: np.ndarray, vals: np.ndarray) -> np.ndarray:
     """rpos[i, p]: the position of i in the list of its p-th neighbour, -1 where absent."""
-    return _reverse_positions(np.ascontiguousarray(idx), vals)
+    rpos = np.full(idx.shape, -1, _index_type(idx.shape[1]))  # a list position, or -1
+    _reverse_positions(np.ascontiguousarray(idx), vals, rpos)
+    return rpos
 
 
 @njit(cache=True, nogil=True)
@@ -701,7 +703,7 @@ def slab(lists, ks, members: np.ndarray, scratch: SlabScratch, name: str, *,
     g = SlabGraph(ks, len(members), scratch, name)
     n = lists.x.shape[0]
     local = scratch.array("local", (n,), np.int64, fill=-1)
-    slot = scratch.array("slot", lists.indices.shape, _slot_type(g.cap), fill=-1)
+    slot = scratch.array("slot", lists.indices.shape, _index_type(g.cap), fill=-1)
     local[members] = np.arange(len(members))
     groups = np.empty(0, np.int64) if groups is None else np.ascontiguousarray(groups, np.int64)
     try:
