@@ -419,6 +419,19 @@ def from_lists(lists: np.ndarray, values: np.ndarray, ks) -> UnionGraph:
     return UnionGraph(ptr, dst, val, w, _reverse(ptr, dst), len(lists), ks, zeros, zeros)
 
 
+@njit(cache=True, parallel=True)
+def _row_norms(x, out):
+    for i in prange(x.shape[0]):
+        out[i] = np.sqrt(_dot(x, i, i))
+
+
+def row_norms(x: np.ndarray) -> np.ndarray:
+    """|x_i| in float64 from `_dot` (float32 rows are not copied to float64 first)."""
+    out = np.empty(x.shape[0])
+    _row_norms(x, out)
+    return out
+
+
 @njit(cache=True, nogil=True)
 def products(x, rows, cols):
     """Float64 x_rows[e] . x_cols[e] for every pair e."""

@@ -248,7 +248,7 @@ class HostLists:
     def __init__(self, x: torch.Tensor, nb: Neighbours):
         host = x.detach().cpu()
         self.x = host.contiguous().numpy()
-        self.norms = torch.linalg.vector_norm(host, dim=1, dtype=torch.float64).numpy()
+        self.norms = graph_kernels.row_norms(self.x)
         self.indices = nb.indices.cpu().contiguous().numpy()
         self.values = nb.values.detach().cpu().contiguous().numpy()  # as searched (float32)
         self.memo = np.full(self.indices.shape, np.nan)
