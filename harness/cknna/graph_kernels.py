@@ -61,8 +61,9 @@ class UnionGraph:
 @njit(cache=True, fastmath={"reassoc", "contract"})
 def _dot(x, i, j):
     """x_i . x_j in float64, summed in the vector order the compiler picks for this one
-    function (reassociation is allowed here and nowhere else: about 4x faster than one
-    running sum, within ~1e-16 of it). The kernels all link this one compiled function,
+    function (reassociation is allowed here and nowhere else: vector registers make it
+    about 2x faster than eight scalar running sums at D = 2048, and it stays within ~1e-16
+    of them). The kernels all link this one compiled function,
     so one pair, or two pairs of equal rows, always give the same bits: duplicates tie
     exactly and a relabelling that maps the data onto itself gives the observed sums bit
     for bit."""

@@ -216,6 +216,20 @@ def test_an_identity_permutation_gives_the_observed_bits():
     assert S.summarise_null(observed[3].cknna, torch.tensor([observed[3].cknna] * 2), 0)["p_value"] == 1.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_host_norms_and_products_are_float64_to_rounding(dtype):
+    """The kernels' dot (summed in a compiler-chosen vector order) against torch's float64
+    products, for float32 rows (widened exactly) and float64 rows."""
+    x = torch.randn(40, 301, dtype=dtype, generator=torch.Generator().manual_seed(2))
+    wide = x.double()
+    norms = G.row_norms(x.numpy())
+    assert abs(norms - wide.norm(dim=1).numpy()).max() <= 1e-13
+    rows, cols = np.repeat(np.arange(40), 40), np.tile(np.arange(40), 40)
+    got = G.products(x.numpy(), rows, cols).reshape(40, 40)
+    assert abs(got - (wide @ wide.T).numpy()).max() <= 1e-12
+    assert (got == got.T).all()  # one pair, either order: the same bits
+
+
 def test_a_graph_with_itself_sums_as_the_marked_pass_does():
     """`hsic(g, g)` takes `_self` (no marks): the bits of `_one` under the identity, for
     union and slab graphs with ties and mutual edges."""
