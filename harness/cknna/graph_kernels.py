@@ -62,11 +62,10 @@ class UnionGraph:
 def _dot(x, i, j):
     """x_i . x_j in float64, summed in the vector order the compiler picks for this one
     function (reassociation is allowed here and nowhere else: vector registers make it
-    about 2x faster than eight scalar running sums at D = 2048, and it stays within ~1e-16
-    of them). The kernels all link this one compiled function,
-    so one pair, or two pairs of equal rows, always give the same bits: duplicates tie
-    exactly and a relabelling that maps the data onto itself gives the observed sums bit
-    for bit."""
+    about 2x faster than eight scalar running sums at D = 2048, within ~1e-16 of them).
+    The kernels all link this one compiled function, so one pair (either way round), or
+    two pairs of equal rows, always give the same bits: duplicates tie exactly and a
+    relabelling that maps the data onto itself gives the observed sums bit for bit."""
     s = 0.0
     for t in range(x.shape[1]):
         s += np.float64(x[i, t]) * np.float64(x[j, t])
@@ -551,8 +550,9 @@ def hsic(ga, gb, ks, perms: np.ndarray | None = None):
     """Unbiased HSIC of M*K_A and M*L_B, M = min(W_A, W_B), at each k in `ks`, and sum M:
     arrays (len(ks),) for the graphs as they are, or (P, len(ks)) for A relabelled by each
     row p of `perms` (A[p]: edge (i, j) weighs what (p[i], p[j]) weighs in A), in
-    parallel. Graphs are `UnionGraph`s or `SlabGraph`s, in any pairing. Each relabelling is one `_one`: an identity row gives the bits of
-    `perms=None` (`_self` for a graph with itself: the same sums, no marks)."""
+    parallel. Graphs are `UnionGraph`s or `SlabGraph`s, in any pairing. Each relabelling
+    is one `_one`: an identity row gives the bits of `perms=None` (`_self` for a graph
+    with itself: the same sums, no marks)."""
     if ga.n != gb.n:
         raise ValueError(f"graphs on {ga.n} and {gb.n} nodes")
     if ga.n < 4:
@@ -585,8 +585,8 @@ def _index_type(limit: int):
 
 @njit(cache=True, parallel=True)
 def _reverse_positions(idx, vals, rpos):
-    """Each listed pair (i, p) is bucketed under its neighbour j; then row j's list is
-    marked once and all of j's bucket read off the mark."""
+    """Fills `rpos` (all -1 on entry): each listed pair (i, p) is bucketed under its
+    neighbour j; then row j's list is marked once and all of j's bucket read off the mark."""
     n, length = idx.shape
     ptr = np.zeros(n + 1, np.int64)
     for i in range(n):
@@ -614,7 +614,6 @@ def _reverse_positions(idx, vals, rpos):
                 rpos[i, p] = mark[i] - 1
             for q in range(length):
                 mark[idx[j, q]] = 0
-    return rpos
 
 
 def reverse_positions(idx: np.ndarray, vals: np.ndarray) -> np.ndarray:
