@@ -41,12 +41,12 @@ def _columns(results: dict) -> list[tuple[str, callable]]:
     has = lambda key: any(f"{key}_k{k}" in m for m in models for k in ks)  # noqa: E731
     cols = [("CKNNA", lambda m, k: _value(m, f"cknna_k{k}"))]
     if any(model_record(m, k) for m in models for k in ks):
-        cols += [("chance (null mean)", lambda m, k: fmt((model_record(m, k) or {}).get("chance",
-                                                        (model_record(m, k) or {}).get("null_mean")))),
-                 ("excess", lambda m, k: signed((model_record(m, k) or {}).get("excess"))),
-                 ("p", lambda m, k: p_text(m.get(f"p_value_k{k}"),
-                                           (model_record(m, k) or {}).get("n_permutations"))),
-                 ("p adj. (BH)", lambda m, k: fmt((model_record(m, k) or {}).get("p_adjusted"))),
+        perm = lambda m, k: model_record(m, k) or {}  # noqa: E731
+        cols += [("chance (null mean)",
+                  lambda m, k: fmt(perm(m, k).get("chance", perm(m, k).get("null_mean")))),
+                 ("excess", lambda m, k: signed(perm(m, k).get("excess"))),
+                 ("p", lambda m, k: p_text(m.get(f"p_value_k{k}"), perm(m, k).get("n_permutations"))),
+                 ("p adj. (BH)", lambda m, k: fmt(perm(m, k).get("p_adjusted"))),
                  ("vs chance", lambda m, k: verdict(model_record(m, k)))]
     if has("mutual_knn"):
         cols.append(("mkNN", lambda m, k: _value(m, f"mutual_knn_k{k}")))
