@@ -326,9 +326,9 @@ def _build(x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma, f
     for c in prange(chunks):
         sc = _scratch(length, m, nk)
         for r in range(c * ROWS_PER_CHUNK, min(m, (c + 1) * ROWS_PER_CHUNK)):
-            counts[r + 1] = _row(r, x, norms, idx, vals, memo, no_rpos, members, local, groups, ks, rtol,
-                                 gamma, full_lists, maxnorm, sc, crossing[r], short[r], tmp_dst,
-                                 tmp_val, tmp_w, r * cap, (r + 1) * cap, no_pos, True)
+            counts[r + 1] = _row(r, x, norms, idx, vals, memo, no_rpos, members, local, groups,
+                                 ks, rtol, gamma, full_lists, maxnorm, sc, crossing[r], short[r],
+                                 tmp_dst, tmp_val, tmp_w, r * cap, (r + 1) * cap, no_pos, True)
     ptr = np.cumsum(counts)
     if counts.min() < 0 or ptr[m] > max_edges:
         return (False, ptr, tmp_dst[:0], tmp_val[:0], tmp_w[:0], crossing.sum(axis=0),
@@ -343,8 +343,8 @@ def _build(x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma, f
                 val[ptr[r]:ptr[r + 1]] = tmp_val[r * cap:r * cap + n_r]
                 w[ptr[r]:ptr[r + 1]] = tmp_w[r * cap:r * cap + n_r]
             else:
-                _row(r, x, norms, idx, vals, memo, no_rpos, members, local, groups, ks, rtol, gamma,
-                     full_lists, maxnorm, sc, crossing[r], short[r], dst, val, w, ptr[r],
+                _row(r, x, norms, idx, vals, memo, no_rpos, members, local, groups, ks, rtol,
+                     gamma, full_lists, maxnorm, sc, crossing[r], short[r], dst, val, w, ptr[r],
                      ptr[r + 1], no_pos, True)
     return True, ptr, dst, val, w, crossing.sum(axis=0), short.sum(axis=0)
 
