@@ -210,6 +210,7 @@ def _row(r, x, norms, idx, vals, memo, rpos, members, local, groups, ks, rtol, g
         if v == -np.inf or v < stop:
             break
         kept_pos[cnt], kept_val[cnt] = pos, v  # kept only if a member: no branch to mispredict
+        ex[cnt] = memo[i, pos]  # read in list order beside the list, not scattered later
         cnt += local[idx[i, pos]] >= 0
         if cnt == kmax:
             stop = kept_val[kmax - 1] - reach
@@ -235,15 +236,14 @@ def _row(r, x, norms, idx, vals, memo, rpos, members, local, groups, ks, rtol, g
         n_above[q], zone_end[q] = a, b
         end = max(end, b)
     for t in range(end):  # written out, not a helper: array arguments cost a call each
-        pos = kept_pos[t]
-        v = memo[i, pos]
-        if v != v:  # NaN: not computed yet
+        if ex[t] != ex[t]:  # NaN: not computed yet
+            pos = kept_pos[t]
             j = idx[i, pos]
             v = _dot(x, i, j)
             memo[i, pos] = v
             if len(rpos) > 0 and rpos[i, pos] >= 0:  # the same product, listed by j
                 memo[j, rpos[i, pos]] = v
-        ex[t] = v
+            ex[t] = v
     for q in range(nk):
         a, b = n_above[q], zone_end[q]
         if b - a == 1:  # one candidate near the k-th place: no tie (as `_tie` finds)
@@ -626,6 +626,14 @@ def reverse_positions(idx: np.ndarray, vals: np.ndarray) -> np.ndarray:
     return rpos
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _clear_slots(slot, members, pos, end, cap, rows):
+    """The slot table left all -1 again, where rows 0..rows-1 wrote to it."""
+    for r in range(rows):
+        for e in range(r * cap, end[r]):
+            slot[members[r], pos[e]] = -1
+
+
 @njit(cache=True, nogil=True)
 def _slab_graph(x, norms, idx, vals, memo, rpos, members, local, groups, ks, rtol, gamma,
                 full_lists, cap, dst, val, w, pos, end, rev, slot, totals):
@@ -644,24 +652,22 @@ def _slab_graph(x, norms, idx, vals, memo, rpos, members, local, groups, ks, rto
                         gamma, full_lists, maxnorm, sc, crossing_row, short_row, dst, val, w,
                         r * cap, (r + 1) * cap, pos, False)
         if c < 0 or c > cap or sc.rescanned[0]:
+            _clear_slots(slot, members, pos, end, cap, r)
             return False
         end[r] = r * cap + c
-        for q in range(nk):
-            totals[q, 0] += crossing_row[q]
-    for r in range(m):
         for e in range(r * cap, end[r]):
             slot[members[r], pos[e]] = e - r * cap
             for q in range(nk):
                 totals[q, 1] += (w[e, q] * val[e]) ** 2
+        for q in range(nk):
+            totals[q, 0] += crossing_row[q]
     for r in range(m):
         i = members[r]
         for e in range(r * cap, end[r]):
             p = rpos[i, pos[e]]
             t = slot[members[dst[e]], p] if p >= 0 else -1
             rev[e] = dst[e] * cap + t if t >= 0 else -1
-    for r in range(m):  # the table is left all -1 again
-        for e in range(r * cap, end[r]):
-            slot[members[r], pos[e]] = -1
+    _clear_slots(slot, members, pos, end, cap, m)
     return True
 
 
