@@ -19,8 +19,9 @@ def l2_rows(x: torch.Tensor) -> torch.Tensor:
     float64 ulps, far inside the tie tolerance, where float32 normalisation leaves them
     about 6e-8 apart (tied or not by rounding). The kNN search still runs in float32
     (`cknna.Space`)."""
-    x = x.double()
-    return x / x.norm(dim=1, keepdim=True)
+    x = x.to(torch.float64, copy=True)  # a copy even of float64 rows: divided in place
+    x /= x.norm(dim=1, keepdim=True)
+    return x
 
 
 def zero_rows(x: torch.Tensor) -> list[int]:

@@ -60,6 +60,8 @@ def test_every_format_reads_to_the_same_matrix(tmp_path):
     (lambda p: torch.save(X[0], p), "expected a 2-D"),
     (lambda p: torch.save(torch.ones(3, 2, dtype=torch.bool), p), "expected numbers"),
     (lambda p: torch.save(torch.tensor([[1.0, float("nan")], [1.0, 2.0]]), p), "1 rows contain NaN"),
+    (lambda p: torch.save(torch.tensor([[1.0, 2.0], [float("-inf"), 2.0], [3.0, float("inf")]]), p),
+     r"2 rows contain NaN/Inf \(first rows \[1, 2\]\)"),
 ])
 def test_bad_feature_files_are_named(tmp_path, make, needle):
     path = tmp_path / "f.pt"
