@@ -580,7 +580,7 @@ def hsic(ga, gb, ks, perms: np.ndarray | None = None):
 # the usual k and stays in a core's cache.
 
 
-def _index_type(limit: int):
+def index_type(limit: int):
     """The smallest signed integer type that holds 0..limit-1 and -1 (places in a slab, list
     positions)."""
     return np.int8 if limit <= 127 else np.int16 if limit <= 32767 else np.int32
@@ -621,7 +621,7 @@ def _reverse_positions(idx, vals, rpos):
 
 def reverse_positions(idx: np.ndarray, vals: np.ndarray) -> np.ndarray:
     """rpos[i, p]: the position of i in the list of its p-th neighbour, -1 where absent."""
-    rpos = np.full(idx.shape, -1, _index_type(idx.shape[1]))  # a list position, or -1
+    rpos = np.full(idx.shape, -1, index_type(idx.shape[1]))  # a list position, or -1
     _reverse_positions(np.ascontiguousarray(idx), vals, rpos)
     return rpos
 
@@ -725,7 +725,7 @@ def slab(lists, ks, members: np.ndarray, scratch: SlabScratch, name: str, *,
     g = SlabGraph(ks, len(members), scratch, name)
     n = lists.x.shape[0]
     local = scratch.array("local", (n,), np.int64, fill=-1)
-    slot = scratch.array("slot", lists.indices.shape, _index_type(g.cap), fill=-1)
+    slot = scratch.array("slot", lists.indices.shape, index_type(g.cap), fill=-1)
     local[members] = np.arange(len(members))
     groups = np.empty(0, np.int64) if groups is None else np.ascontiguousarray(groups, np.int64)
     try:

@@ -12,6 +12,7 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from harness.cknna import graph_kernels
@@ -88,6 +89,32 @@ def null_draws(sa: Space, sb: Space, observed: Scores, n_permutations: int, seed
 
 
 NULL_BATCH_BYTES = 1 << 23  # permutations handed to the kernel at once (int64 each)
+# Every model of a study draws the same permutations (same N, count, seed and groups):
+# made once and kept (in the smallest integer type) when they fit in this many bytes.
+NULL_KEEP_BYTES = 1 << 26
+_kept_permutations: dict = {}
+
+
+def permutation_batches(n: int, draws: int, seed: int, groups: torch.Tensor | None, batch: int):
+    """`permutations(n, draws, seed, groups)` as int64 arrays of up to `batch` rows."""
+    key = (n, draws, seed, None if groups is None else groups.cpu().numpy().tobytes())
+    kept = _kept_permutations.get(key)
+    if kept is None:
+        dtype = graph_kernels.index_type(n)
+        keep = draws * n * np.dtype(dtype).itemsize <= NULL_KEEP_BYTES
+        made = np.empty((draws if keep else 0, n), dtype)
+        gen = permutations(n, draws, seed, groups)
+        for done in range(0, draws, batch):
+            perms = torch.stack([next(gen) for _ in range(min(batch, draws - done))]).numpy()
+            if keep:
+                made[done:done + len(perms)] = perms
+            yield perms
+        if keep:
+            _kept_permutations.clear()  # one study's draws at a time
+            _kept_permutations[key] = made
+        return
+    for done in range(0, draws, batch):
+        yield kept[done:done + batch].astype(np.int64)
 
 
 def shared_null(sa: Space, sb: Space, observed: dict[int, Scores], n_permutations: int,
@@ -102,13 +129,13 @@ def shared_null(sa: Space, sb: Space, observed: dict[int, Scores], n_permutation
     n = sb.x.shape[0]
     ga, gb = sa.graphs(ks), sb.graphs(ks)
     nulls = {k: torch.empty(n_permutations, dtype=torch.float64) for k in ks}
-    draws = permutations(n, n_permutations, seed, groups)
     batch = max(1, NULL_BATCH_BYTES // (8 * n))
-    for done in range(0, n_permutations, batch):
-        perms = torch.stack([next(draws) for _ in range(min(batch, n_permutations - done))])
-        values, _ = graph_kernels.hsic(ga, gb, ks, perms.numpy())
+    done = 0
+    for perms in permutation_batches(n, n_permutations, seed, groups, batch):
+        values, _ = graph_kernels.hsic(ga, gb, ks, perms)
         for q, k in enumerate(ks):
             nulls[k][done:done + len(perms)] = torch.from_numpy(values[:, q]) / _denominator(observed[k])
+        done += len(perms)
     return nulls
 
 

@@ -202,6 +202,24 @@ def test_null_batches_give_the_same_bits(batch_bytes, monkeypatch):
         assert torch.equal(S.null_draws(sa, sb, observed[k], 25, seed=3, groups=groups), whole[k])
 
 
+def test_kept_permutations_are_the_drawn_ones(monkeypatch):
+    """Models after the first read the null's permutations back instead of drawing them
+    again: the same rows, in batches, as int64; not kept when over NULL_KEEP_BYTES."""
+    groups = torch.arange(60) // 4
+    expected = torch.stack(list(S.permutations(60, 7, 5, groups))).numpy()
+    for keep in (1 << 26, 0):
+        monkeypatch.setattr(S, "NULL_KEEP_BYTES", keep)
+        S._kept_permutations.clear()
+        for _ in range(2):  # drawn, then (when kept) read back
+            got = list(S.permutation_batches(60, 7, 5, groups, batch=3))
+            assert [len(p) for p in got] == [3, 3, 1]
+            got = np.concatenate(got)
+            assert got.dtype == np.int64 and (got == expected).all()
+        assert bool(S._kept_permutations) == bool(keep)
+    other = np.concatenate(list(S.permutation_batches(60, 7, 6, groups, batch=3)))
+    assert not (other == expected).all()  # another seed is not read back
+
+
 def test_an_identity_permutation_gives_the_observed_bits():
     """So a shuffle that changes nothing counts as reaching the observed value, as in the
     dense definition, where it is the same computation."""
