@@ -451,7 +451,7 @@ def _one(ks, perm, a_start, a_end, a_dst, a_val, a_w, a_rev, b_start, b_end, b_d
          b_rev):
     """Per k: unbiased HSIC (Song et al. 2012, eq. 5) of M*K_A[perm] and M*L_B, and sum M,
     in one pass over B's rows. Edge (i, j) of A[perm] is edge (perm[i], perm[j]) of A:
-    A's row perm[i] is marked, B's row i looked up in the mark. With K~ = M*K, L~ = M*L:
+    A's row perm[i] is marked (row stamp and edge number), B's row i looked up in the mark. With K~ = M*K, L~ = M*L:
     tr(K~L~) = sum over shared (i, j) whose reverse is shared of M_ij K_ij M_ji L_ji (the
     reverse edges are precomputed: (j, i) of B and (perm[j], perm[i]) of A);
     1'K~1 = sum M K; 1'L~1 = sum M L; 1'K~L~1 = sum_l (K~ into l)(L~ out of l)."""
@@ -462,13 +462,16 @@ def _one(ks, perm, a_start, a_end, a_dst, a_val, a_w, a_rev, b_start, b_end, b_d
     acc = np.zeros((nk, 4))
     for i in range(n):
         u = perm[i]
+        stamp = (i + 1) << 32  # marks of earlier rows are below it: none to clear (edge
+        # numbers take the low 32 bits: `build` refuses graphs over knn.MAX_GRAPH_EDGES)
         for ea in range(a_start[u], a_end[u]):
-            mark[a_dst[ea]] = ea + 1
+            mark[a_dst[ea]] = stamp | ea
         for eb in range(b_start[i], b_end[i]):
             j = b_dst[eb]
-            ea = mark[perm[j]] - 1
-            if ea < 0:
+            got = mark[perm[j]]
+            if got < stamp:
                 continue
+            ea = got & 0xFFFFFFFF
             eb2, ea2 = b_rev[eb], a_rev[ea]
             for q in range(nk):
                 m = min(a_w[ea, q], b_w[eb, q])
@@ -484,8 +487,6 @@ def _one(ks, perm, a_start, a_end, a_dst, a_val, a_w, a_rev, b_start, b_end, b_d
                     m2 = min(a_w[ea2, q], b_w[eb2, q])
                     if m2 > 0:
                         acc[q, 2] += mk * m2 * b_val[eb2]
-        for ea in range(a_start[u], a_end[u]):
-            mark[a_dst[ea]] = 0
     return _finish(acc, k_into, l_out)
 
 
