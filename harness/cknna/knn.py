@@ -265,6 +265,11 @@ class HostLists:
     def forget_reverse_positions(self) -> None:
         self._rpos = None
 
+    def fill_products(self, depth: int) -> None:
+        """The products of listed pairs at positions < depth, now, in one parallel pass
+        (`graph_kernels.fill_products`): for many subset graphs that will ask for them."""
+        graph_kernels.fill_products(self, depth)
+
     def slab(self, ks, members: torch.Tensor, scratch: graph_kernels.SlabScratch, name: str,
              groups: torch.Tensor | None = None) -> graph_kernels.SlabGraph | None:
         """`tie_graphs` over `members` in a thread's reusable slabs, or None where a row

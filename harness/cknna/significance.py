@@ -187,6 +187,11 @@ def long_list_length(k: int, fraction: float, n: int) -> int:
     return min(n - 1, int(math.ceil(3 * k / fraction)) + 8)
 
 
+# A subset of m of N samples finds its k-th member near list position k N / m; products
+# up to this multiple of that place are computed before the subsets (the rest as met).
+SUBSET_DEPTH_MARGIN = 1.25
+
+
 def subsample_table(spaces_a: list[Space], sb: Space, ks: list[int],
                     draws: list[torch.Tensor]) -> list[dict[int, tuple[torch.Tensor, int]]]:
     """For every model and k: CKNNA on each subset in `draws` and the rows searched again.
@@ -216,9 +221,12 @@ def subsample_table(spaces_a: list[Space], sb: Space, ks: list[int],
                         {k: ra[k] + (rb[k] if rb else 0) for k in ks}))
         return out
 
+    # The lists' first positions, where subsets find their neighbours, scored in one pass.
+    depth = math.ceil(SUBSET_DEPTH_MARGIN * ks[-1] * sb.x.shape[0] / min(map(len, draws))) if draws else 0
     for space in (sb, *spaces_a):  # made once here, not by racing threads
         if not space.degenerate:
             space.host.rpos
+            space.host.fill_products(depth)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         with ThreadPoolExecutor(graph_kernels.threads()) as pool:

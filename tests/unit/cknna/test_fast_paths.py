@@ -202,6 +202,26 @@ def test_null_batches_give_the_same_bits(batch_bytes, monkeypatch):
         assert torch.equal(S.null_draws(sa, sb, observed[k], 25, seed=3, groups=groups), whole[k])
 
 
+def test_filled_products_are_each_pairs_bits_and_groups_cover_every_row():
+    """`fill_products` stores at every listed place below the depth the bits `products`
+    gives for that pair (as a graph would), and beyond it only a pair's other listing."""
+    _, models, groups = data(11, ties=True)
+    host = Space(models["m1"], 40, groups=groups).host  # excluded pairs: -inf list tails
+    depth = 15
+    host.fill_products(depth)
+    known = ~np.isnan(host.memo)
+    listed = host.values > -np.inf
+    assert (known[:, :depth] == listed[:, :depth]).all() and not (known & ~listed).any()
+    rows, places = np.nonzero(known)
+    pairs = G.products(host.x, rows, host.indices[rows, places])
+    assert (host.memo[rows, places] == pairs).all()
+    assert (host.rpos[rows, places][places >= depth] < depth).all()
+    assert (host.rpos[rows, places][places >= depth] >= 0).all()
+    order, starts = G._neighbourhoods(host.indices, host.values, G.GROUP_ROWS)
+    assert sorted(order.tolist()) == list(range(72))
+    assert 0 < np.diff(starts).min() and np.diff(starts).max() <= G.GROUP_ROWS
+
+
 def test_kept_permutations_are_the_drawn_ones(monkeypatch):
     """Models after the first read the null's permutations back instead of drawing them
     again: the same rows, in batches, as int64; not kept when over NULL_KEEP_BYTES."""
