@@ -2,6 +2,7 @@
 
     python benchmarks/study_50k.py                    # the setting (tens of minutes)
     python benchmarks/study_50k.py --n 5000           # quick
+    python benchmarks/study_50k.py --output benchmarks/results/study_50k.json
 
 The study as `harness cknna` runs it (`results.compute`): 5 models (D_A = 2304 and
 4 x 2048, the features of `benchmarks/study_stage.py`), D_B = 7, k = 5, 10, 20, mutual
@@ -30,6 +31,7 @@ from large_study import rss_mb  # noqa: E402
 from harness.cknna import core as cknna  # noqa: E402
 from harness.study.results import Settings, compute  # noqa: E402
 from harness.data.states import l2_rows  # noqa: E402
+from harness.io import write_json  # noqa: E402
 
 
 def episodes(n: int, seed: int) -> torch.Tensor:
@@ -75,9 +77,14 @@ def run(n: int, permutations: int, draws: int, seed: int) -> dict:
 
 
 def main() -> None:
-    args = study_stage.parser(__doc__, 50_000).parse_args()
+    p = study_stage.parser(__doc__, 50_000)
+    p.add_argument("--output", help="also write the JSON here (atomically), e.g. "
+                                    "benchmarks/results/study_50k.json")
+    args = p.parse_args()
     result = run(args.n, args.permutations, args.draws, args.seed)
     print(json.dumps(result, indent=1))
+    if args.output:
+        write_json(args.output, result)
     print(f"N={args.n}: stage {result['stage_s']:.1f} s, its kNN searches {result['knn_searches_s']:.1f} s "
           f"({result['stage_over_searches']:.2f}x); peak extra {result['peak_extra_mb']:.0f} MB",
           file=sys.stderr)

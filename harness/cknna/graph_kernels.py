@@ -3,7 +3,9 @@
 - `build`: the order-invariant tie graphs of several k at once (one edge list, one weight
   row per k), over all samples or over a subset, from neighbour lists searched once;
 - `hsic`: the unbiased HSIC sums of two such graphs with M = min(w_A, w_B), for the
-  identity or for a batch of relabellings of A (the permutation null).
+  identity or for a batch of relabellings of A (the permutation null);
+- `fill_products`: the float64 products of the lists' first positions, ahead of many
+  subset graphs.
 
 Graphs are host (NumPy) arrays. On CUDA the callers copy lists and features to the host
 once per space; the searches stay on the device.
@@ -478,7 +480,8 @@ def _fill_products(x, idx, vals, memo, rpos, order, starts, depth):
     in address order); a pair listed both ways is stored in both places."""
     for g in prange(len(starts) - 1):
         size = (starts[g + 1] - starts[g]) * depth
-        rows, places, nbrs = np.empty(size, np.int64), np.empty(size, np.int64), np.empty(size, np.int64)
+        rows, places = np.empty(size, np.int64), np.empty(size, np.int64)
+        nbrs = np.empty(size, np.int64)
         c = 0
         for t in range(starts[g], starts[g + 1]):
             i = order[t]
@@ -499,9 +502,10 @@ def _fill_products(x, idx, vals, memo, rpos, order, starts, depth):
 
 def fill_products(lists, depth: int) -> None:
     """The float64 products of every listed pair at positions < depth, into `lists.memo`
-    (a `knn.HostLists`), in one parallel pass before many graphs ask for them: about 3x
-    faster than computing them one by one as graphs meet them (rows read in groups of
-    neighbours, pairs listed both ways computed once). Same bits as `_dot` gives anywhere."""
+    (a `knn.HostLists`), in one parallel pass before many graphs ask for them (rows read
+    in groups of neighbours, each pair listed both ways computed once): five models at
+    N = 5000 take about 0.5 s, against about 1.4 s when subset graphs meet the products
+    one by one. The same bits as `_dot` gives anywhere."""
     depth = min(depth, lists.indices.shape[1])
     order, starts = _neighbourhoods(lists.indices, lists.values, GROUP_ROWS)
     _fill_products(lists.x, lists.indices, lists.values, lists.memo, lists.rpos, order, starts,
@@ -516,10 +520,11 @@ def _one(ks, perm, a_start, a_end, a_dst, a_val, a_w, a_rev, b_start, b_end, b_d
          b_rev):
     """Per k: unbiased HSIC (Song et al. 2012, eq. 5) of M*K_A[perm] and M*L_B, and sum M,
     in one pass over B's rows. Edge (i, j) of A[perm] is edge (perm[i], perm[j]) of A:
-    A's row perm[i] is marked (row stamp and edge number), B's row i looked up in the mark. With K~ = M*K, L~ = M*L:
-    tr(K~L~) = sum over shared (i, j) whose reverse is shared of M_ij K_ij M_ji L_ji (the
-    reverse edges are precomputed: (j, i) of B and (perm[j], perm[i]) of A);
-    1'K~1 = sum M K; 1'L~1 = sum M L; 1'K~L~1 = sum_l (K~ into l)(L~ out of l)."""
+    A's row perm[i] is marked (row stamp and edge number), B's row i looked up in the
+    mark. With K~ = M*K, L~ = M*L: tr(K~L~) = sum over shared (i, j) whose reverse is
+    shared of M_ij K_ij M_ji L_ji (the reverse edges are precomputed: (j, i) of B and
+    (perm[j], perm[i]) of A); 1'K~1 = sum M K; 1'L~1 = sum M L;
+    1'K~L~1 = sum_l (K~ into l)(L~ out of l)."""
     n, nk = len(perm), len(ks)
     mark = np.zeros(n, np.int64)
     k_into = np.zeros((nk, n))
@@ -602,8 +607,8 @@ def _many(ks, perms, a_start, a_end, a_dst, a_val, a_w, a_rev, b_start, b_end, b
     """`_one` for every row of perms, in parallel."""
     out = np.empty((perms.shape[0], 2, len(ks)))
     for d in prange(perms.shape[0]):
-        out[d] = _one(ks, perms[d], a_start, a_end, a_dst, a_val, a_w, a_rev, b_start, b_end, b_dst,
-                      b_val, b_w, b_rev)
+        out[d] = _one(ks, perms[d], a_start, a_end, a_dst, a_val, a_w, a_rev, b_start, b_end,
+                      b_dst, b_val, b_w, b_rev)
     return out
 
 

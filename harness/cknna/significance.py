@@ -96,7 +96,8 @@ _kept_permutations: dict = {}
 
 
 def permutation_batches(n: int, draws: int, seed: int, groups: torch.Tensor | None, batch: int):
-    """`permutations(n, draws, seed, groups)` as int64 arrays of up to `batch` rows."""
+    """`permutations(n, draws, seed, groups)` as int64 arrays of up to `batch` rows; read
+    back, not drawn again, when the last call kept the same ones."""
     key = (n, draws, seed, None if groups is None else groups.cpu().numpy().tobytes())
     kept = _kept_permutations.get(key)
     if kept is None:
@@ -222,7 +223,8 @@ def subsample_table(spaces_a: list[Space], sb: Space, ks: list[int],
         return out
 
     # The lists' first positions, where subsets find their neighbours, scored in one pass.
-    depth = math.ceil(SUBSET_DEPTH_MARGIN * ks[-1] * sb.x.shape[0] / min(map(len, draws))) if draws else 0
+    smallest = min(map(len, draws)) if draws else sb.x.shape[0]
+    depth = math.ceil(SUBSET_DEPTH_MARGIN * ks[-1] * sb.x.shape[0] / smallest)
     for space in (sb, *spaces_a):  # made once here, not by racing threads
         if not space.degenerate:
             space.host.rpos
