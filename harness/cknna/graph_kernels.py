@@ -77,6 +77,17 @@ def _dot(x, i, j):
     return s
 
 
+@njit(cache=True, inline="always")
+def _remember(x, memo, rpos, i, p, j):
+    """x_i . x_j for row i's list position p (neighbour j), stored there and, where j
+    lists i too (rpos given and >= 0), at j's place for i: one product for both."""
+    v = _dot(x, i, j)
+    memo[i, p] = v
+    if len(rpos) > 0 and rpos[i, p] >= 0:
+        memo[j, rpos[i, p]] = v
+    return v
+
+
 @njit(cache=True)
 def _sort_row(dst, val, w, lo, hi):
     """Insertion sort of one row's edges by neighbour (rows are short, mostly sorted)."""
@@ -239,13 +250,7 @@ def _row(r, x, norms, idx, vals, memo, rpos, members, local, groups, ks, rtol, g
         end = max(end, b)
     for t in range(end):  # written out, not a helper: array arguments cost a call each
         if ex[t] != ex[t]:  # NaN: not computed yet
-            pos = kept_pos[t]
-            j = idx[i, pos]
-            v = _dot(x, i, j)
-            memo[i, pos] = v
-            if len(rpos) > 0 and rpos[i, pos] >= 0:  # the same product, listed by j
-                memo[j, rpos[i, pos]] = v
-            ex[t] = v
+            ex[t] = _remember(x, memo, rpos, i, kept_pos[t], idx[i, kept_pos[t]])
     for q in range(nk):
         a, b = n_above[q], zone_end[q]
         if b - a == 1:  # one candidate near the k-th place: no tie (as `_tie` finds)
@@ -494,10 +499,7 @@ def _fill_products(x, idx, vals, memo, rpos, order, starts, depth):
         for e in np.argsort(nbrs[:c], kind="mergesort"):
             i, p, j = rows[e], places[e], nbrs[e]
             if memo[i, p] != memo[i, p]:  # not stored meanwhile as j's pair
-                v = _dot(x, i, j)
-                memo[i, p] = v
-                if rpos[i, p] >= 0:
-                    memo[j, rpos[i, p]] = v
+                _remember(x, memo, rpos, i, p, j)
 
 
 def fill_products(lists, depth: int) -> None:

@@ -223,10 +223,10 @@ def subsample_table(spaces_a: list[Space], sb: Space, ks: list[int],
         return out
 
     # The lists' first positions, where subsets find their neighbours, scored in one pass.
-    smallest = min(map(len, draws)) if draws else sb.x.shape[0]
+    smallest = min(map(len, draws), default=1)
     depth = math.ceil(SUBSET_DEPTH_MARGIN * ks[-1] * sb.x.shape[0] / smallest)
     for space in (sb, *spaces_a):  # made once here, not by racing threads
-        if not space.degenerate:
+        if not space.degenerate and draws:
             space.host.rpos
             space.host.fill_products(depth)
     with warnings.catch_warnings():
