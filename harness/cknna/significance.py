@@ -222,13 +222,12 @@ def subsample_table(spaces_a: list[Space], sb: Space, ks: list[int],
                         {k: ra[k] + (rb[k] if rb else 0) for k in ks}))
         return out
 
-    # The lists' first positions, where subsets find their neighbours, scored in one pass.
-    smallest = min(map(len, draws), default=1)
-    depth = math.ceil(SUBSET_DEPTH_MARGIN * ks[-1] * sb.x.shape[0] / smallest)
-    for space in (sb, *spaces_a):  # made once here, not by racing threads
-        if not space.degenerate and draws:
-            space.host.rpos
-            space.host.fill_products(depth)
+    if draws:  # the lists' first positions, where subsets find their neighbours, in one pass
+        depth = math.ceil(SUBSET_DEPTH_MARGIN * ks[-1] * sb.x.shape[0] / min(map(len, draws)))
+        for space in (sb, *spaces_a):  # made once here, not by racing threads
+            if not space.degenerate:
+                space.host.rpos
+                space.host.fill_products(depth)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         with ThreadPoolExecutor(graph_kernels.threads()) as pool:
