@@ -110,9 +110,11 @@ def gram_shapes(monkeypatch):
 
 
 def as_if_on_cuda(monkeypatch):
-    """The search's budget as the simulated card gives it, for data that stay on CPU."""
+    """The search's budget as the simulated card gives it, for data that stay on CPU, and
+    its per-block torch top-k (the compiled running top-k is CPU only)."""
     monkeypatch.setattr(knn_mod, "block_elements",
                         lambda device, cpu, bpe: dm.block_elements(CUDA, cpu, bpe))
+    monkeypatch.setattr(knn_mod, "_running_topk", lambda x, k: None)
 
 
 @pytest.mark.parametrize("free", [1024, 8 << 20, 78 * GIB])

@@ -6,10 +6,21 @@ import pytest
 import torch
 
 from harness.study import results
+from harness.cknna import knn as knn_module
 from harness.cknna.knn import knn, knn_among
 from tests.simulated_device import on_device, simulated_device, to_device
 
 N = 96
+
+
+@pytest.fixture(autouse=True)
+def device_tensors_take_the_device_top_k(monkeypatch):
+    """The search picks its compiled CPU top-k by `x.device.type`, which the simulation
+    cannot fake (its tensors report "cpu"): simulated device tensors take the torch top-k,
+    as CUDA tensors do."""
+    host_choice = knn_module._running_topk
+    monkeypatch.setattr(knn_module, "_running_topk",
+                        lambda x, k: None if on_device(x) else host_choice(x, k))
 
 
 def data():
