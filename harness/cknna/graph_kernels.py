@@ -10,6 +10,10 @@
 Graphs are host (NumPy) arrays. On CUDA the callers copy lists and features to the host
 once per space; the searches stay on the device.
 
+The per-subset kernels (`_slab_graph`, `_one`, `_self`) compile with numba's "numpy"
+error model: no Python exception paths in their loops (none of their divisions can be by
+zero), which makes a subset's graph and sums about 8% faster.
+
 The kernels take the k values as a tuple, not an array: its length is then part of the
 compiled type, so every loop over k unrolls (builds and HSIC passes about 10% faster).
 
@@ -106,18 +110,38 @@ def _sort_row(dst, val, w, lo, hi):
         dst[b + 1], val[b + 1] = d, v
 
 
+SORT_IN_PLACE_MAX = 16  # zones up to this size are sorted by insertion, without a slice
+
+
 @njit(cache=True, inline="always")
-def _tie(vals, count, k, n_above, tol, ranked):
-    """Row i's k-th largest value s, known to be among vals[:count] with n_above candidates
-    above them all, and its tie: (s, share of each tied candidate, #above, #tied)."""
-    if count == 1:
-        s = vals[0]
-    else:
-        ranked[:count] = vals[:count]
+def _sorted_copy(vals, lo, count, ranked):
+    """vals[lo:lo + count] ascending into ranked[:count]. Tie zones hold a few values:
+    an insertion sort with plain indices costs less than slicing and `sort` there."""
+    if count > SORT_IN_PLACE_MAX:
+        ranked[:count] = vals[lo:lo + count]
         ranked[:count].sort()
+        return
+    for t in range(count):
+        v = vals[lo + t]
+        u = t
+        while u > 0 and ranked[u - 1] > v:
+            ranked[u] = ranked[u - 1]
+            u -= 1
+        ranked[u] = v
+
+
+@njit(cache=True, inline="always")
+def _tie(vals, lo, count, k, n_above, tol, ranked):
+    """Row i's k-th largest value s, known to be among vals[lo:lo + count] with n_above
+    candidates above them all, and its tie: (s, share of each tied candidate, #above,
+    #tied)."""
+    if count == 1:
+        s = vals[lo]
+    else:
+        _sorted_copy(vals, lo, count, ranked)
         s = ranked[count - 1 - min(max(k - n_above - 1, 0), count - 1)]
     above, tied = 0, 0
-    for t in range(count):
+    for t in range(lo, lo + count):
         if vals[t] > s + tol:
             above += 1
         elif abs(vals[t] - s) <= tol:
@@ -169,7 +193,7 @@ def _rescan_row(r, x, members, groups, ks, tol, sc, crossing_row, out_dst, out_v
     if valid < ks[nk - 1]:
         return -1
     for q in range(nk):
-        s_k[q], share_k[q], n_up, tied = _tie(sims, m, ks[q], 0, tol, ranked)
+        s_k[q], share_k[q], n_up, tied = _tie(sims, 0, m, ks[q], 0, tol, ranked)
         crossing_row[q] = n_up + tied > ks[q]
     count = 0
     for c in range(m):
@@ -256,7 +280,7 @@ def _row(r, x, norms, idx, vals, memo, rpos, members, local, groups, ks, rtol, g
         if b - a == 1:  # one candidate near the k-th place: no tie (as `_tie` finds)
             s_k[q], share_k[q], n_up, tied = ex[a], ks[q] - a, a, 1
         else:
-            s_k[q], share_k[q], n_up, tied = _tie(ex[a:b], b - a, ks[q], a, tol, sc.ranked)
+            s_k[q], share_k[q], n_up, tied = _tie(ex, a, b - a, ks[q], a, tol, sc.ranked)
         crossing_row[q] = n_up + tied > ks[q]
     count = 0
     for t in range(end):
@@ -517,7 +541,7 @@ def fill_products(lists, depth: int) -> None:
 # ---------------------------------------------------------------- HSIC sums
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _one(ks, perm, a_start, a_end, a_dst, a_val, a_w, a_rev, b_start, b_end, b_dst, b_val, b_w,
          b_rev):
     """Per k: unbiased HSIC (Song et al. 2012, eq. 5) of M*K_A[perm] and M*L_B, and sum M,
@@ -562,7 +586,7 @@ def _one(ks, perm, a_start, a_end, a_dst, a_val, a_w, a_rev, b_start, b_end, b_d
     return _finish(acc, k_into, l_out)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _self(ks, start, end, dst, val, w, rev):
     """`_one` of a graph with itself under the identity, the same sums in the same order,
     without the marks: every edge is shared with itself."""
@@ -707,7 +731,7 @@ def _clear_slots(slot, members, pos, end, cap, rows):
             slot[members[r], pos[e]] = -1
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _slab_graph(x, norms, idx, vals, memo, rpos, members, local, groups, ks, rtol, gamma,
                 full_lists, cap, dst, val, w, pos, end, rev, slot, totals):
     """`_build`'s graphs over `members`, row r in slots r*cap..end[r] (list order); False
