@@ -64,7 +64,8 @@ def _mask_same_group(gram: torch.Tensor, groups: torch.Tensor | None, row0: int,
 
 def _running_topk(x: torch.Tensor, k: int) -> topk_kernels.RunningTopK | None:
     """The compiled running top-k for float32 rows on the CPU (the same lists as the
-    per-block `torch.topk` and merge, in about a third of the time); None elsewhere."""
+    per-block `torch.topk` and merge; searches at N = 50,000 about 1.7x faster); None
+    elsewhere (CUDA keeps the torch top-k)."""
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return None
     return topk_kernels.RunningTopK(x.shape[0], k)

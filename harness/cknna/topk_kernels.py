@@ -9,7 +9,8 @@ high half (+0 and -0 one key, every NaN one key above +inf, as `torch.topk` rank
 the complement of the index in the low half. A row keeps every offered key above its
 k-th best so far in a buffer of BUFFER_FACTOR * k; a full buffer is cut back to its k
 best (a partition) and the k-th best becomes the bar. The lists are those of
-`neighbours.best_of` over all columns, value for value and index for index."""
+`neighbours.best_of` over all columns, value for value and index for index (NaNs aside:
+here they tie in index order, there in `torch.topk`'s)."""
 from __future__ import annotations
 
 import numpy as np
@@ -116,6 +117,8 @@ class RunningTopK:
     def __init__(self, n: int, k: int, buffer_factor: int = BUFFER_FACTOR):
         if buffer_factor < 2:
             raise ValueError(f"buffer_factor={buffer_factor}: a buffer must hold over k keys")
+        if n >= 1 << 32:
+            raise ValueError(f"n={n}: sample indices must fit the keys' low 32 bits")
         self.k = k
         # buffer_factor * k keys, and one spare slot the next candidate is written to
         self.keys = np.empty((n, buffer_factor * k + 1), np.uint64)
