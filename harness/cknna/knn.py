@@ -62,18 +62,62 @@ def _mask_same_group(gram: torch.Tensor, groups: torch.Tensor | None, row0: int,
         gram.masked_fill_(rows.unsqueeze(1) == cols.unsqueeze(0), float("-inf"))
 
 
-def _running_topk(x: torch.Tensor, k: int) -> topk_kernels.RunningTopK | None:
+class _BlockTopK:
+    """Each offered block's `torch.topk` (for its rows, and transposed for its columns'
+    rows), a row block's candidates merged once it has had every column block: the path
+    on CUDA and for dtypes other than float32."""
+
+    def __init__(self, x: torch.Tensor, k: int):
+        self.k = k
+        self.found: dict[int, list] = {}  # per row block: candidate lists from each block
+        self.values = torch.empty(x.shape[0], k, dtype=x.dtype, device=x.device)
+        self.indices = torch.empty(x.shape[0], k, dtype=torch.long, device=x.device)
+
+    def offer(self, gram: torch.Tensor, row0: int, col0: int, transposed: bool = False):
+        v, i = _block_topk(gram, self.k)
+        self.found.setdefault(row0, []).append((v, i + col0))
+        if transposed:
+            v, i = _block_topk(gram.T.contiguous(), self.k)
+            self.found.setdefault(col0, []).append((v, i + row0))
+
+    def rows_done(self, row0: int) -> None:
+        """The rows of the block starting at row0 have had every column."""
+        parts = self.found.pop(row0)
+        if len(parts) == 1:  # all columns in one block: its top-k is the rows' top-k
+            values, indices = parts[0]
+        else:
+            values, indices = best_of(*(torch.cat(p, dim=1) for p in zip(*parts)), self.k)
+        self.values[row0:row0 + len(values)], self.indices[row0:row0 + len(values)] = values, indices
+
+    def result(self) -> Neighbours:
+        return Neighbours(self.indices, self.values)
+
+
+class _CompiledTopK:
+    """`topk_kernels.RunningTopK` behind the same calls: every row keeps its best so far,
+    so a finished row block needs nothing more."""
+
+    def __init__(self, x: torch.Tensor, k: int):
+        self.running = topk_kernels.RunningTopK(x.shape[0], k)
+
+    def offer(self, gram: torch.Tensor, row0: int, col0: int, transposed: bool = False):
+        self.running.offer(gram.numpy(), row0, col0, transposed)
+
+    def rows_done(self, row0: int) -> None:
+        pass
+
+    def result(self) -> Neighbours:
+        values, indices = self.running.result()
+        return Neighbours(torch.from_numpy(indices), torch.from_numpy(values))
+
+
+def _top_k(x: torch.Tensor, k: int) -> _BlockTopK | _CompiledTopK:
     """The compiled running top-k for float32 rows on the CPU (the same lists as the
-    per-block `torch.topk` and merge; searches at N = 50,000 about 1.7x faster); None
-    elsewhere (CUDA keeps the torch top-k)."""
-    if x.device.type != "cpu" or x.dtype != torch.float32:
-        return None
-    return topk_kernels.RunningTopK(x.shape[0], k)
-
-
-def _running_result(running: topk_kernels.RunningTopK) -> Neighbours:
-    values, indices = running.result()
-    return Neighbours(torch.from_numpy(indices), torch.from_numpy(values))
+    per-block `torch.topk` and merge; searches at N = 50,000 about 1.7x faster); the
+    per-block torch top-k elsewhere (CUDA)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        return _CompiledTopK(x, k)
+    return _BlockTopK(x, k)
 
 
 def _search_rows(x: torch.Tensor, k: int, block_rows: int | None,
@@ -83,19 +127,15 @@ def _search_rows(x: torch.Tensor, k: int, block_rows: int | None,
     n = x.shape[0]
     block = block_rows or max(1, block_elements(x.device, ROW_BLOCK_ELEMENTS,
                                                 GRAM_BYTES_PER_ELEMENT) // n)
-    running = _running_topk(x, k)
-    out_v = torch.empty(n, k, dtype=x.dtype, device=x.device)
-    out_i = torch.empty(n, k, dtype=torch.long, device=x.device)
+    top = _top_k(x, k)
     with _exact_matmul():
         for s in range(0, n, block):
             gram = x[s:s + block] @ x.T
             gram[:, s:s + block].fill_diagonal_(float("-inf"))
             _mask_same_group(gram, groups, s, 0)
-            if running is not None:
-                running.offer(gram.numpy(), s, 0)
-            else:
-                out_v[s:s + block], out_i[s:s + block] = _block_topk(gram, k)
-    return _running_result(running) if running is not None else Neighbours(out_i, out_v)
+            top.offer(gram, s, 0)
+            top.rows_done(s)
+    return top.result()
 
 
 def _search_symmetric(x: torch.Tensor, k: int, block_rows: int | None,
@@ -107,10 +147,7 @@ def _search_symmetric(x: torch.Tensor, k: int, block_rows: int | None,
     block = block_rows or math.isqrt(block_elements(x.device, SYMMETRIC_BLOCK ** 2,
                                                     GRAM_BYTES_PER_ELEMENT))
     starts = list(range(0, n, block))
-    running = _running_topk(x, k)
-    found = [[] for _ in starts]  # per row block: candidate lists from each column block
-    out_v = torch.empty(n, k, dtype=x.dtype, device=x.device)
-    out_i = torch.empty(n, k, dtype=torch.long, device=x.device)
+    top = _top_k(x, k)
     with _exact_matmul():
         for bi, s in enumerate(starts):
             rows = x[s:s + block]
@@ -120,20 +157,9 @@ def _search_symmetric(x: torch.Tensor, k: int, block_rows: int | None,
                 if bi == bj:
                     gram.fill_diagonal_(float("-inf"))
                 _mask_same_group(gram, groups, s, t)
-                if running is not None:
-                    running.offer(gram.numpy(), s, t, transposed=bj != bi)
-                    continue
-                v, i = _block_topk(gram, k)
-                found[bi].append((v, i + t))
-                if bj != bi:
-                    v, i = _block_topk(gram.T.contiguous(), k)
-                    found[bj].append((v, i + s))
-            if running is not None:
-                continue
-            values, indices = (torch.cat(parts, dim=1) for parts in zip(*found[bi]))
-            out_v[s:s + block], out_i[s:s + block] = best_of(values, indices, k)
-            found[bi] = None
-    return _running_result(running) if running is not None else Neighbours(out_i, out_v)
+                top.offer(gram, s, t, transposed=bj != bi)
+            top.rows_done(s)  # earlier row blocks' transposes and its own blocks: all columns
+    return top.result()
 
 
 def _search_faiss(x: torch.Tensor, k: int, approximate: bool, hnsw_m: int = 32,

@@ -114,7 +114,7 @@ def as_if_on_cuda(monkeypatch):
     its per-block torch top-k (the compiled running top-k is CPU only)."""
     monkeypatch.setattr(knn_mod, "block_elements",
                         lambda device, cpu, bpe: dm.block_elements(CUDA, cpu, bpe))
-    monkeypatch.setattr(knn_mod, "_running_topk", lambda x, k: None)
+    monkeypatch.setattr(knn_mod, "_top_k", knn_mod._BlockTopK)
 
 
 @pytest.mark.parametrize("free", [1024, 8 << 20, 78 * GIB])

@@ -18,9 +18,9 @@ def device_tensors_take_the_device_top_k(monkeypatch):
     """The search picks its compiled CPU top-k by `x.device.type`, which the simulation
     cannot fake (its tensors report "cpu"): simulated device tensors take the torch top-k,
     as CUDA tensors do."""
-    host_choice = knn_module._running_topk
-    monkeypatch.setattr(knn_module, "_running_topk",
-                        lambda x, k: None if on_device(x) else host_choice(x, k))
+    host_choice = knn_module._top_k
+    monkeypatch.setattr(knn_module, "_top_k", lambda x, k: knn_module._BlockTopK(x, k)
+                        if on_device(x) else host_choice(x, k))
 
 
 def data():
